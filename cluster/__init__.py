@@ -1,0 +1,1 @@
+"""Storage and cluster plumbing (filesystems, Ray init, runtime env, manifests)."""

@@ -1,0 +1,59 @@
+"""Typed dataclass configs: defaults in code, overridden by a YAML file, then by key=value flags."""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+
+def _coerce(name: str, value: Any, annotation: Any) -> Any:
+    origin = typing.get_origin(annotation)
+    if origin in (types.UnionType, typing.Union):  # e.g. int | None
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            return None
+        return _coerce(name, value, args[0])
+    if origin in (list, tuple):
+        if isinstance(value, str):
+            value = yaml.safe_load(value) if value.startswith("[") else [v for v in value.split(",") if v]
+        (item,) = typing.get_args(annotation)[:1] or (Any,)
+        return origin(_coerce(name, v, item) for v in value)
+    if annotation is bool and isinstance(value, str):
+        if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+            raise ValueError(f"config {name}: expected a boolean, got {value!r}")
+        return value.lower() in ("true", "1", "yes")
+    if annotation in (int, float, str, bool):
+        try:
+            return annotation(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"config {name}: expected {annotation.__name__}, got {value!r}") from None
+    return value
+
+
+def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
+    """cls's defaults <- YAML file at path <- overrides like ["epochs=3", "normal_class=7"]."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        values.update(yaml.safe_load(Path(path).read_text()) or {})
+    for item in overrides or []:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} is not of the form key=value")
+        key, value = item.split("=", 1)
+        values[key.strip().replace("-", "_")] = value
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown config key(s) {unknown} for {cls.__name__}; known: {sorted(known)}")
+    return cls(**{k: _coerce(k, v, hints[k]) for k, v in values.items()})
+
+
+def save_config(cfg: Any, path: str | Path) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))

@@ -1,0 +1,2 @@
+"""Detectors. Importing this package registers every detector with the registry."""
+from gradcon_core.detectors import gradcon  # noqa: F401

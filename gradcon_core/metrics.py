@@ -1,0 +1,62 @@
+"""Anomaly-detection metrics (anomaly = positive class, higher score = more anomalous) and thresholds."""
+from __future__ import annotations
+
+import numpy as np
+from sklearn.metrics import average_precision_score, f1_score, roc_auc_score, roc_curve
+
+
+def _check(scores, labels) -> tuple[np.ndarray, np.ndarray]:
+    scores = np.asarray(scores, dtype=np.float64)
+    labels = np.asarray(labels).astype(bool)
+    if scores.shape != labels.shape or scores.ndim != 1:
+        raise ValueError(f"scores and labels must be 1-D of equal length, got {scores.shape} and {labels.shape}")
+    if labels.all() or not labels.any():
+        raise ValueError("labels must contain both normal (0) and anomalous (1) samples")
+    return scores, labels
+
+
+def auroc(scores, labels) -> float:
+    scores, labels = _check(scores, labels)
+    return float(roc_auc_score(labels, scores))
+
+
+def aupr(scores, labels) -> float:
+    scores, labels = _check(scores, labels)
+    return float(average_precision_score(labels, scores))
+
+
+def f1_at(scores, labels, threshold: float) -> float:
+    scores, labels = _check(scores, labels)
+    return float(f1_score(labels, scores > threshold))
+
+
+def fpr_at_tpr(scores, labels, tpr_level: float = 0.95) -> float:
+    """Smallest false-positive rate at which the true-positive rate reaches tpr_level."""
+    scores, labels = _check(scores, labels)
+    fpr, tpr, _ = roc_curve(labels, scores)
+    return float(fpr[np.searchsorted(tpr, tpr_level, side="left")])
+
+
+def evaluate(scores, labels, threshold: float | None = None) -> dict[str, float]:
+    """AUROC, AUPR, FPR@95%TPR and, given a threshold, F1 at it."""
+    out = {"auroc": auroc(scores, labels), "aupr": aupr(scores, labels), "fpr95": fpr_at_tpr(scores, labels)}
+    if threshold is not None:
+        out["f1"] = f1_at(scores, labels, threshold)
+    return out
+
+
+def threshold_from_scores(scores, *, contamination: float | None = None, percentile: float | None = None) -> float:
+    """A decision threshold: the (1 - contamination) quantile of scores from mixed data, or the given
+    percentile of scores from normal-only data. Exactly one of the two must be given."""
+    if (contamination is None) == (percentile is None):
+        raise ValueError("give exactly one of contamination or percentile")
+    scores = np.asarray(scores, dtype=np.float64)
+    if scores.size == 0 or not np.isfinite(scores).all():
+        raise ValueError("threshold needs a non-empty array of finite scores")
+    if contamination is not None:
+        if not 0 < contamination < 0.5:
+            raise ValueError(f"contamination must lie in (0, 0.5), got {contamination}")
+        return float(np.quantile(scores, 1 - contamination))
+    if not 0 < percentile <= 100:
+        raise ValueError(f"percentile must lie in (0, 100], got {percentile}")
+    return float(np.percentile(scores, percentile))

@@ -1,0 +1,2 @@
+"""Networks. Importing this package registers every model with the registry."""
+from gradcon_core.models import gradcon_cae  # noqa: F401

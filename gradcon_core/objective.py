@@ -1,0 +1,137 @@
+"""The GradCon objective: the gradient constraint, its reference gradients and one training step.
+
+Semantics follow the official code (DESIGN section 3):
+- the constraint acts on the weights (not biases) of the decoder's ConvTranspose2d layers;
+- L_grad = mean over those layers of -cos(dL/dW_l, ref_l), differentiated through the
+  gradient (second order), and forced to 0 on the very first iteration;
+- ref_l is the cumulative arithmetic mean, over every iteration so far, of W_l.grad after
+  J.backward() and before optimizer.step(): the gradient of the total J, second-order term included.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+COS_EPS = 1e-8  # F.cosine_similarity's default, as in the official code
+
+
+def constraint_layers(model: nn.Module) -> list[nn.Module]:
+    """The layers whose weight gradients GradCon constrains: the decoder's ConvTranspose2d, in order."""
+    decoder = getattr(model, "decoder", None)
+    if decoder is None:
+        raise ValueError(f"{type(model).__name__} has no `decoder` attribute; GradCon needs one")
+    layers = [m for m in decoder.modules() if isinstance(m, nn.ConvTranspose2d | nn.Linear)]
+    if not layers:
+        raise ValueError(f"{type(model).__name__}.decoder has no ConvTranspose2d or Linear layer to constrain")
+    return layers
+
+
+class ReferenceGradients(nn.Module):
+    """Cumulative mean of the training gradient of each constrained weight, kept as buffers.
+
+    Being a module, it goes into state_dict and checkpoints beside the weights it belongs to.
+    """
+
+    def __init__(self, shapes: list[torch.Size]):
+        super().__init__()
+        self.num_layers = len(shapes)
+        for i, shape in enumerate(shapes):
+            self.register_buffer(f"ref_{i}", torch.zeros(shape))
+        self.register_buffer("count", torch.zeros((), dtype=torch.int64))
+
+    @classmethod
+    def for_model(cls, model: nn.Module) -> ReferenceGradients:
+        return cls([layer.weight.shape for layer in constraint_layers(model)])
+
+    @property
+    def tensors(self) -> list[torch.Tensor]:
+        return [getattr(self, f"ref_{i}") for i in range(self.num_layers)]
+
+    @torch.no_grad()
+    def update(self, grads: list[torch.Tensor]) -> None:
+        # Incremental form of the running mean (sum/count): same value, no unbounded sum.
+        self.count += 1
+        for ref, g in zip(self.tensors, grads, strict=True):
+            ref.add_((g - ref) / self.count)
+
+
+def gradient_loss(grads: list[torch.Tensor], refs: list[torch.Tensor]) -> torch.Tensor:
+    """L_grad = mean over layers of -cos(flat(g_l), flat(ref_l))."""
+    cos = [F.cosine_similarity(g.flatten(), r.flatten(), dim=0, eps=COS_EPS) for g, r in zip(grads, refs, strict=True)]
+    return -torch.stack(cos).mean()
+
+
+class GradientSync(Protocol):
+    """How data-parallel workers agree on gradients (see jobs/train.py); None means one process."""
+
+    def mean_differentiable(self, t: torch.Tensor) -> torch.Tensor: ...
+
+    def mean_(self, t: torch.Tensor) -> None: ...
+
+
+@dataclass
+class StepStats:
+    loss: float
+    recon: float
+    grad_loss: float
+
+
+def gradcon_losses(
+    model: nn.Module,
+    reference: ReferenceGradients,
+    x: torch.Tensor,
+    alpha: float,
+    *,
+    create_graph: bool,
+    sync: GradientSync | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(J, recon, L_grad) on a batch. With create_graph=False it is the official validation loss."""
+    recon = F.mse_loss(model(x), x)
+    if alpha == 0 or int(reference.count) == 0:
+        # First iteration: no history of training gradients yet, so no constraint.
+        grad_loss = recon.new_zeros(())
+    else:
+        weights = [layer.weight for layer in constraint_layers(model)]
+        grads = torch.autograd.grad(recon, weights, create_graph=create_graph)
+        if sync is not None:
+            grads = [sync.mean_differentiable(g) for g in grads]
+        grad_loss = gradient_loss(list(grads), reference.tensors)
+    return recon + alpha * grad_loss, recon, grad_loss
+
+
+def gradcon_step(
+    model: nn.Module,
+    reference: ReferenceGradients,
+    optimizer: torch.optim.Optimizer,
+    x: torch.Tensor,
+    alpha: float,
+    sync: GradientSync | None = None,
+) -> StepStats:
+    """One official GradCon iteration: J.backward(), update the reference, then optimizer.step()."""
+    optimizer.zero_grad(set_to_none=True)
+    loss, recon, grad_loss = gradcon_losses(model, reference, x, alpha, create_graph=True, sync=sync)
+    loss.backward()
+    if sync is not None:
+        for p in model.parameters():
+            if p.grad is not None:
+                sync.mean_(p.grad)
+    reference.update([layer.weight.grad for layer in constraint_layers(model)])
+    optimizer.step()
+    return StepStats(float(loss.detach()), float(recon.detach()), float(grad_loss.detach()))
+
+
+
+def validation_loss(
+    model: nn.Module, reference: ReferenceGradients, x: torch.Tensor, alpha: float, batch_size: int = 64
+) -> float:
+    """Official validation J (recon + alpha * L_grad per batch, first order), averaged over images."""
+    device = reference.count.device
+    total = 0.0
+    for xb in x.split(batch_size):
+        loss, _, _ = gradcon_losses(model, reference, xb.to(device), alpha, create_graph=False)
+        total += float(loss.detach()) * len(xb)
+    return total / len(x)

@@ -1,0 +1,49 @@
+"""Name -> constructor registries for networks and detectors (timm-style)."""
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import torch.nn as nn
+
+_MODELS: dict[str, Callable[..., nn.Module]] = {}
+_DETECTORS: dict[str, type] = {}
+
+
+def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+    _MODELS[fn.__name__] = fn
+    return fn
+
+
+def create_model(name: str, **kwargs: Any) -> nn.Module:
+    if name not in _MODELS:
+        raise ValueError(f"unknown model {name!r}; registered models: {sorted(_MODELS)}")
+    args = inspect.signature(_MODELS[name]).bind(**kwargs)
+    args.apply_defaults()
+    model = _MODELS[name](**args.arguments)
+    model.spec = {"name": name, **args.arguments}  # how to build it again: written into checkpoints
+    return model
+
+
+def list_models() -> list[str]:
+    return sorted(_MODELS)
+
+
+def register_detector(name: str) -> Callable[[type], type]:
+    def wrap(cls: type) -> type:
+        cls.name = name
+        _DETECTORS[name] = cls
+        return cls
+
+    return wrap
+
+
+def detector_class(name: str) -> type:
+    if name not in _DETECTORS:
+        raise ValueError(f"unknown detector {name!r}; registered detectors: {sorted(_DETECTORS)}")
+    return _DETECTORS[name]
+
+
+def list_detectors() -> list[str]:
+    return sorted(_DETECTORS)

@@ -1,0 +1,28 @@
+"""The `gradcon` command: one subcommand per job."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from jobs import demo
+
+COMMANDS = {"demo": demo}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="gradcon", description="GradCon anomaly detection at cluster scale")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, module in COMMANDS.items():
+        module.add_arguments(sub.add_parser(name, help=module.__doc__.splitlines()[0], description=module.__doc__))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        return COMMANDS[args.command].main(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"gradcon {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,36 @@
+import pytest
+import torch
+
+from gradcon_core import create_model, list_models
+from gradcon_core.objective import constraint_layers
+
+
+@pytest.mark.parametrize(("channels", "expected"), [(1, 230_721), (3, 232_771)])
+def test_gradcon_cae_parameter_count(channels, expected):
+    model = create_model("gradcon_cae", in_channels=channels)
+    assert sum(p.numel() for p in model.parameters()) == expected
+
+
+def test_gradcon_cae_shapes_follow_the_official_network():
+    model = create_model("gradcon_cae", in_channels=1)
+    latent = model.encoder(torch.zeros(2, 1, 28, 28))
+    assert latent.shape == (2, 64, 3, 3)
+    layers = constraint_layers(model)
+    shapes = [tuple(layer.weight.shape) for layer in layers]
+    assert shapes == [(64, 64, 4, 4), (64, 32, 4, 4), (32, 32, 4, 4), (32, 1, 4, 4)]
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_every_registered_model_reconstructs_its_input_shape(name):
+    model = create_model(name, in_channels=3)
+    x = torch.rand(4, 3, *model.input_size)
+    with torch.no_grad():
+        out = model(x)
+    assert out.shape == x.shape
+    assert 0 <= float(out.min()) and float(out.max()) <= 1
+    assert model.spec == {"name": name, "in_channels": 3}
+
+
+def test_unknown_model_name_lists_the_registered_ones():
+    with pytest.raises(ValueError, match="gradcon_cae"):
+        create_model("no_such_model")
