@@ -41,8 +41,11 @@ def _layer_cosines(layer: nn.Module, inp: torch.Tensor, grad_out: torch.Tensor, 
         # Conv2d weight gradient with the roles swapped: "input" = grad_out, "output gradient" = x.
         if layer.groups != 1:
             raise NotImplementedError("fast scoring supports ConvTranspose2d with groups=1")
+        n, c, h, w = grad_out.shape
         x = inp.flatten(2)  # [N, C_in, T]
-        u = F.unfold(grad_out, layer.kernel_size, layer.dilation, layer.padding, layer.stride)  # [N, K, T]
+        # Unfold the batch as one image of N*C channels: CUDA's unfold launches a kernel per image.
+        u = F.unfold(grad_out.reshape(1, n * c, h, w), layer.kernel_size, layer.dilation, layer.padding, layer.stride)
+        u = u.view(n, -1, u.shape[-1])  # [N, K, T]
         r = ref.reshape(x.shape[1], -1)  # [C_in, K]
     cin, k, t = x.shape[1], u.shape[1], x.shape[2]
     if cin * k <= t * (cin + k):

@@ -55,7 +55,7 @@ class GradConDetector(Detector):
         self.alpha, self.beta, self.lr = alpha, beta, lr
         self.score_method = score_method
         # Small batches keep the per-image gradient work in cache on a CPU; a GPU wants big ones.
-        self.score_batch_size = score_batch_size or (1024 if self.device.type == "cuda" else 64)
+        self.score_batch_size = score_batch_size or (4096 if self.device.type == "cuda" else 64)
         self.threshold_percentile = threshold_percentile
         self.history_: list[dict[str, float]] = []
         self.fit_info_: dict[str, Any] = {}
