@@ -1,4 +1,4 @@
-"""Checkpoint directories (DESIGN section 6): model.safetensors + config.yaml, local or any fsspec URL.
+"""Checkpoint directories (DESIGN section 6): model.safetensors + config.yaml, local, file:// or s3://.
 
 The same directory is a ray.train.Checkpoint. No pickled objects anywhere: the tensors are
 safetensors, the optional training state is a torch.save file that loads with weights_only=True.
@@ -10,20 +10,18 @@ import io
 import platform
 from typing import Any
 
-import fsspec
 import numpy as np
+import pyarrow.fs as pafs
 import torch
 import yaml
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
+from gradcon_core.storage import exists, read_bytes, resolve, write_bytes
+
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.yaml"
 TRAINING_STATE_FILE = "training_state.pt"
-
-
-def _fs(path: str):
-    return fsspec.core.url_to_fs(str(path))
 
 
 def package_versions() -> dict[str, str]:
@@ -42,9 +40,9 @@ def save_checkpoint(
     tensors: dict[str, torch.Tensor],
     config: dict[str, Any],
     training_state: dict[str, Any] | None = None,
+    filesystem: pafs.FileSystem | None = None,
 ) -> None:
-    fs, root = _fs(path)
-    fs.makedirs(root, exist_ok=True)
+    fs, root = resolve(path, filesystem)
     blobs = {
         WEIGHTS_FILE: save_safetensors({k: v.detach().cpu().contiguous() for k, v in tensors.items()}),
         CONFIG_FILE: yaml.safe_dump({**config, "versions": package_versions()}, sort_keys=False).encode(),
@@ -54,42 +52,37 @@ def save_checkpoint(
         torch.save(training_state, buf)
         blobs[TRAINING_STATE_FILE] = buf.getvalue()
     for name, data in blobs.items():
-        with fs.open(f"{root}/{name}", "wb") as f:
-            f.write(data)
+        write_bytes(fs, f"{root}/{name}", data)
 
 
-def read_config(path: str) -> dict[str, Any]:
-    fs, root = _fs(path)
-    target = f"{root}/{CONFIG_FILE}"
-    if not fs.exists(target):
+def read_config(path: str, filesystem: pafs.FileSystem | None = None) -> dict[str, Any]:
+    fs, root = resolve(path, filesystem)
+    if not exists(fs, f"{root}/{CONFIG_FILE}"):
         raise FileNotFoundError(f"{path} is not a gradcon checkpoint: no {CONFIG_FILE} in it")
-    with fs.open(target, "rb") as f:
-        return yaml.safe_load(f)
+    return yaml.safe_load(read_bytes(fs, f"{root}/{CONFIG_FILE}"))
 
 
-def load_checkpoint(path: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    config = read_config(path)
-    fs, root = _fs(path)
-    with fs.open(f"{root}/{WEIGHTS_FILE}", "rb") as f:
-        return load_safetensors(f.read()), config
+def load_checkpoint(
+    path: str, filesystem: pafs.FileSystem | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    config = read_config(path, filesystem)
+    fs, root = resolve(path, filesystem)
+    return load_safetensors(read_bytes(fs, f"{root}/{WEIGHTS_FILE}")), config
 
 
-def load_training_state(path: str) -> dict[str, Any] | None:
-    fs, root = _fs(path)
-    target = f"{root}/{TRAINING_STATE_FILE}"
-    if not fs.exists(target):
+def load_training_state(path: str, filesystem: pafs.FileSystem | None = None) -> dict[str, Any] | None:
+    fs, root = resolve(path, filesystem)
+    if not exists(fs, f"{root}/{TRAINING_STATE_FILE}"):
         return None
-    with fs.open(target, "rb") as f:
-        return torch.load(io.BytesIO(f.read()), weights_only=True)
+    return torch.load(io.BytesIO(read_bytes(fs, f"{root}/{TRAINING_STATE_FILE}")), weights_only=True)
 
 
-def checkpoint_id(path: str) -> str:
+def checkpoint_id(path: str, filesystem: pafs.FileSystem | None = None) -> str:
     """Content hash of the weights and config: names the model in result tables."""
-    fs, root = _fs(path)
+    fs, root = resolve(path, filesystem)
     h = hashlib.sha256()
     for name in (WEIGHTS_FILE, CONFIG_FILE):
-        with fs.open(f"{root}/{name}", "rb") as f:
-            h.update(f.read())
+        h.update(read_bytes(fs, f"{root}/{name}"))
     return h.hexdigest()[:16]
 
 

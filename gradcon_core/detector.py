@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import pyarrow.fs as pafs
 import torch
 
 from gradcon_core import checkpoint
@@ -53,9 +54,11 @@ class Detector:
     def from_state(cls, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Detector:
         raise NotImplementedError
 
-    def save(self, path: str, training_state: dict[str, Any] | None = None) -> str:
+    def save(
+        self, path: str, training_state: dict[str, Any] | None = None, filesystem: pafs.FileSystem | None = None
+    ) -> str:
         config = {"detector": self.name, **self.config(), "threshold": self.threshold_}
-        checkpoint.save_checkpoint(str(path), self.state_tensors(), config, training_state)
+        checkpoint.save_checkpoint(str(path), self.state_tensors(), config, training_state, filesystem)
         return str(path)
 
     @classmethod
@@ -66,9 +69,9 @@ class Detector:
         return det
 
 
-def load_detector(path: str) -> Detector:
+def load_detector(path: str, filesystem: pafs.FileSystem | None = None) -> Detector:
     """Any registered detector from a checkpoint directory (local path, file:// or s3://)."""
-    tensors, config = checkpoint.load_checkpoint(str(path))
+    tensors, config = checkpoint.load_checkpoint(str(path), filesystem)
     det = detector_class(config["detector"]).from_state(config, tensors)
     det.threshold_ = config.get("threshold")
     return det

@@ -5,9 +5,11 @@ import argparse
 import logging
 import sys
 
-from jobs import demo
+from cluster.storage import StorageError
+from jobs import demo, prepare
+from jobs import eval as eval_job
 
-COMMANDS = {"demo": demo}
+COMMANDS = {"prepare": prepare, "eval": eval_job, "demo": demo}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -19,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         return COMMANDS[args.command].main(args)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, StorageError) as e:
         print(f"gradcon {args.command}: error: {e}", file=sys.stderr)
         return 2
 

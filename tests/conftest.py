@@ -25,3 +25,49 @@ def mnist_test() -> tuple[np.ndarray, np.ndarray]:
 def _seed_and_threads():
     torch.manual_seed(0)
     torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3 on 127.0.0.1 (in-process), with a bucket; yields cluster.storage.S3Options for it."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    from cluster.storage import S3Options
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    options = S3Options(endpoint=f"http://{host}:{port}", access_key="testing-key", secret_key="testing-secret",
+                        region="us-east-1")
+    client = boto3.client("s3", endpoint_url=options.endpoint, aws_access_key_id=options.access_key,
+                          aws_secret_access_key=options.secret_key, region_name="us-east-1")
+    client.create_bucket(Bucket="gradcon-test")
+    yield options
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def seaweed_s3():
+    """A real S3 server (SeaweedFS) on 127.0.0.1 that checks credentials; yields cluster.local_s3.LocalS3."""
+    from cluster.local_s3 import LocalS3
+
+    with LocalS3() as server:
+        server.create_bucket("gradcon-test")
+        yield server
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    """An IDX file as MNIST ships them (uint8 payload, big-endian header)."""
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    path.write_bytes(header + array.astype(np.uint8).tobytes())
+
+
+@pytest.fixture(scope="session")
+def small_mnist_idx(tmp_path_factory, mnist_train, mnist_test) -> Path:
+    """A real MNIST subset as IDX files: 300 train and 200 test images."""
+    root = tmp_path_factory.mktemp("mnist-idx")
+    for prefix, (x, y), n in (("train", mnist_train, 300), ("t10k", mnist_test, 200)):
+        write_idx(root / f"{prefix}-images-idx3-ubyte", x[:n])
+        write_idx(root / f"{prefix}-labels-idx1-ubyte", y[:n])
+    return root

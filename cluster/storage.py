@@ -1,0 +1,73 @@
+"""Storage plumbing: pyarrow filesystems for local paths and S3 (any endpoint), errors without secrets.
+
+Endpoint and credentials come from flags or the standard variables (AWS_ENDPOINT_URL,
+AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION / AWS_DEFAULT_REGION); with neither, pyarrow
+falls back to the instance role. They are never written into results or logs.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from urllib.parse import urlparse
+
+import pyarrow.fs as pafs
+
+from gradcon_core.storage import resolve
+
+
+class StorageError(RuntimeError):
+    """Storage unreachable or refused; the message names the URL and never the secret."""
+
+
+@dataclass(frozen=True)
+class S3Options:
+    endpoint: str | None = None  # e.g. http://127.0.0.1:8333; None = AWS
+    access_key: str | None = None
+    secret_key: str | None = field(default=None, repr=False)
+    region: str | None = None
+
+    @classmethod
+    def from_env(cls, endpoint: str | None = None, access_key: str | None = None,
+                 secret_key: str | None = None, region: str | None = None) -> S3Options:
+        """Flags win over the AWS_* variables."""
+        env = os.environ.get
+        return cls(endpoint or env("AWS_ENDPOINT_URL_S3") or env("AWS_ENDPOINT_URL"),
+                   access_key or env("AWS_ACCESS_KEY_ID"), secret_key or env("AWS_SECRET_ACCESS_KEY"),
+                   region or env("AWS_REGION") or env("AWS_DEFAULT_REGION"))
+
+    def redact(self, text: str) -> str:
+        return text.replace(self.secret_key, "***") if self.secret_key else text
+
+
+def s3_filesystem(options: S3Options, allow_bucket_creation: bool = False) -> pafs.S3FileSystem:
+    kwargs: dict = {"access_key": options.access_key, "secret_key": options.secret_key,
+                    "region": options.region or "us-east-1", "allow_bucket_creation": allow_bucket_creation}
+    if options.endpoint:
+        url = urlparse(options.endpoint if "://" in options.endpoint else f"http://{options.endpoint}")
+        kwargs.update(endpoint_override=url.netloc, scheme=url.scheme)
+    if not options.access_key:
+        kwargs.pop("access_key"), kwargs.pop("secret_key")
+    return pafs.S3FileSystem(**kwargs)
+
+
+def filesystem_for(uri: str, options: S3Options | None = None) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path in it) for a local path, file:// or s3:// URL."""
+    if str(uri).startswith("s3://"):
+        return s3_filesystem(options or S3Options.from_env()), str(uri)[len("s3://"):].rstrip("/")
+    return resolve(uri)
+
+
+def check_readable(uri: str, options: S3Options | None = None) -> None:
+    """Fail early, with a clear message, when uri cannot be listed (missing bucket, bad credentials)."""
+    fs, path = filesystem_for(uri, options)
+    try:
+        info = fs.get_file_info(path)
+    except OSError as e:
+        message = (options or S3Options.from_env()).redact(str(e))
+        hint = ""
+        denied = ("AccessDenied", "ACCESS_DENIED", "InvalidAccessKeyId", "SignatureDoesNotMatch", "Forbidden")
+        if any(w in message for w in denied):
+            hint = " (check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or the instance role)"
+        raise StorageError(f"cannot read {uri}: {message}{hint}") from None
+    if info.type == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"{uri} does not exist")

@@ -1,0 +1,175 @@
+"""Image sets (DESIGN section 6): one parquet file or a prefix of many, local, file:// or s3://.
+
+Columns: `image` (binary, or the Hugging Face layout struct<bytes, path>), optional `id`
+(string or int64; absent -> "<file>:<row>"), `label` (int64), `is_anomaly` (bool), and any
+others, which pass through. Files under a prefix are read in sorted path order, so row numbers
+are stable: protocols select rows by number and never copy the data.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from gradcon_core.storage import resolve
+
+IMAGE = "image"
+
+
+def list_parquet_files(uri: str, filesystem: pafs.FileSystem | None = None) -> tuple[pafs.FileSystem, list[str]]:
+    """(filesystem, sorted parquet paths) for a file or a prefix; raises FileNotFoundError if none."""
+    fs, path = resolve(uri, filesystem)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.File:
+        return fs, [path]
+    if info.type == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"image set {uri} does not exist")
+    files = sorted(
+        f.path for f in fs.get_file_info(pafs.FileSelector(path, recursive=True))
+        if f.type == pafs.FileType.File and f.path.endswith(".parquet")
+    )
+    if not files:
+        raise FileNotFoundError(f"image set {uri} holds no .parquet files")
+    return fs, files
+
+
+def image_bytes(column: pa.Array | pa.ChunkedArray) -> list[bytes | None]:
+    """The encoded bytes of an `image` column in either accepted layout."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    if pa.types.is_struct(column.type):
+        if column.type.get_field_index("bytes") < 0:
+            raise ValueError(f"struct column {IMAGE!r} has no 'bytes' field (fields: {column.type})")
+        column = pc.struct_field(column, "bytes")
+    if not (pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type)):
+        raise ValueError(f"column {IMAGE!r} must be binary or struct<bytes, path>, got {column.type}")
+    return column.to_pylist()
+
+
+def _check_schema(schema: pa.Schema, path: str) -> None:
+    if IMAGE not in schema.names:
+        raise ValueError(f"{path} has no {IMAGE!r} column (columns: {schema.names})")
+
+
+def iter_batches(
+    uri: str,
+    columns: list[str] | None = None,
+    batch_size: int = 1024,
+    filesystem: pafs.FileSystem | None = None,
+) -> Iterator[pa.RecordBatch]:
+    """Stream record batches over all files in order; an `id` column is always present."""
+    fs, files = list_parquet_files(uri, filesystem)
+    for path in files:
+        pf = pq.ParquetFile(path, filesystem=fs)
+        schema = pf.schema_arrow
+        if columns is None or IMAGE in columns:
+            _check_schema(schema, path)
+        wanted = None if columns is None else [c for c in dict.fromkeys([*columns, "id"]) if c in schema.names]
+        missing = [c for c in (columns or []) if c not in schema.names and c != "id"]
+        if missing:
+            raise ValueError(f"{path} has no column(s) {missing} (columns: {schema.names})")
+        row = 0
+        name = os.path.basename(path)
+        for batch in pf.iter_batches(batch_size=batch_size, columns=wanted):
+            if "id" not in batch.schema.names:
+                ids = pa.array([f"{name}:{i}" for i in range(row, row + batch.num_rows)])
+                batch = batch.append_column("id", ids)
+            row += batch.num_rows
+            yield batch
+
+
+def read_columns(uri: str, columns: list[str], filesystem: pafs.FileSystem | None = None) -> pa.Table:
+    """Small columns (label, split, id...) of the whole set, e.g. to select rows for a protocol."""
+    batches = list(iter_batches(uri, columns, batch_size=65536, filesystem=filesystem))
+    return pa.Table.from_batches(batches)
+
+
+@dataclass
+class ImageRows:
+    """Selected rows of an image set, still encoded."""
+
+    ids: list
+    images: list[bytes | None]
+    labels: np.ndarray | None
+
+
+def take_rows(uri: str, rows: np.ndarray, filesystem: pafs.FileSystem | None = None) -> ImageRows:
+    """The rows with these global row numbers (in the given order), streaming through the files."""
+    rows = np.asarray(rows, dtype=np.int64)
+    order = np.argsort(rows, kind="stable")
+    wanted = rows[order]
+    ids, images, labels = [None] * len(rows), [None] * len(rows), np.full(len(rows), -1, np.int64)
+    start, k = 0, 0
+    for batch in iter_batches(uri, None, filesystem=filesystem):
+        end = start + batch.num_rows
+        hi = np.searchsorted(wanted, end, side="left")
+        if hi > k:
+            local = wanted[k:hi] - start
+            sub = batch.take(pa.array(local))
+            blobs = image_bytes(sub.column(IMAGE))
+            sub_ids = sub.column("id").to_pylist()
+            sub_labels = sub.column("label").to_numpy() if "label" in sub.schema.names else None
+            for j, dest in enumerate(order[k:hi]):
+                ids[dest], images[dest] = sub_ids[j], blobs[j]
+                if sub_labels is not None:
+                    labels[dest] = sub_labels[j]
+            k = hi
+        start = end
+    if k < len(rows):
+        raise IndexError(f"row {int(wanted[k])} is past the end of {uri} ({start} rows)")
+    return ImageRows(ids, images, labels)
+
+
+class ImageSetWriter:
+    """Writes part-00000.parquet, part-00001.parquet, ... of rows_per_file rows each, from tables
+    appended in order. Names and bytes depend only on the rows, so a re-run rewrites identical files."""
+
+    def __init__(self, uri: str, rows_per_file: int = 20000, filesystem: pafs.FileSystem | None = None):
+        if rows_per_file < 1:
+            raise ValueError(f"rows_per_file must be >= 1, got {rows_per_file}")
+        self.fs, self.root = resolve(uri, filesystem)
+        self.fs.create_dir(self.root, recursive=True)
+        self.rows_per_file = rows_per_file
+        self.pending: list[pa.Table] = []
+        self.pending_rows = 0
+        self.paths: list[str] = []
+
+    def write(self, table: pa.Table) -> None:
+        _check_schema(table.schema, self.root)
+        self.pending.append(table)
+        self.pending_rows += table.num_rows
+        while self.pending_rows >= self.rows_per_file:
+            self._flush(self.rows_per_file)
+
+    def _flush(self, rows: int) -> None:
+        table = pa.concat_tables(self.pending)
+        path = f"{self.root}/part-{len(self.paths):05d}.parquet"
+        pq.write_table(table.slice(0, rows), path, filesystem=self.fs, compression="zstd")
+        self.paths.append(path)
+        rest = table.slice(rows)
+        self.pending, self.pending_rows = ([rest] if rest.num_rows else []), rest.num_rows
+
+    def close(self) -> list[str]:
+        if self.pending_rows or not self.paths:
+            self._flush(self.pending_rows)
+        # Parts left by an earlier, longer run would silently join this set: remove them.
+        for info in self.fs.get_file_info(pafs.FileSelector(self.root)):
+            name = os.path.basename(info.path)
+            if name.startswith("part-") and name.endswith(".parquet") and info.path not in self.paths:
+                self.fs.delete_file(info.path)
+        return self.paths
+
+
+def write_image_set(
+    uri: str, table: pa.Table, rows_per_file: int = 20000, filesystem: pafs.FileSystem | None = None
+) -> list[str]:
+    """Write one table as an image set (see ImageSetWriter)."""
+    writer = ImageSetWriter(uri, rows_per_file, filesystem)
+    writer.write(table)
+    return writer.close()

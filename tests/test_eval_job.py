@@ -1,0 +1,45 @@
+import csv
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from gradcon_core.imageset import read_columns, write_image_set
+from jobs.cli import main
+from jobs.prepare import prepare
+
+
+def test_eval_writes_tables_and_plots_and_reports_corrupt_rows(small_mnist_idx, tmp_path, capsys):
+    data = tmp_path / "set"
+    prepare("mnist", str(small_mnist_idx), str(data))
+    # Corrupt one training image of class 1 (by id) and check it is reported and skipped.
+    (only_file,) = data.iterdir()
+    table = pq.read_table(only_file)
+    labels = table.column("label").to_numpy()
+    victim = int(np.flatnonzero(labels == 1)[5])
+    images = table.column("image").to_pylist()
+    images[victim] = b"not an image"
+    table = table.set_column(table.schema.get_field_index("image"), "image", pa.array(images, pa.binary()))
+    write_image_set(str(data), table)
+    victim_id = read_columns(str(data), ["label"]).column("id")[victim].as_py()
+
+    code = main(["eval", f"data={data}", "classes=0,1", "seeds=0,1", "epochs=1", f"out={tmp_path}", "name=run"])
+    assert code == 0
+    out = tmp_path / "run"
+    for name in ("table.md", "table.csv", "results.csv", "roc.png", "histograms.png", "config.yaml",
+                 "selections.json", "skipped_rows.csv"):
+        assert (out / name).stat().st_size > 0, name
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert [(r["class"], r["seed"]) for r in rows] == [("0", "0"), ("0", "1"), ("1", "0"), ("1", "1")]
+    assert all(0 <= float(r["auroc"]) <= 1 for r in rows)
+    skipped = list(csv.DictReader(open(out / "skipped_rows.csv")))
+    assert {r["id"] for r in skipped} == {victim_id} and skipped[0]["part"] in ("train", "val")
+    md = (out / "table.md").read_text()
+    assert "| **mean** |" in md and "0.9730" in md
+    assert victim_id in capsys.readouterr().err
+
+
+def test_eval_rejects_unknown_classes(small_mnist_idx, tmp_path, capsys):
+    prepare("mnist", str(small_mnist_idx), str(tmp_path / "set"))
+    assert main(["eval", f"data={tmp_path / 'set'}", "classes=12", f"out={tmp_path}"]) == 2
+    assert "not in" in capsys.readouterr().err

@@ -1,0 +1,117 @@
+"""Image sets: prepare -> read back, layouts, many files, S3, bad input."""
+import io
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from cluster.storage import S3Options, StorageError, check_readable, filesystem_for
+from gradcon_core import GradConDetector, create_model, load_detector
+from gradcon_core.images import decode_image, decode_images, encode_png
+from gradcon_core.imageset import iter_batches, read_columns, take_rows, write_image_set
+from jobs.prepare import prepare
+
+
+def _read_all(uri, fs=None):
+    meta = read_columns(uri, ["label", "split"], filesystem=fs)
+    rows = take_rows(uri, np.arange(meta.num_rows), filesystem=fs)
+    pixels, errors = decode_images(rows.images, 1, (28, 28))
+    assert not any(errors)
+    return pixels[..., 0], rows.labels, meta.column("split").to_pylist(), rows.ids
+
+
+def test_prepare_round_trip_is_pixel_exact_and_idempotent(small_mnist_idx, mnist_train, mnist_test, tmp_path):
+    out = tmp_path / "set"
+    paths = prepare("mnist", str(small_mnist_idx), str(out), rows_per_file=120)
+    assert len(paths) == 5  # 500 rows / 120 per file
+    pixels, labels, splits, ids = _read_all(str(out))
+    np.testing.assert_array_equal(pixels[:300], mnist_train[0][:300])
+    np.testing.assert_array_equal(pixels[300:], mnist_test[0][:200])
+    np.testing.assert_array_equal(labels, np.concatenate([mnist_train[1][:300], mnist_test[1][:200]]))
+    assert splits == ["train"] * 300 + ["test"] * 200
+    assert ids[0] == "train-000000" and ids[300] == "test-000000"
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    prepare("mnist", str(small_mnist_idx), str(out), rows_per_file=120)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_rerun_with_fewer_files_removes_stale_parts(small_mnist_idx, tmp_path):
+    out = tmp_path / "set"
+    prepare("mnist", str(small_mnist_idx), str(out), rows_per_file=100)
+    prepare("mnist", str(small_mnist_idx), str(out), rows_per_file=250)
+    assert sorted(p.name for p in out.iterdir()) == ["part-00000.parquet", "part-00001.parquet"]
+    assert read_columns(str(out), ["label"]).num_rows == 500
+
+
+def test_many_files_read_in_stable_order_and_ids_default_to_file_and_row(tmp_path):
+    table = pa.table({"image": [encode_png(np.full((28, 28), i, np.uint8)) for i in range(10)], "label": range(10)})
+    write_image_set(str(tmp_path / "s"), table, rows_per_file=3)
+    meta = read_columns(str(tmp_path / "s"), ["label"])
+    assert meta.column("label").to_pylist() == list(range(10))
+    assert meta.column("id").to_pylist()[:4] == ["part-00000.parquet:0", "part-00000.parquet:1",
+                                                 "part-00000.parquet:2", "part-00001.parquet:0"]
+    rows = take_rows(str(tmp_path / "s"), np.array([9, 0, 4]))
+    assert [decode_image(b, 1, (28, 28))[0, 0, 0] for b in rows.images] == [9, 0, 4]
+
+
+def test_hugging_face_struct_layout_is_read_and_reencoded(tmp_path, mnist_train):
+    images = [encode_png(img) for img in mnist_train[0][:5]]
+    struct = pa.array([{"bytes": b, "path": f"{i}.png"} for i, b in enumerate(images)],
+                      pa.struct([("bytes", pa.binary()), ("path", pa.string())]))
+    pq.write_table(pa.table({"image": struct, "label": mnist_train[1][:5]}), tmp_path / "hf.parquet")
+    rows = take_rows(str(tmp_path / "hf.parquet"), np.arange(5))
+    assert rows.images == images
+    prepare("parquet", str(tmp_path / "hf.parquet"), str(tmp_path / "ours"))
+    again = next(iter_batches(str(tmp_path / "ours")))
+    assert again.column("image").type == pa.binary() and again.column("image").to_pylist() == images
+    assert again.column("split").to_pylist() == ["train"] * 5
+
+
+def test_missing_image_column_is_named(tmp_path):
+    pq.write_table(pa.table({"pixels": [b"x"], "label": [1]}), tmp_path / "bad.parquet")
+    with pytest.raises(ValueError, match="no 'image' column"):
+        take_rows(str(tmp_path / "bad.parquet"), np.array([0]))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        read_columns(str(tmp_path / "nothing-here"), ["label"])
+
+
+def test_decode_policy_corrupt_resize_and_channels():
+    ok = encode_png(np.arange(28 * 28, dtype=np.uint8).reshape(28, 28))
+    rgb = encode_png(np.zeros((28, 28, 3), np.uint8))
+    big = np.random.default_rng(0).integers(0, 256, (56, 40), dtype=np.uint8)
+    pixels, errors = decode_images([ok, b"\x89PNG broken", rgb, encode_png(big), None], 1, (28, 28))
+    assert errors[0] is None and errors[3] is None
+    assert "undecodable" in errors[1] and "3 channel" in errors[2] and "empty" in errors[4]
+    expected = np.asarray(Image.fromarray(big).resize((28, 28), Image.LANCZOS))
+    np.testing.assert_array_equal(pixels[3, ..., 0], expected)  # documented resize policy: Lanczos
+    assert not pixels[1].any()  # failed rows stay black, flagged by their error
+    gray_as_rgb = decode_image(ok, 1, (28, 28))
+    assert gray_as_rgb.shape == (28, 28, 1)
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((28, 28, 4), np.uint8)).save(buf, format="PNG")
+    assert decode_image(buf.getvalue(), 3, (28, 28)).shape == (28, 28, 3)  # alpha dropped
+
+
+def test_image_set_and_checkpoint_on_moto_s3(s3_server, small_mnist_idx):
+    uri = "s3://gradcon-test/sets/mnist"
+    prepare("mnist", str(small_mnist_idx), uri, rows_per_file=200, options=s3_server)
+    fs, _ = filesystem_for(uri, s3_server)
+    pixels, labels, _, _ = _read_all(uri, fs)
+    assert pixels.shape == (500, 28, 28) and len(labels) == 500
+    det = GradConDetector(create_model("gradcon_cae"), device="cpu")
+    det.save("s3://gradcon-test/ckpt/a", filesystem=fs)
+    loaded = load_detector("s3://gradcon-test/ckpt/a", filesystem=fs)
+    np.testing.assert_array_equal(loaded.decision_function(pixels[:8]), det.decision_function(pixels[:8]))
+
+
+def test_wrong_credentials_give_a_clear_error_without_the_secret(seaweed_s3, small_mnist_idx):
+    uri = "s3://gradcon-test/sets/small"
+    prepare("mnist", str(small_mnist_idx), uri, options=seaweed_s3.options)
+    check_readable(uri, seaweed_s3.options)
+    wrong = S3Options(seaweed_s3.options.endpoint, seaweed_s3.options.access_key, "wrong-secret-4242", "us-east-1")
+    with pytest.raises(StorageError) as err:
+        check_readable(uri, wrong)
+    assert "cannot read s3://gradcon-test/sets/small" in str(err.value) and "AWS_SECRET_ACCESS_KEY" in str(err.value)
+    assert "wrong-secret-4242" not in str(err.value) and seaweed_s3.secret_key not in str(err.value)
