@@ -71,3 +71,15 @@ def small_mnist_idx(tmp_path_factory, mnist_train, mnist_test) -> Path:
         write_idx(root / f"{prefix}-images-idx3-ubyte", x[:n])
         write_idx(root / f"{prefix}-labels-idx1-ubyte", y[:n])
     return root
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One embedded Ray for every test that needs it (starting one costs seconds)."""
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a throwaway local cluster; token auth stays on elsewhere
+    import ray
+
+    ray.init(address="local", num_cpus=4, include_dashboard=False, object_store_memory=300 * 2**20,
+             log_to_driver=False)
+    yield ray
+    ray.shutdown()

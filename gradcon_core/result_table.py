@@ -1,0 +1,85 @@
+"""Encoded images in, result rows out (DESIGN section 6's result table), for any detector.
+
+Shared by the Ray Data score job and the single-process baseline, so both compute the same rows.
+A row that cannot be scored (undecodable bytes, wrong channel count, non-finite score) keeps its
+place with `error` set and null scores: output rows == input rows, always.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+
+from gradcon_core.detector import Detector
+from gradcon_core.images import decode_images
+
+SCHEMA = pa.schema([
+    ("id", pa.string()),
+    ("score", pa.float32()),
+    ("recon_error", pa.float32()),
+    ("grad_score", pa.float32()),
+    ("is_anomaly", pa.bool_()),
+    ("threshold", pa.float64()),
+    ("model_id", pa.string()),
+    ("error", pa.string()),
+    ("label", pa.int64()),
+    ("is_anomaly_true", pa.bool_()),
+])
+PASSTHROUGH = {"label": "label", "is_anomaly": "is_anomaly_true"}  # input column -> result column
+
+
+def model_channels(detector: Detector) -> int:
+    return detector.model.in_channels
+
+
+def score_pixels(detector: Detector, pixels: np.ndarray, errors: list[str | None]) -> dict[str, np.ndarray]:
+    """Scores of the rows without an error; NaN elsewhere. Marks rows whose score is not finite."""
+    n = len(errors)
+    out = {k: np.full(n, np.nan, np.float32) for k in ("score", "recon_error", "grad_score")}
+    ok = np.array([e is None for e in errors], dtype=bool)
+    if ok.any():
+        if hasattr(detector, "score_components"):
+            parts = detector.score_components(pixels[ok])
+        else:
+            parts = {"score": detector.decision_function(pixels[ok])}
+        for k, v in parts.items():
+            out[k][ok] = v
+    for i in np.flatnonzero(ok & ~np.isfinite(out["score"])):
+        errors[i] = "score is not finite"
+    return out
+
+
+def result_rows(
+    detector: Detector,
+    ids: list,
+    images: list[bytes | None],
+    threshold: float | None,
+    model_id: str,
+    passthrough: dict[str, pa.Array] | None = None,
+) -> pa.Table:
+    """The result table for one batch of encoded images."""
+    size = tuple(detector.model.input_size)
+    pixels, errors = decode_images(images, model_channels(detector), size)
+    scores = score_pixels(detector, pixels, errors)
+    failed = np.array([e is not None for e in errors], dtype=bool)
+
+    def column(values: np.ndarray) -> pa.Array:
+        return pa.array(values, pa.float32(), mask=failed | ~np.isfinite(values))
+
+    has_grad = not np.isnan(scores["grad_score"][~failed]).all() if (~failed).any() else True
+    anomaly = None if threshold is None else pa.array(scores["score"] > threshold, mask=failed)
+    n = len(ids)
+    columns = {
+        "id": pa.array([None if i is None else str(i) for i in ids], pa.string()),
+        "score": column(scores["score"]),
+        "recon_error": column(scores["recon_error"]),
+        "grad_score": column(scores["grad_score"]) if has_grad else pa.nulls(n, pa.float32()),
+        "is_anomaly": anomaly if anomaly is not None else pa.nulls(n, pa.bool_()),
+        "threshold": pa.array([threshold] * n, pa.float64()),
+        "model_id": pa.array([model_id] * n, pa.string()),
+        "error": pa.array(errors, pa.string()),
+    }
+    for source, target in PASSTHROUGH.items():
+        kind = SCHEMA.field(target).type
+        given = (passthrough or {}).get(source)
+        columns[target] = pa.nulls(n, kind) if given is None else pa.array(given).cast(kind)
+    return pa.table([columns[f.name] for f in SCHEMA], schema=SCHEMA)

@@ -1,0 +1,231 @@
+"""Batch-score a parquet image set with a trained detector into a result table (Ray Data).
+
+gradcon score --model CKPT --input PREFIX --output PREFIX [--batch-size 256] [--concurrency 1]
+              [--gpus-per-actor 0] [--threshold T | --contamination C] [--address ADDRESS]
+
+Pipeline: read_parquet (local or S3, many files) -> decode and score in an actor pool (the
+detector and its reference gradients load once per actor) -> result rows. One output file per
+input file, same name, rows in input order: a re-run of the same command gives the same files,
+skips inputs whose output is complete and rewrites the rest, so a job killed halfway and started
+again ends complete, with no duplicate rows. Result rows are small (a few numbers per image), so
+they stream back in order and the driver writes them; images never reach the driver.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from cluster.storage import S3Options, check_readable, filesystem_for
+from gradcon_core import load_detector
+from gradcon_core.checkpoint import checkpoint_id
+from gradcon_core.config import load_config
+from gradcon_core.detector import Detector
+from gradcon_core.images import ImageError, channels_of
+from gradcon_core.imageset import IMAGE, image_bytes, list_parquet_files
+from gradcon_core.metrics import threshold_from_scores
+from gradcon_core.result_table import PASSTHROUGH, SCHEMA, model_channels, result_rows
+from gradcon_core.storage import write_bytes
+
+
+@dataclass
+class ScoreConfig:
+    model: str = ""  # checkpoint directory (local or s3://)
+    input: str = ""  # image set: a parquet file or a prefix of many
+    output: str = ""  # result table prefix (local or s3://)
+    batch_size: int = 256
+    concurrency: int = 1  # scoring actors
+    gpus_per_actor: float = 0.0
+    cpus_per_actor: float = 1.0
+    threshold: float | None = None  # default: the checkpoint's threshold
+    contamination: float | None = None  # instead: the (1 - c) quantile of this run's scores
+    address: str | None = None  # Ray cluster; default RAY_ADDRESS, else an embedded local Ray
+    s3_endpoint: str | None = None
+
+
+class Scorer:
+    """Ray Data callable class: decodes and scores batches with one detector per actor."""
+
+    def __init__(self, model: str, options: S3Options, threshold: float | None, model_id: str):
+        fs, path = filesystem_for(model, options)
+        self.detector = load_detector(path, fs)
+        self.threshold, self.model_id = threshold, model_id
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        names = batch.schema.names
+        ids = batch.column("id").to_pylist() if "id" in names else [None] * batch.num_rows
+        passthrough = {c: batch.column(c) for c in PASSTHROUGH if c in names}
+        rows = result_rows(self.detector, ids, image_bytes(batch.column(IMAGE)), self.threshold, self.model_id,
+                           passthrough)
+        return rows.append_column("path", batch.column("path"))
+
+
+class _OutputFile:
+    """One output file, visible under its final name only once complete."""
+
+    def __init__(self, fs: pafs.FileSystem, path: str, input_name: str):
+        self.fs, self.path, self.input_name = fs, path, input_name
+        # S3 objects appear only when their upload completes; local files are renamed into place.
+        self.tmp = f"{path}.partial" if isinstance(fs, pafs.LocalFileSystem) else path
+        self.writer = pq.ParquetWriter(self.tmp, SCHEMA, filesystem=fs, compression="zstd")
+        self.rows = 0
+
+    def write(self, table: pa.Table) -> None:
+        ids = table.column("id")
+        if ids.null_count:  # inputs without an id column get the stable default "<file>:<row>"
+            filled = [f"{self.input_name}:{self.rows + k}" if v is None else v for k, v in enumerate(ids.to_pylist())]
+            table = table.set_column(0, "id", pa.array(filled, pa.string()))
+        self.writer.write_table(table)
+        self.rows += table.num_rows
+
+    def close(self) -> None:
+        self.writer.close()
+        if self.tmp != self.path:
+            self.fs.move(self.tmp, self.path)
+
+
+def _check_channels(detector: Detector, fs: pafs.FileSystem, files: list[str]) -> None:
+    """A whole input of the wrong kind (RGB set, grayscale model) is a mistake: say so before starting."""
+    for path in files:
+        for batch in pq.ParquetFile(path, filesystem=fs).iter_batches(batch_size=64, columns=[IMAGE]):
+            for data in image_bytes(batch.column(IMAGE)):
+                try:
+                    found = channels_of(data) if data else None
+                except ImageError:
+                    continue
+                if found is not None:
+                    if found != model_channels(detector):
+                        raise ValueError(f"the model takes {model_channels(detector)}-channel images but "
+                                         f"{path} holds {found}-channel ones")
+                    return
+
+
+def _apply_contamination(fs: pafs.FileSystem, outputs: list[str], contamination: float) -> float:
+    """Second pass over the (small) result files: threshold from this run's scores, then is_anomaly."""
+    scores = pa.concat_arrays([pq.read_table(p, columns=["score"], filesystem=fs).column("score").combine_chunks()
+                               for p in outputs])
+    threshold = threshold_from_scores(scores.drop_null().to_numpy(), contamination=contamination)
+    for p in outputs:
+        table = pq.read_table(p, filesystem=fs)
+        table = table.set_column(table.schema.get_field_index("is_anomaly"), "is_anomaly",
+                                 pc.greater(table.column("score"), threshold))
+        table = table.set_column(table.schema.get_field_index("threshold"), "threshold",
+                                 pa.array([threshold] * table.num_rows, pa.float64()))
+        pq.write_table(table, p, filesystem=fs, compression="zstd")
+    return threshold
+
+
+def run(cfg: ScoreConfig) -> dict:
+    import ray
+
+    if not (cfg.model and cfg.input and cfg.output):
+        raise ValueError("score needs --model, --input and --output")
+    if cfg.threshold is not None and cfg.contamination is not None:
+        raise ValueError("give --threshold or --contamination, not both")
+    start = time.perf_counter()
+    options = S3Options.from_env(endpoint=cfg.s3_endpoint)
+    check_readable(cfg.model, options)
+    model_fs, model_path = filesystem_for(cfg.model, options)
+    detector = load_detector(model_path, model_fs)
+    model_id = checkpoint_id(model_path, model_fs)
+    threshold = cfg.threshold if cfg.threshold is not None else detector.threshold_
+    if threshold is None and cfg.contamination is None:
+        raise ValueError(f"{cfg.model} stores no threshold: give --threshold or --contamination")
+    if cfg.contamination is not None:
+        threshold = None
+
+    check_readable(cfg.input, options)
+    in_fs, files = list_parquet_files(*reversed(filesystem_for(cfg.input, options)))
+    out_fs, out_root = filesystem_for(cfg.output, options)
+    out_fs.create_dir(out_root, recursive=True)
+    outputs = {f: f"{out_root}/{os.path.basename(f)}" for f in files}
+    if len(set(outputs.values())) != len(files):
+        raise ValueError(f"{cfg.input} has input files with the same name in different folders")
+    rows_in = {f: pq.ParquetFile(f, filesystem=in_fs).metadata.num_rows for f in files}
+
+    def complete(f: str) -> bool:
+        info = out_fs.get_file_info(outputs[f])
+        return info.type == pafs.FileType.File and pq.ParquetFile(outputs[f], filesystem=out_fs).metadata.num_rows \
+            == rows_in[f]
+
+    todo = [f for f in files if not complete(f)]
+    _check_channels(detector, in_fs, todo or files)
+    print(f"scoring {sum(rows_in[f] for f in todo)} rows in {len(todo)} file(s) "
+          f"({len(files) - len(todo)} already complete) with model {model_id}", file=sys.stderr)
+
+    if todo:
+        if not ray.is_initialized():
+            from cluster.ray_init import init_ray
+
+            init_ray(cfg.address)
+        ctx = ray.data.DataContext.get_current()
+        ctx.execution_options.preserve_order = True  # rows come back in file order: one writer at a time
+        wanted = [IMAGE, "id", *PASSTHROUGH]
+        ds = ray.data.read_parquet(todo, filesystem=in_fs, include_paths=True)
+        ds = ds.select_columns([c for c in [*wanted, "path"] if c in ds.schema().names])
+        ds = ds.map_batches(
+            Scorer, batch_format="pyarrow", batch_size=cfg.batch_size, num_cpus=cfg.cpus_per_actor,
+            num_gpus=cfg.gpus_per_actor, compute=ray.data.ActorPoolStrategy(size=cfg.concurrency),
+            fn_constructor_kwargs={"model": cfg.model, "options": options, "threshold": threshold,
+                                   "model_id": model_id},
+        )
+        current: _OutputFile | None = None
+        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+            for path in pc.unique(batch.column("path")).to_pylist():
+                part = batch.filter(pc.equal(batch.column("path"), path)).drop_columns(["path"])
+                in_path = path
+                if current is None or current.input_name != os.path.basename(in_path):
+                    if current:
+                        current.close()
+                    current = _OutputFile(out_fs, outputs[in_path], os.path.basename(in_path))
+                current.write(part)
+        if current:
+            current.close()
+        for f in todo:  # empty inputs produce no batches: still one (empty) output each
+            if not complete(f):
+                if rows_in[f] == 0:
+                    _OutputFile(out_fs, outputs[f], os.path.basename(f)).close()
+                else:
+                    raise RuntimeError(f"{outputs[f]} is incomplete after scoring; run the same command again")
+
+    if cfg.contamination is not None:
+        threshold = _apply_contamination(out_fs, list(outputs.values()), cfg.contamination)
+    results = pq.read_table([outputs[f] for f in files], columns=["error", "is_anomaly"], filesystem=out_fs)
+    wall = time.perf_counter() - start
+    scored = sum(rows_in[f] for f in todo)
+    summary = {"rows": results.num_rows, "errors": results.num_rows - results.column("error").null_count,
+               "anomalies": int(pc.sum(results.column("is_anomaly")).as_py() or 0), "threshold": threshold,
+               "scored_now": scored, "seconds": round(wall, 2), "images_per_s": round(scored / wall, 1),
+               "model_id": model_id, "output": cfg.output}
+    write_bytes(out_fs, f"{out_root}/_summary.json", json.dumps(summary, indent=1).encode())
+    print(f"rows {summary['rows']}  errors {summary['errors']}  anomalies {summary['anomalies']}  "
+          f"threshold {threshold:.6g}  wall {wall:.1f} s  {summary['images_per_s']} images/s")
+    print(f"results: {cfg.output}")
+    return summary
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="YAML file with ScoreConfig fields (flags override it)")
+    for name, default in asdict(ScoreConfig()).items():
+        flag = "--" + name.replace("_", "-")
+        parser.add_argument(flag, dest=name, default=None, help=f"default: {default!r}")
+
+
+def main(args: argparse.Namespace) -> int:
+    overrides = [f"{k}={v}" for k, v in vars(args).items() if k in ScoreConfig.__dataclass_fields__ and v is not None]
+    run(load_config(ScoreConfig, args.config, overrides))
+    return 0
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    raise SystemExit(main(parser.parse_args()))

@@ -1,0 +1,137 @@
+"""The Ray Data score job: equals the detector, keeps every row, survives bad rows and re-runs, S3."""
+import io
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from cluster.storage import S3Options, StorageError, filesystem_for
+from gradcon_core import GradConDetector, create_model, load_detector
+from gradcon_core.images import encode_png
+from gradcon_core.imageset import read_columns, take_rows, write_image_set
+from gradcon_core.result_table import SCHEMA
+from jobs.prepare import prepare
+from jobs.score import ScoreConfig, run
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, mnist_train):
+    torch.manual_seed(0)
+    det = GradConDetector(create_model("gradcon_cae"), device="cpu")
+    det.fit(mnist_train[0][:256], epochs=1, batch_size=64)
+    path = tmp_path_factory.mktemp("model") / "ckpt"
+    det.save(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def image_set(tmp_path_factory, small_mnist_idx):
+    out = tmp_path_factory.mktemp("set") / "mnist"
+    prepare("mnist", str(small_mnist_idx), str(out), rows_per_file=180)  # 3 files
+    return str(out)
+
+
+def _read(prefix, fs=None):
+    fs, root = filesystem_for(prefix) if fs is None else (fs, prefix.split("://")[-1])
+    files = sorted(f.path for f in fs.get_file_info(pa.fs.FileSelector(root)) if f.path.endswith(".parquet"))
+    return pq.read_table(files, filesystem=fs), files
+
+
+def test_job_scores_equal_the_detector_and_nothing_is_lost(ray_local, model_dir, image_set, tmp_path):
+    summary = run(ScoreConfig(model=model_dir, input=image_set, output=str(tmp_path / "out"), batch_size=64))
+    table, files = _read(str(tmp_path / "out"))
+    assert [f.rsplit("/", 1)[1] for f in files] == ["part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
+    assert table.schema == SCHEMA and table.num_rows == summary["rows"] == 500 and summary["errors"] == 0
+    meta = read_columns(image_set, ["label"])
+    assert table.column("id").to_pylist() == meta.column("id").to_pylist()  # same rows, same order
+    det = load_detector(model_dir)
+    rows = take_rows(image_set, np.arange(500))
+    pixels = np.stack([np.asarray(Image.open(io.BytesIO(b))) for b in rows.images])
+    expected = det.score_components(pixels)
+    np.testing.assert_allclose(table.column("score").to_numpy(), expected["score"], rtol=1e-5)
+    np.testing.assert_allclose(table.column("grad_score").to_numpy(), expected["grad_score"], rtol=1e-5, atol=1e-7)
+    np.testing.assert_array_equal(table.column("is_anomaly").to_numpy(), expected["score"] > det.threshold_)
+    assert set(table.column("threshold").to_pylist()) == {det.threshold_}
+    np.testing.assert_array_equal(table.column("label").to_numpy(), meta.column("label").to_numpy())
+    assert len(set(table.column("model_id").to_pylist())) == 1
+
+
+def test_bad_rows_are_flagged_not_dropped(ray_local, model_dir, tmp_path, mnist_test):
+    gray = [encode_png(img) for img in mnist_test[0][:6]]
+    big = encode_png(np.kron(mnist_test[0][6], np.ones((2, 2), np.uint8)))  # 56x56: resized, scored
+    rgb = encode_png(np.zeros((28, 28, 3), np.uint8))
+    images = [*gray[:3], b"corrupt bytes", big, rgb, *gray[3:], None]
+    data = tmp_path / "bad"
+    write_image_set(str(data), pa.table({"id": [f"r{i}" for i in range(len(images))],
+                                         "image": pa.array(images, pa.binary())}), rows_per_file=5)
+    pq.write_table(pa.table({"id": pa.array([], pa.string()), "image": pa.array([], pa.binary())}),
+                   data / "part-00009.parquet")  # an empty file
+    summary = run(ScoreConfig(model=model_dir, input=str(data), output=str(tmp_path / "out")))
+    table, files = _read(str(tmp_path / "out"))
+    assert len(files) == 3 and table.num_rows == len(images) == summary["rows"] == 10
+    errors = dict(zip(table.column("id").to_pylist(), table.column("error").to_pylist()))
+    assert {k for k, v in errors.items() if v} == {"r3", "r5", "r9"} == {
+        i for i, s in zip(table.column("id").to_pylist(), table.column("score").to_pylist()) if s is None}
+    assert "undecodable" in errors["r3"] and "3 channel" in errors["r5"] and "empty" in errors["r9"]
+    assert summary["errors"] == 3 and table.column("is_anomaly").null_count == 3
+
+
+def test_rerun_completes_a_killed_job_without_duplicates(ray_local, model_dir, image_set, tmp_path):
+    out = tmp_path / "out"
+    cfg = ScoreConfig(model=model_dir, input=image_set, output=str(out), batch_size=128)
+    run(cfg)
+    before = {p.name: p.read_bytes() for p in out.glob("*.parquet")}
+    # What a kill leaves: one output never written, one half written (never under its final name).
+    (out / "part-00001.parquet").unlink()
+    (out / "part-00002.parquet").rename(out / "part-00002.parquet.partial")
+    untouched = (out / "part-00000.parquet").stat().st_mtime_ns
+    summary = run(cfg)
+    assert summary["scored_now"] == 180 + 140 and summary["rows"] == 500
+    assert (out / "part-00000.parquet").stat().st_mtime_ns == untouched  # complete files are skipped
+    assert {p.name: p.read_bytes() for p in out.glob("*.parquet")} == before  # same command, same files
+    table, _ = _read(str(out))
+    assert len(set(table.column("id").to_pylist())) == table.num_rows == 500
+
+
+def test_contamination_sets_the_threshold_from_this_runs_scores(ray_local, model_dir, image_set, tmp_path):
+    run(ScoreConfig(model=model_dir, input=image_set, output=str(tmp_path / "out"), contamination=0.1))
+    table, _ = _read(str(tmp_path / "out"))
+    scores = table.column("score").to_numpy()
+    assert table.column("threshold")[0].as_py() == pytest.approx(np.quantile(scores, 0.9))
+    assert abs(table.column("is_anomaly").to_numpy().mean() - 0.1) < 0.01
+
+
+def test_input_and_output_on_s3(ray_local, model_dir, image_set, s3_server):
+    s3 = S3Options(s3_server.endpoint, s3_server.access_key, s3_server.secret_key, s3_server.region)
+    fs, _ = filesystem_for("s3://gradcon-test/x", s3)
+    table = pa.concat_tables(pq.read_table(p) for p in sorted(__import__("glob").glob(f"{image_set}/*.parquet")))
+    write_image_set("s3://gradcon-test/score-in", table, rows_per_file=250, filesystem=fs)
+    load_detector(model_dir).save("s3://gradcon-test/models/m", filesystem=fs)
+    cfg = ScoreConfig(model="s3://gradcon-test/models/m", input="s3://gradcon-test/score-in",
+                      output="s3://gradcon-test/score-out", s3_endpoint=s3.endpoint)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("AWS_ACCESS_KEY_ID", s3.access_key)
+        mp.setenv("AWS_SECRET_ACCESS_KEY", s3.secret_key)
+        summary = run(cfg)
+    result, files = _read("s3://gradcon-test/score-out", fs)
+    assert len(files) == 2 and result.num_rows == summary["rows"] == 500 and summary["errors"] == 0
+
+
+def test_clear_errors_before_any_work(ray_local, model_dir, image_set, tmp_path, seaweed_s3):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        run(ScoreConfig(model=str(tmp_path / "no-model"), input=image_set, output=str(tmp_path / "o")))
+    rgb = tmp_path / "rgb"
+    write_image_set(str(rgb), pa.table({"image": [encode_png(np.zeros((28, 28, 3), np.uint8))] * 3}))
+    with pytest.raises(ValueError, match="1-channel images but .* holds 3-channel"):
+        run(ScoreConfig(model=model_dir, input=str(rgb), output=str(tmp_path / "o")))
+    wrong = S3Options(seaweed_s3.options.endpoint, seaweed_s3.options.access_key, "not-the-secret-77", "us-east-1")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("AWS_ACCESS_KEY_ID", wrong.access_key)
+        mp.setenv("AWS_SECRET_ACCESS_KEY", wrong.secret_key)
+        with pytest.raises(StorageError) as err:
+            run(ScoreConfig(model=model_dir, input="s3://gradcon-test/anything", output=str(tmp_path / "o"),
+                            s3_endpoint=wrong.endpoint))
+    assert "not-the-secret-77" not in str(err.value) and "AWS_SECRET_ACCESS_KEY" in str(err.value)
