@@ -35,6 +35,9 @@ from gradcon_core.metrics import threshold_from_scores
 from gradcon_core.result_table import PASSTHROUGH, SCHEMA, model_channels, result_rows
 from gradcon_core.storage import write_bytes
 
+# Ray Data's file listing and parquet reads are tasks of one CPU each: leave room for them.
+READ_CPUS = 1.0
+
 
 @dataclass
 class ScoreConfig:
@@ -108,6 +111,16 @@ def _check_channels(detector: Detector, fs: pafs.FileSystem, files: list[str]) -
                     return
 
 
+def _check_fits(resources: dict, cfg: ScoreConfig) -> None:
+    """An actor pool that takes every CPU leaves none for the reads: Ray Data then waits forever."""
+    cpus, gpus = resources.get("CPU", 0), resources.get("GPU", 0)
+    if cfg.concurrency * cfg.cpus_per_actor + READ_CPUS > cpus:
+        raise ValueError(f"{cfg.concurrency} scoring actor(s) x {cfg.cpus_per_actor} CPU leave no CPU for reading "
+                         f"on this cluster ({cpus:g} CPUs): lower --concurrency or --cpus-per-actor")
+    if cfg.concurrency * cfg.gpus_per_actor > gpus:
+        raise ValueError(f"{cfg.concurrency} actor(s) x {cfg.gpus_per_actor} GPU > the cluster's {gpus:g} GPU(s)")
+
+
 def _apply_contamination(fs: pafs.FileSystem, outputs: list[str], contamination: float) -> float:
     """Second pass over the (small) result files: threshold from this run's scores, then is_anomaly."""
     scores = pa.concat_arrays([pq.read_table(p, columns=["score"], filesystem=fs).column("score").combine_chunks()
@@ -169,6 +182,7 @@ def run(cfg: ScoreConfig) -> dict:
         ctx = ray.data.DataContext.get_current()
         ctx.execution_options.preserve_order = True  # rows come back in file order: one writer at a time
         wanted = [IMAGE, "id", *PASSTHROUGH]
+        _check_fits(ray.cluster_resources(), cfg)
         ds = ray.data.read_parquet(todo, filesystem=in_fs, include_paths=True)
         ds = ds.select_columns([c for c in [*wanted, "path"] if c in ds.schema().names])
         ds = ds.map_batches(

@@ -135,3 +135,8 @@ def test_clear_errors_before_any_work(ray_local, model_dir, image_set, tmp_path,
             run(ScoreConfig(model=model_dir, input="s3://gradcon-test/anything", output=str(tmp_path / "o"),
                             s3_endpoint=wrong.endpoint))
     assert "not-the-secret-77" not in str(err.value) and "AWS_SECRET_ACCESS_KEY" in str(err.value)
+
+
+def test_an_actor_pool_that_leaves_no_cpu_for_reading_is_refused(ray_local, model_dir, image_set, tmp_path):
+    with pytest.raises(ValueError, match="no CPU for reading"):
+        run(ScoreConfig(model=model_dir, input=image_set, output=str(tmp_path / "o"), concurrency=4))

@@ -1,0 +1,149 @@
+"""Scoring pipeline: the Ray Data job vs a bare single-process loop over the same files, and memory.
+
+python benchmarks/score_pipeline.py [--rows 200000] [--files 8] [--concurrency 2]
+
+The image set is synthetic but realistic: real MNIST test digits, shifted and noised so no two
+rows are the same, PNG-encoded, split over several parquet files. Both paths read parquet,
+decode, compute vectorized GradCon scores and write a result table with the same code
+(gradcon_core.result_table). Peak memory is the largest sum of the resident memory of this
+process and all its children (Ray's workers), sampled every 0.2 s, at 1x and 10x the rows.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from gradcon_core import GradConDetector, create_model, load_detector  # noqa: E402
+from gradcon_core.checkpoint import checkpoint_id  # noqa: E402
+from gradcon_core.idx import load_mnist  # noqa: E402
+from gradcon_core.images import encode_png  # noqa: E402
+from gradcon_core.imageset import IMAGE, ImageSetWriter, image_bytes, list_parquet_files  # noqa: E402
+from gradcon_core.result_table import SCHEMA, result_rows  # noqa: E402
+
+
+def make_set(path: Path, rows: int, files: int, mnist_dir: str) -> None:
+    if path.exists() and sum(pq.ParquetFile(p).metadata.num_rows for p in path.glob("*.parquet")) == rows:
+        return
+    digits, labels = load_mnist(mnist_dir, "test")
+    rng = np.random.default_rng(0)
+    writer = ImageSetWriter(str(path), rows_per_file=-(-rows // files))
+    for start in range(0, rows, 4096):
+        n = min(4096, rows - start)
+        pick = rng.integers(0, len(digits), n)
+        shifted = np.stack([np.roll(digits[i], rng.integers(-2, 3, 2), axis=(0, 1)) for i in pick]).astype(np.int16)
+        noisy = np.clip(shifted + rng.integers(-12, 13, shifted.shape), 0, 255).astype(np.uint8)
+        writer.write(pa.table({"id": [f"img-{start + k:08d}" for k in range(n)],
+                               IMAGE: pa.array([encode_png(x) for x in noisy], pa.binary()),
+                               "label": pa.array(labels[pick], pa.int64())}))
+    writer.close()
+
+
+class PeakMemory:
+    """Largest RSS of this process plus its children, sampled in a thread."""
+
+    def __init__(self):
+        self.peak = 0
+        self._stop = threading.Event()
+
+    def _sample(self) -> None:
+        me = psutil.Process()
+        while not self._stop.is_set():
+            total = 0
+            for p in [me, *me.children(recursive=True)]:
+                try:
+                    total += p.memory_info().rss
+                except psutil.Error:
+                    pass
+            self.peak = max(self.peak, total)
+            time.sleep(0.2)
+
+    def __enter__(self):
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def bare_loop(model: str, data: Path, out: Path, batch_size: int) -> float:
+    start = time.perf_counter()
+    det = load_detector(model)
+    model_id = checkpoint_id(model)
+    out.mkdir(parents=True, exist_ok=True)
+    fs, files = list_parquet_files(str(data))
+    for path in files:
+        with pq.ParquetWriter(out / Path(path).name, SCHEMA, compression="zstd") as writer:
+            for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_size):
+                writer.write_table(result_rows(det, batch.column("id").to_pylist(), image_bytes(batch.column(IMAGE)),
+                                               det.threshold_, model_id, {"label": batch.column("label")}))
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=200_000)
+    parser.add_argument("--files", type=int, default=8)
+    parser.add_argument("--concurrency", type=int, default=2)
+    parser.add_argument("--cpus-per-actor", type=float, default=1.0)
+    parser.add_argument("--ray-cpus", type=int, default=None,
+                        help="logical CPUs of the embedded Ray (default: cores + 1, room for the reads)")
+    parser.add_argument("--batch-size", type=int, default=512)
+    parser.add_argument("--gpus-per-actor", type=float, default=0.0)
+    parser.add_argument("--mnist", default="data/mnist")
+    parser.add_argument("--work", default="runs/bench-score")
+    args = parser.parse_args()
+    work = Path(args.work)
+    big, small = work / f"set-{args.rows}", work / f"set-{args.rows // 10}"
+    make_set(big, args.rows, args.files, args.mnist)
+    make_set(small, args.rows // 10, args.files, args.mnist)
+    model = work / "model"
+    if not model.exists():
+        det = GradConDetector(create_model("gradcon_cae"), device="cpu")
+        det.fit(load_mnist(args.mnist, "train")[0][:2048], epochs=1)
+        det.save(model)
+    print(f"machine: {os.cpu_count()} CPUs; {args.rows} rows in {args.files} files")
+
+    import torch
+
+    torch.set_num_threads(os.cpu_count())
+    bare = bare_loop(str(model), big, work / "out-bare", args.batch_size)
+    print(f"  bare loop (1 process)      {args.rows / bare:>9,.0f} images/s  ({bare:.1f} s)")
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    import ray
+
+    from jobs.score import ScoreConfig, run
+
+    ray.init(address="local", num_cpus=args.ray_cpus or os.cpu_count() + 1, include_dashboard=False,
+             log_to_driver=False)
+    rates, peaks = {}, {}
+    for name, data in (("1x", small), ("10x", big)):
+        out = work / f"out-ray-{name}"
+        if out.exists():
+            for p in out.iterdir():
+                p.unlink()
+        with PeakMemory() as mem:
+            summary = run(ScoreConfig(model=str(model), input=str(data), output=str(out), batch_size=args.batch_size,
+                                      concurrency=args.concurrency, cpus_per_actor=args.cpus_per_actor,
+                                      gpus_per_actor=args.gpus_per_actor))
+        rates[name], peaks[name] = summary["images_per_s"], mem.peak / 2**20
+        print(f"  Ray Data job, {name:<3} rows      {rates[name]:>9,.0f} images/s  peak memory {peaks[name]:,.0f} MiB")
+    print(f"Ray job / bare loop (10x rows) = {rates['10x'] / (args.rows / bare):.2f}   "
+          f"peak memory 10x / 1x = {peaks['10x'] / peaks['1x']:.2f}")
+    ray.shutdown()
+
+
+if __name__ == "__main__":
+    main()
