@@ -48,6 +48,7 @@ class ScoreConfig:
     concurrency: int = 1  # scoring actors
     gpus_per_actor: float = 0.0
     cpus_per_actor: float = 1.0
+    block_mb: float = 2.0  # read block size: one block goes to one actor, so small blocks spread the work
     threshold: float | None = None  # default: the checkpoint's threshold
     contamination: float | None = None  # instead: the (1 - c) quantile of this run's scores
     address: str | None = None  # Ray cluster; default RAY_ADDRESS, else an embedded local Ray
@@ -181,6 +182,7 @@ def run(cfg: ScoreConfig) -> dict:
             init_ray(cfg.address)
         ctx = ray.data.DataContext.get_current()
         ctx.execution_options.preserve_order = True  # rows come back in file order: one writer at a time
+        ctx.target_max_block_size = int(cfg.block_mb * 2**20)
         wanted = [IMAGE, "id", *PASSTHROUGH]
         _check_fits(ray.cluster_resources(), cfg)
         ds = ray.data.read_parquet(todo, filesystem=in_fs, include_paths=True)

@@ -1,5 +1,11 @@
 """The Ray Data score job: equals the detector, keeps every row, survives bad rows and re-runs, S3."""
+import glob
 import io
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pyarrow as pa
@@ -107,7 +113,7 @@ def test_contamination_sets_the_threshold_from_this_runs_scores(ray_local, model
 def test_input_and_output_on_s3(ray_local, model_dir, image_set, s3_server):
     s3 = S3Options(s3_server.endpoint, s3_server.access_key, s3_server.secret_key, s3_server.region)
     fs, _ = filesystem_for("s3://gradcon-test/x", s3)
-    table = pa.concat_tables(pq.read_table(p) for p in sorted(__import__("glob").glob(f"{image_set}/*.parquet")))
+    table = pa.concat_tables(pq.read_table(p) for p in sorted(glob.glob(f"{image_set}/*.parquet")))
     write_image_set("s3://gradcon-test/score-in", table, rows_per_file=250, filesystem=fs)
     load_detector(model_dir).save("s3://gradcon-test/models/m", filesystem=fs)
     cfg = ScoreConfig(model="s3://gradcon-test/models/m", input="s3://gradcon-test/score-in",
@@ -140,3 +146,28 @@ def test_clear_errors_before_any_work(ray_local, model_dir, image_set, tmp_path,
 def test_an_actor_pool_that_leaves_no_cpu_for_reading_is_refused(ray_local, model_dir, image_set, tmp_path):
     with pytest.raises(ValueError, match="no CPU for reading"):
         run(ScoreConfig(model=model_dir, input=image_set, output=str(tmp_path / "o"), concurrency=4))
+
+
+def test_a_really_killed_job_completes_on_rerun(ray_local, model_dir, image_set, tmp_path):
+    """SIGKILL the driver of a running `python -m jobs.score` mid-run, then run the same command again."""
+    data, out = tmp_path / "set", tmp_path / "out"
+    rows = take_rows(image_set, np.arange(500))
+    table = pa.table({"id": [f"k{i:05d}" for i in range(4000)],
+                      "image": pa.array([rows.images[i % 500] for i in range(4000)], pa.binary())})
+    write_image_set(str(data), table, rows_per_file=200)  # 20 files
+    args = ["--model", model_dir, "--input", str(data), "--output", str(out), "--batch-size", "64", "--block-mb", "0.1",
+            "--address", ray_local.get_runtime_context().gcs_address]
+    proc = subprocess.Popen([sys.executable, "-m", "jobs.score", *args], start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not list(out.glob("*.parquet")) and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done_before = {p.name: p.stat().st_mtime_ns for p in out.glob("*.parquet")}
+    assert 0 < len(done_before) < 20, "the kill should land mid-run"
+    summary = run(ScoreConfig(model=model_dir, input=str(data), output=str(out), batch_size=64))
+    assert summary["rows"] == 4000 and summary["scored_now"] == 4000 - 200 * len(done_before)
+    assert {n: (out / n).stat().st_mtime_ns for n in done_before} == done_before  # complete files kept
+    result, files = _read(str(out))
+    assert len(files) == 20 and result.num_rows == len(set(result.column("id").to_pylist())) == 4000
