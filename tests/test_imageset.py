@@ -115,3 +115,42 @@ def test_wrong_credentials_give_a_clear_error_without_the_secret(seaweed_s3, sma
         check_readable(uri, wrong)
     assert "cannot read s3://gradcon-test/sets/small" in str(err.value) and "AWS_SECRET_ACCESS_KEY" in str(err.value)
     assert "wrong-secret-4242" not in str(err.value) and seaweed_s3.secret_key not in str(err.value)
+
+
+def test_folder_source_labels_by_sorted_class_name_and_keeps_splits(tmp_path, mnist_test):
+    root = tmp_path / "photos"
+    for split, offset in (("train", 0), ("test", 10)):
+        for name, digit in (("cat", 3), ("ant", 7)):
+            (root / split / name).mkdir(parents=True)
+            for k in range(2):
+                img = mnist_test[0][np.flatnonzero(mnist_test[1] == digit)[offset + k]]
+                Image.fromarray(img).save(root / split / name / f"{k}.png")
+    prepare("folder", str(root), str(tmp_path / "set"))
+    meta = read_columns(str(tmp_path / "set"), ["label", "class_name", "split"])
+    assert meta.column("id").to_pylist()[0] == "train/ant/0.png"
+    assert meta.column("class_name").to_pylist() == ["ant", "ant", "cat", "cat"] * 2
+    assert meta.column("label").to_pylist() == [0, 0, 1, 1] * 2
+    assert meta.column("split").to_pylist() == ["train"] * 4 + ["test"] * 4
+    with pytest.raises(FileNotFoundError, match="no class subfolders"):
+        prepare("folder", str(tmp_path / "set"), str(tmp_path / "again"))
+
+
+def test_cifar10_batches_are_kept_rgb(tmp_path):
+    import pickle
+
+    rng = np.random.default_rng(0)
+    src = tmp_path / "cifar-10-batches-py"
+    src.mkdir()
+    batches = {f"data_batch_{i}": 3 for i in range(1, 6)} | {"test_batch": 2}
+    for name, n in batches.items():
+        data = rng.integers(0, 256, (n, 3 * 32 * 32), dtype=np.uint8)
+        with open(src / name, "wb") as f:
+            pickle.dump({b"data": data, b"labels": list(range(n))}, f)
+    prepare("cifar10", str(src), str(tmp_path / "set"))
+    rows = take_rows(str(tmp_path / "set"), np.arange(17))
+    first = pickle.load(open(src / "data_batch_1", "rb"))[b"data"][0].reshape(3, 32, 32).transpose(1, 2, 0)
+    np.testing.assert_array_equal(decode_image(rows.images[0], 3, (32, 32)), first)
+    assert list(rows.labels) == [0, 1, 2] * 5 + [0, 1]
+    (src / "test_batch").unlink()
+    with pytest.raises(FileNotFoundError, match="test_batch"):
+        prepare("cifar10", str(src), str(tmp_path / "x"))
