@@ -91,6 +91,35 @@ def bare_loop(model: str, data: Path, out: Path, batch_size: int) -> float:
     return time.perf_counter() - start
 
 
+def where_time_goes(model: str, data: Path, batch_size: int, device: str) -> None:
+    """Single process: seconds spent reading, decoding and scoring the same rows."""
+    import torch
+
+    from gradcon_core.images import decode_images
+
+    det = load_detector(model).to(device)
+    times = {"read": 0.0, "decode": 0.0, "score": 0.0}
+    rows = 0
+    _, files = list_parquet_files(str(data))
+    for path in files:
+        t = time.perf_counter()
+        batches = list(pq.ParquetFile(path).iter_batches(batch_size=batch_size))
+        times["read"] += time.perf_counter() - t
+        for batch in batches:
+            t = time.perf_counter()
+            pixels, _ = decode_images(image_bytes(batch.column(IMAGE)), 1, (28, 28))
+            times["decode"] += time.perf_counter() - t
+            t = time.perf_counter()
+            det.decision_function(pixels)
+            if device != "cpu":
+                torch.cuda.synchronize()
+            times["score"] += time.perf_counter() - t
+            rows += len(pixels)
+    total = sum(times.values())
+    print(f"where the time goes ({device}, {rows} rows, batch {batch_size}): " + "  ".join(
+        f"{k} {v:.1f} s ({100 * v / total:.0f}%, {rows / v:,.0f} img/s)" for k, v in times.items()))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=200_000)
@@ -103,6 +132,8 @@ def main() -> None:
     parser.add_argument("--gpus-per-actor", type=float, default=0.0)
     parser.add_argument("--mnist", default="data/mnist")
     parser.add_argument("--work", default="runs/bench-score")
+    parser.add_argument("--split-only", default=None, metavar="DEVICE",
+                        help="only time read / decode / score in one process on DEVICE (cpu, cuda)")
     args = parser.parse_args()
     work = Path(args.work)
     big, small = work / f"set-{args.rows}", work / f"set-{args.rows // 10}"
@@ -114,6 +145,9 @@ def main() -> None:
         det.fit(load_mnist(args.mnist, "train")[0][:2048], epochs=1)
         det.save(model)
     print(f"machine: {os.cpu_count()} CPUs; {args.rows} rows in {args.files} files")
+    if args.split_only:
+        where_time_goes(str(model), big, args.batch_size, args.split_only)
+        return
 
     import torch
 

@@ -58,8 +58,8 @@ class LocalS3:
         grpc = dict(zip(names, _free_ports(len(names))))
         self.data_dir.mkdir(parents=True, exist_ok=True)
         # -logdir keeps SeaweedFS's own log files out of /tmp.
-        cmd = [weed_binary(), f"-logdir={self.data_dir}", "mini", f"-dir={self.data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-               "-webdav=false", "-admin.ui=false", "-master.telemetry=false",
+        cmd = [weed_binary(), f"-logdir={self.data_dir}", "mini", f"-dir={self.data_dir}",
+               "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-webdav=false", "-admin.ui=false", "-master.telemetry=false",
                "-s3.port.iceberg=0", "-s3.port.lance=0",
                f"-s3.localSocket={self.data_dir}/s3.sock", f"-filer.localSocket={self.data_dir}/filer.sock"]
         for name in names:

@@ -49,16 +49,24 @@ class GradConDetector(Detector):
             raise ValueError(f"unknown score_method {score_method!r}; choose one of {METHODS}")
         if alpha < 0 or beta < 0 or lr <= 0:
             raise ValueError(f"need alpha >= 0, beta >= 0, lr > 0; got alpha={alpha}, beta={beta}, lr={lr}")
-        self.device = resolve_device(device)
-        self.model = model.to(self.device)
-        self.reference = ReferenceGradients.for_model(model).to(self.device)
+        self.model = model
+        self.reference = ReferenceGradients.for_model(model)
         self.alpha, self.beta, self.lr = alpha, beta, lr
         self.score_method = score_method
-        # Small batches keep the per-image gradient work in cache on a CPU; a GPU wants big ones.
-        self.score_batch_size = score_batch_size or (4096 if self.device.type == "cuda" else 64)
+        self._score_batch_size = score_batch_size
         self.threshold_percentile = threshold_percentile
+        self.to(device)
         self.history_: list[dict[str, float]] = []
         self.fit_info_: dict[str, Any] = {}
+
+    def to(self, device: str | torch.device) -> GradConDetector:
+        """Move the network and its reference gradients ("auto" = CUDA when there is one)."""
+        self.device = resolve_device(device)
+        self.model.to(self.device)
+        self.reference.to(self.device)
+        # Small batches keep the per-image gradient work in cache on a CPU; a GPU wants big ones.
+        self.score_batch_size = self._score_batch_size or (4096 if self.device.type == "cuda" else 64)
+        return self
 
     @property
     def channels(self) -> int:
