@@ -171,3 +171,17 @@ def test_a_really_killed_job_completes_on_rerun(ray_local, model_dir, image_set,
     assert {n: (out / n).stat().st_mtime_ns for n in done_before} == done_before  # complete files kept
     result, files = _read(str(out))
     assert len(files) == 20 and result.num_rows == len(set(result.column("id").to_pylist())) == 4000
+
+
+def test_input_and_output_on_a_real_seaweedfs(ray_local, model_dir, image_set, seaweed_s3):
+    fs = seaweed_s3.filesystem()
+    table = pa.concat_tables(pq.read_table(p) for p in sorted(glob.glob(f"{image_set}/*.parquet")))
+    write_image_set("s3://gradcon-test/sw-in", table, rows_per_file=300, filesystem=fs)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("AWS_ACCESS_KEY_ID", seaweed_s3.access_key)
+        mp.setenv("AWS_SECRET_ACCESS_KEY", seaweed_s3.secret_key)
+        summary = run(ScoreConfig(model=model_dir, input="s3://gradcon-test/sw-in", output="s3://gradcon-test/sw-out",
+                                  s3_endpoint=seaweed_s3.options.endpoint))
+    result, files = _read("s3://gradcon-test/sw-out", fs)
+    assert len(files) == 2 and result.num_rows == summary["rows"] == 500 and summary["errors"] == 0
+    assert result.column("id").to_pylist() == table.column("id").to_pylist()
