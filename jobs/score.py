@@ -137,9 +137,39 @@ def _apply_contamination(fs: pafs.FileSystem, outputs: list[str], contamination:
     return threshold
 
 
-def run(cfg: ScoreConfig) -> dict:
+def _score_files(cfg: ScoreConfig, options: S3Options, files: list[str], in_fs: pafs.FileSystem,
+                 out_fs: pafs.FileSystem, outputs: dict[str, str], threshold: float | None, model_id: str) -> None:
+    """The Ray Data pipeline over `files`; result rows come back in order and go to one writer at a time."""
     import ray
 
+    if not ray.is_initialized():
+        from cluster.ray_init import init_ray
+
+        init_ray(cfg.address)
+    _check_fits(ray.cluster_resources(), cfg)
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True
+    ctx.target_max_block_size = int(cfg.block_mb * 2**20)
+    ds = ray.data.read_parquet(files, filesystem=in_fs, include_paths=True)
+    ds = ds.select_columns([c for c in [IMAGE, "id", *PASSTHROUGH, "path"] if c in ds.schema().names])
+    ds = ds.map_batches(
+        Scorer, batch_format="pyarrow", batch_size=cfg.batch_size, num_cpus=cfg.cpus_per_actor,
+        num_gpus=cfg.gpus_per_actor, compute=ray.data.ActorPoolStrategy(size=cfg.concurrency),
+        fn_constructor_kwargs={"model": cfg.model, "options": options, "threshold": threshold, "model_id": model_id},
+    )
+    current: _OutputFile | None = None
+    for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+        for path in pc.unique(batch.column("path")).to_pylist():
+            if current is None or current.input_name != os.path.basename(path):
+                if current:
+                    current.close()
+                current = _OutputFile(out_fs, outputs[path], os.path.basename(path))
+            current.write(batch.filter(pc.equal(batch.column("path"), path)).drop_columns(["path"]))
+    if current:
+        current.close()
+
+
+def run(cfg: ScoreConfig) -> dict:
     if not (cfg.model and cfg.input and cfg.output):
         raise ValueError("score needs --model, --input and --output")
     if cfg.threshold is not None and cfg.contamination is not None:
@@ -157,7 +187,8 @@ def run(cfg: ScoreConfig) -> dict:
         threshold = None
 
     check_readable(cfg.input, options)
-    in_fs, files = list_parquet_files(*reversed(filesystem_for(cfg.input, options)))
+    in_fs, in_path = filesystem_for(cfg.input, options)
+    in_fs, files = list_parquet_files(in_path, in_fs)
     out_fs, out_root = filesystem_for(cfg.output, options)
     out_fs.create_dir(out_root, recursive=True)
     outputs = {f: f"{out_root}/{os.path.basename(f)}" for f in files}
@@ -166,9 +197,9 @@ def run(cfg: ScoreConfig) -> dict:
     rows_in = {f: pq.ParquetFile(f, filesystem=in_fs).metadata.num_rows for f in files}
 
     def complete(f: str) -> bool:
-        info = out_fs.get_file_info(outputs[f])
-        return info.type == pafs.FileType.File and pq.ParquetFile(outputs[f], filesystem=out_fs).metadata.num_rows \
-            == rows_in[f]
+        if out_fs.get_file_info(outputs[f]).type != pafs.FileType.File:
+            return False
+        return pq.ParquetFile(outputs[f], filesystem=out_fs).metadata.num_rows == rows_in[f]
 
     todo = [f for f in files if not complete(f)]
     _check_channels(detector, in_fs, todo or files)
@@ -176,41 +207,12 @@ def run(cfg: ScoreConfig) -> dict:
           f"({len(files) - len(todo)} already complete) with model {model_id}", file=sys.stderr)
 
     if todo:
-        if not ray.is_initialized():
-            from cluster.ray_init import init_ray
-
-            init_ray(cfg.address)
-        ctx = ray.data.DataContext.get_current()
-        ctx.execution_options.preserve_order = True  # rows come back in file order: one writer at a time
-        ctx.target_max_block_size = int(cfg.block_mb * 2**20)
-        wanted = [IMAGE, "id", *PASSTHROUGH]
-        _check_fits(ray.cluster_resources(), cfg)
-        ds = ray.data.read_parquet(todo, filesystem=in_fs, include_paths=True)
-        ds = ds.select_columns([c for c in [*wanted, "path"] if c in ds.schema().names])
-        ds = ds.map_batches(
-            Scorer, batch_format="pyarrow", batch_size=cfg.batch_size, num_cpus=cfg.cpus_per_actor,
-            num_gpus=cfg.gpus_per_actor, compute=ray.data.ActorPoolStrategy(size=cfg.concurrency),
-            fn_constructor_kwargs={"model": cfg.model, "options": options, "threshold": threshold,
-                                   "model_id": model_id},
-        )
-        current: _OutputFile | None = None
-        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-            for path in pc.unique(batch.column("path")).to_pylist():
-                part = batch.filter(pc.equal(batch.column("path"), path)).drop_columns(["path"])
-                in_path = path
-                if current is None or current.input_name != os.path.basename(in_path):
-                    if current:
-                        current.close()
-                    current = _OutputFile(out_fs, outputs[in_path], os.path.basename(in_path))
-                current.write(part)
-        if current:
-            current.close()
+        _score_files(cfg, options, todo, in_fs, out_fs, outputs, threshold, model_id)
         for f in todo:  # empty inputs produce no batches: still one (empty) output each
             if not complete(f):
-                if rows_in[f] == 0:
-                    _OutputFile(out_fs, outputs[f], os.path.basename(f)).close()
-                else:
+                if rows_in[f] != 0:
                     raise RuntimeError(f"{outputs[f]} is incomplete after scoring; run the same command again")
+                _OutputFile(out_fs, outputs[f], os.path.basename(f)).close()
 
     if cfg.contamination is not None:
         threshold = _apply_contamination(out_fs, list(outputs.values()), cfg.contamination)
