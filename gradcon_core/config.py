@@ -1,6 +1,7 @@
 """Typed dataclass configs: defaults in code, overridden by a YAML file, then by key=value flags."""
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import types
 import typing
@@ -57,3 +58,13 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
 def save_config(cfg: Any, path: str | Path) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    """`--config FILE` and positional `key=value` overrides for a job whose settings are `cls`."""
+    parser.add_argument("--config", help=f"YAML file with {cls.__name__} fields")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="override a config field")
+
+
+def config_from_arguments(args: argparse.Namespace, cls: type[T]) -> T:
+    return load_config(cls, args.config, args.overrides)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from gradcon_core import GradConDetector, create_model, evaluate, load_detector
-from gradcon_core.config import load_config, save_config
+from gradcon_core.config import add_config_arguments, config_from_arguments, save_config
 from gradcon_core.idx import load_mnist
 
 
@@ -80,17 +80,15 @@ def run(cfg: DemoConfig) -> dict:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="YAML file with DemoConfig fields")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="override a config field")
+    add_config_arguments(parser, DemoConfig)
 
 
 def main(args: argparse.Namespace) -> int:
-    run(load_config(DemoConfig, args.config, args.overrides))
+    run(config_from_arguments(args, DemoConfig))
     return 0
 
 
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__)
-    add_arguments(parser)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    raise SystemExit(main(parser.parse_args()))
+if __name__ == "__main__":  # python -m jobs.demo ... == gradcon demo ...
+    from jobs.cli import main as cli_main
+
+    raise SystemExit(cli_main(["demo", *sys.argv[1:]]))

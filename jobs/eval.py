@@ -22,7 +22,7 @@ import torch
 
 from cluster.storage import S3Options, filesystem_for
 from gradcon_core import GradConDetector, create_model, evaluate
-from gradcon_core.config import load_config, save_config
+from gradcon_core.config import add_config_arguments, config_from_arguments, save_config
 from gradcon_core.images import channels_of, decode_images
 from gradcon_core.imageset import read_columns, take_rows
 from gradcon_core.protocols import PROTOCOLS, select
@@ -125,16 +125,15 @@ def run(cfg: EvalConfig) -> list[dict]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="YAML file with EvalConfig fields")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="override a config field")
+    add_config_arguments(parser, EvalConfig)
 
 
 def main(args: argparse.Namespace) -> int:
-    run(load_config(EvalConfig, args.config, args.overrides))
+    run(config_from_arguments(args, EvalConfig))
     return 0
 
 
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    raise SystemExit(main(parser.parse_args()))
+if __name__ == "__main__":  # python -m jobs.eval ... == gradcon eval ...
+    from jobs.cli import main as cli_main
+
+    raise SystemExit(cli_main(["eval", *sys.argv[1:]]))

@@ -138,7 +138,7 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    raise SystemExit(main(parser.parse_args()))
+if __name__ == "__main__":  # python -m jobs.prepare ... == gradcon prepare ...
+    from jobs.cli import main as cli_main
+
+    raise SystemExit(cli_main(["prepare", *sys.argv[1:]]))

@@ -243,7 +243,7 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    raise SystemExit(main(parser.parse_args()))
+if __name__ == "__main__":  # python -m jobs.score ... == gradcon score ...
+    from jobs.cli import main as cli_main
+
+    raise SystemExit(cli_main(["score", *sys.argv[1:]]))
