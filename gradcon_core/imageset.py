@@ -98,6 +98,9 @@ class ImageRows:
     images: list[bytes | None]
     labels: np.ndarray | None
 
+    def __getitem__(self, part: slice) -> ImageRows:
+        return ImageRows(self.ids[part], self.images[part], None if self.labels is None else self.labels[part])
+
 
 def take_rows(uri: str, rows: np.ndarray, filesystem: pafs.FileSystem | None = None) -> ImageRows:
     """The rows with these global row numbers (in the given order), streaming through the files."""

@@ -85,8 +85,7 @@ def run(cfg: EvalConfig) -> list[dict]:
             rows = take_rows(cfg.data, np.concatenate([train, sel.val, sel.test]), filesystem=fs)
             channels = channels or channels_of(next(b for b in rows.images if b))
             cut = np.cumsum([len(train), len(sel.val)])
-            parts = [rows.__class__(rows.ids[a:b], rows.images[a:b], None)
-                     for a, b in zip([0, *cut], [*cut, len(rows.ids)])]
+            parts = [rows[a:b] for a, b in zip([0, *cut], [*cut, len(rows.ids)])]
             x_train, _ = _decode(parts[0], channels, "train", skipped)
             x_val, _ = _decode(parts[1], channels, "val", skipped)
             x_test, kept = _decode(parts[2], channels, "test", skipped)
