@@ -88,9 +88,15 @@ def gradcon_losses(
     *,
     create_graph: bool,
     sync: GradientSync | None = None,
+    scale: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(J, recon, L_grad) on a batch. With create_graph=False it is the official validation loss."""
-    recon = F.mse_loss(model(x), x)
+    """(J, recon, L_grad) on a batch. With create_graph=False it is the official validation loss.
+
+    scale weights this batch's reconstruction loss: a data-parallel worker holding n_r of a global
+    batch of B images across N workers uses N * n_r / B, so that the mean over workers of its
+    gradients is the gradient of the global batch mean (see jobs/train.py).
+    """
+    recon = scale * F.mse_loss(model(x), x)
     if alpha == 0 or int(reference.count) == 0:
         # First iteration: no history of training gradients yet, so no constraint.
         grad_loss = recon.new_zeros(())
@@ -110,10 +116,11 @@ def gradcon_step(
     x: torch.Tensor,
     alpha: float,
     sync: GradientSync | None = None,
+    scale: float = 1.0,
 ) -> StepStats:
     """One official GradCon iteration: J.backward(), update the reference, then optimizer.step()."""
     optimizer.zero_grad(set_to_none=True)
-    loss, recon, grad_loss = gradcon_losses(model, reference, x, alpha, create_graph=True, sync=sync)
+    loss, recon, grad_loss = gradcon_losses(model, reference, x, alpha, create_graph=True, sync=sync, scale=scale)
     loss.backward()
     if sync is not None:
         for p in model.parameters():

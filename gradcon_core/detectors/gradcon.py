@@ -112,7 +112,7 @@ class GradConDetector(Detector):
             log.info("epoch %d/%d  %s", epoch + 1, epochs,
                      "  ".join(f"{k}={v:.5g}" for k, v in record.items() if k != "epoch"))
         if best_state is not None:
-            self._load_tensors(best_state[1])
+            self.load_state_tensors(best_state[1])
         self.fit_info_ = {"epochs": epochs, "batch_size": batch_size, "seed": seed,
                           "best_epoch": best_state[0] if best_state else epochs - 1,
                           "data_fingerprint": data_fingerprint(x)}
@@ -139,7 +139,7 @@ class GradConDetector(Detector):
         tensors.update({f"reference.{k}": v for k, v in self.reference.state_dict().items()})
         return tensors
 
-    def _load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         def part(prefix: str) -> dict[str, torch.Tensor]:
             return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
 
@@ -157,7 +157,7 @@ class GradConDetector(Detector):
     def from_state(cls, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> GradConDetector:
         det = cls(create_model(**config["model"]), alpha=config["alpha"], beta=config["beta"], lr=config["lr"],
                   score_method=config.get("score_method", "fast"))
-        det._load_tensors(tensors)
+        det.load_state_tensors(tensors)
         det.fit_info_ = {k: config[k] for k in ("epochs", "batch_size", "seed", "best_epoch", "data_fingerprint")
                          if k in config}
         return det

@@ -1,0 +1,248 @@
+"""Distributed GradCon training on Ray Train, with the exact global-batch semantics of one process.
+
+gradcon train [--config FILE] [key=value ...]   e.g.  gradcon train data=s3://b/mnist/ normal_class=3 num_workers=8
+
+Every epoch draws the same global order as GradConDetector.fit (one generator seeded once,
+randperm per epoch) and cuts it into global batches of `batch_size`; worker r takes the r-th
+of N near-equal slices of each. The sync is ours, not DDP's (DDP does not see autograd.grad):
+each worker weights its loss by N * n_r / B, the inner decoder gradients are all-reduced
+(differentiably) before the cosine, the final gradients are all-reduced, and every worker
+updates the reference from the same all-reduced gradient. So N workers compute what one
+process computes on the global batch, whatever N is.
+
+Input flows through Ray Data (read, keep the selected rows); every worker receives the whole
+selected train and validation rows of the normal class (a one-class set: it must fit in a
+worker's memory) because exact global batches need specific rows on specific workers.
+Checkpoints (DESIGN section 6 directories) go to local storage or S3 every `checkpoint_every`
+epochs and whenever validation J improves; a restarted or resumed run continues from the
+latest with optimizer, reference buffers, data order and epoch restored.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+import yaml
+
+from cluster.storage import S3Options, filesystem_for
+from gradcon_core import GradConDetector, create_model
+from gradcon_core.checkpoint import load_checkpoint, load_training_state
+from gradcon_core.config import add_config_arguments, config_from_arguments
+from gradcon_core.images import channels_of, decode_images
+from gradcon_core.imageset import IMAGE, image_bytes, list_parquet_files, read_columns, take_rows
+from gradcon_core.objective import gradcon_step, validation_loss
+from gradcon_core.protocols import select
+from gradcon_core.storage import write_bytes
+
+
+@dataclass
+class TrainConfig:
+    data: str = "data/sets/mnist"  # image set made by `gradcon prepare` (needs its `id` column)
+    normal_class: int = 0
+    protocol: str = "gradcon"
+    merge_splits: bool = False  # the Fashion-MNIST variant of the gradcon protocol
+    seed: int = 0
+    epochs: int = 10
+    batch_size: int = 64  # the GLOBAL batch; each of N workers holds about batch_size / N
+    alpha: float = 0.03
+    beta: float = 0.12
+    lr: float = 1e-3
+    num_workers: int = 2
+    use_gpu: bool = False
+    storage: str = "runs"  # local folder or s3://bucket/prefix
+    name: str | None = None  # default gradcon-c<class>-<time>; an existing name resumes that run
+    checkpoint_every: int = 1
+    max_failures: int = 2
+    fail_at_epoch: int | None = None  # fault drill: raise once at this epoch on rank 0 (tests)
+    address: str | None = None
+    s3_endpoint: str | None = None
+
+
+class AllReduceMean:
+    """GradientSync over torch.distributed: the mean over workers, differentiable where needed."""
+
+    def __init__(self, world_size: int):
+        self.world_size = world_size
+
+    def mean_differentiable(self, t: torch.Tensor) -> torch.Tensor:
+        from torch.distributed.nn.functional import all_reduce
+
+        return all_reduce(t) / self.world_size
+
+    def mean_(self, t: torch.Tensor) -> None:
+        torch.distributed.all_reduce(t)
+        t.div_(self.world_size)
+
+
+def local_part(batch: torch.Tensor, rank: int, world_size: int) -> tuple[torch.Tensor, float]:
+    """This worker's slice of a global batch and its loss weight N * n_r / B."""
+    mine = batch.tensor_split(world_size)[rank]
+    return mine, len(mine) * world_size / len(batch)
+
+
+def _load_rows(shard, ids: list[str], channels: int) -> torch.Tensor:
+    """The rows with these ids, in this order, decoded to [N, C, 28, 28]; undecodable rows left out."""
+    position = {i: k for k, i in enumerate(ids)}
+    found = np.full(len(ids), False)
+    pixels = np.zeros((len(ids), 28, 28, channels), np.uint8)
+    for batch in shard.iter_batches(batch_format="pyarrow", batch_size=4096):
+        where = [position[i] for i in batch.column("id").to_pylist()]
+        decoded, errors = decode_images(image_bytes(batch.column(IMAGE)), channels, (28, 28))
+        for k, (pos, err) in enumerate(zip(where, errors)):
+            if err is None:
+                pixels[pos], found[pos] = decoded[k], True
+    return torch.from_numpy(pixels[found]).permute(0, 3, 1, 2).float().div_(255)
+
+
+def train_loop_per_worker(config: dict) -> list[str]:
+    import ray.train
+    from ray.train import Checkpoint
+
+    cfg = TrainConfig(**config["cfg"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device() if cfg.use_gpu else torch.device("cpu")
+    x_train = _load_rows(ray.train.get_dataset_shard("train"), config["train_ids"], config["channels"])
+    x_val = _load_rows(ray.train.get_dataset_shard("val"), config["val_ids"], config["channels"])
+
+    torch.manual_seed(cfg.seed)
+    det = GradConDetector(create_model("gradcon_cae", in_channels=config["channels"]), cfg.alpha, cfg.beta, cfg.lr,
+                          device=device)
+    optimizer = torch.optim.Adam(det.model.parameters(), lr=cfg.lr)
+    order = torch.Generator().manual_seed(cfg.seed)
+    start_epoch, best = 0, float("inf")
+    restored = ray.train.get_checkpoint()
+    if restored:
+        with restored.as_directory() as d:
+            det.load_state_tensors(load_checkpoint(d)[0])
+            state = load_training_state(d)
+        optimizer.load_state_dict(state["optimizer"])
+        order.set_state(state["generator"])
+        start_epoch, best = state["epoch"] + 1, state["best_val_loss"]
+    sync = AllReduceMean(world) if world > 1 else None
+
+    for epoch in range(start_epoch, cfg.epochs):
+        if cfg.fail_at_epoch == epoch and restored is None and rank == 0:
+            raise RuntimeError(f"fault drill: rank 0 fails at epoch {epoch}")
+        start, sums = time.perf_counter(), torch.zeros(3, dtype=torch.float64)
+        for batch in torch.randperm(len(x_train), generator=order).split(cfg.batch_size):
+            mine, scale = local_part(batch, rank, world)
+            # A worker left without images still joins every collective: one image, weight 0.
+            xb = x_train[mine] if len(mine) else x_train[:1]
+            s = gradcon_step(det.model, det.reference, optimizer, xb.to(device), cfg.alpha, sync,
+                             scale if len(mine) else 0.0)
+            sums += torch.tensor([s.loss, s.recon, s.grad_loss], dtype=torch.float64) * len(batch) / world
+        if sync:  # per-worker loss shares -> global values
+            torch.distributed.all_reduce(sums)
+        loss, recon, grad_loss = (sums / len(x_train)).tolist()
+        val = validation_loss(det.model, det.reference, x_val.to(device), cfg.alpha) if len(x_val) else loss
+        metrics = {"epoch": epoch, "loss": loss, "recon": recon, "grad_loss": grad_loss, "val_loss": val,
+                   "images_per_s": len(x_train) / (time.perf_counter() - start), "resumed": restored is not None}
+        improved = val < best
+        best = min(best, val)
+        if improved or (epoch + 1) % cfg.checkpoint_every == 0 or epoch == cfg.epochs - 1:
+            with tempfile.TemporaryDirectory() as d:
+                checkpoint = None
+                if rank == 0:
+                    det.fit_info_ = {"epochs": epoch + 1, "batch_size": cfg.batch_size, "seed": cfg.seed,
+                                     "best_epoch": epoch if improved else None, "normal_class": cfg.normal_class}
+                    det.set_threshold(scores=det.decision_function(x_val if len(x_val) else x_train[:1024]),
+                                      percentile=det.threshold_percentile)
+                    det.save(d, training_state={"optimizer": optimizer.state_dict(), "generator": order.get_state(),
+                                                "epoch": epoch, "best_val_loss": best})
+                    checkpoint = Checkpoint.from_directory(d)
+                ray.train.report(metrics, checkpoint=checkpoint)
+        else:
+            ray.train.report(metrics)
+    refs = b"".join(r.detach().cpu().numpy().tobytes() for r in det.reference.tensors)
+    digest = hashlib.sha256(refs).hexdigest()
+    if not sync:
+        return [digest]
+    gathered = [None] * world
+    torch.distributed.all_gather_object(gathered, digest)
+    return gathered
+
+
+def run(cfg: TrainConfig):
+    import ray
+    import ray.train
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from cluster.ray_init import init_ray
+
+    if cfg.batch_size < 1 or cfg.num_workers < 1 or cfg.epochs < 1:
+        raise ValueError("batch_size, num_workers and epochs must be >= 1")
+    options = S3Options.from_env(endpoint=cfg.s3_endpoint)
+    data_fs, data_path = filesystem_for(cfg.data, options)
+    _, files = list_parquet_files(data_path, data_fs)
+    if "id" not in pq.ParquetFile(files[0], filesystem=data_fs).schema_arrow.names:
+        raise ValueError(f"{cfg.data} has no `id` column, which distributed training selects rows by: "
+                         "re-encode it with `gradcon prepare parquet`")
+    meta = read_columns(data_path, ["label", "split"], filesystem=data_fs)
+    sel = select(meta.column("label").to_numpy(), meta.column("split").to_numpy(zero_copy_only=False),
+                 cfg.normal_class, cfg.protocol, cfg.seed, cfg.merge_splits)
+    ids = np.asarray(meta.column("id").to_pylist(), dtype=object)
+    train_ids, val_ids = ids[sel.train].tolist(), ids[sel.val].tolist()
+    channels = channels_of(take_rows(data_path, sel.train[:1], filesystem=data_fs).images[0])
+
+    if not ray.is_initialized():
+        init_ray(cfg.address)
+    cpus = ray.cluster_resources().get("CPU", 0)
+    if cfg.num_workers + 1 > cpus or (cfg.use_gpu and cfg.num_workers > ray.cluster_resources().get("GPU", 0)):
+        raise ValueError(f"{cfg.num_workers} worker(s) (+1 CPU for reading) do not fit this cluster "
+                         f"({cpus:g} CPUs, {ray.cluster_resources().get('GPU', 0):g} GPUs)")
+
+    def rows_with(wanted: list[str]):
+        value_set = pa.array(wanted, pa.string())
+
+        def only_selected(batch: pa.Table) -> pa.Table:
+            return batch.filter(pc.is_in(batch.column("id").cast(pa.string()), value_set=value_set))
+
+        return ray.data.read_parquet(files, filesystem=data_fs).select_columns(["id", IMAGE]).map_batches(
+            only_selected, batch_format="pyarrow")
+
+    name = cfg.name or f"gradcon-c{cfg.normal_class}-{time.strftime('%Y%m%d-%H%M%S')}"
+    store_fs, store_path = filesystem_for(cfg.storage, options)
+    is_s3 = str(cfg.storage).startswith("s3://")
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"cfg": asdict(cfg), "train_ids": train_ids, "val_ids": val_ids, "channels": channels},
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu),
+        torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
+        datasets={"train": rows_with(train_ids), "val": rows_with(val_ids)},
+        dataset_config=DataConfig(datasets_to_split=[]),
+        run_config=RunConfig(name=name, storage_path=store_path, storage_filesystem=store_fs if is_s3 else None,
+                             failure_config=FailureConfig(max_failures=cfg.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=None)),
+    )
+    result = trainer.fit()
+    best = result.get_best_checkpoint(metric="val_loss", mode="min") if result.best_checkpoints else result.checkpoint
+    uri = f"s3://{best.path}" if is_s3 else best.path
+    write_bytes(store_fs, f"{store_path}/{name}/config.yaml", yaml.safe_dump(asdict(cfg), sort_keys=False).encode())
+    print(f"run {name}: final val J {result.metrics['val_loss']:.6g}; best checkpoint: {uri}")
+    return result, uri
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_arguments(parser, TrainConfig)
+
+
+def main(args: argparse.Namespace) -> int:
+    run(config_from_arguments(args, TrainConfig))
+    return 0
+
+
+if __name__ == "__main__":  # python -m jobs.train ... == gradcon train ...
+    from jobs.cli import main as cli_main
+
+    raise SystemExit(cli_main(["train", *sys.argv[1:]]))

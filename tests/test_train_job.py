@@ -1,0 +1,87 @@
+"""The Ray Train job: N workers compute what one process computes on the global batch."""
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from cluster.storage import filesystem_for
+from gradcon_core import GradConDetector, create_model, load_detector
+from gradcon_core.checkpoint import load_checkpoint
+from gradcon_core.images import decode_images, encode_png
+from gradcon_core.imageset import take_rows, write_image_set
+from gradcon_core.protocols import select
+from jobs.train import TrainConfig, run
+
+
+@pytest.fixture(scope="module")
+def zeros_set(tmp_path_factory, mnist_train, mnist_test):
+    """120 training zeros (108 train + 12 val under the gradcon protocol) and a small test split."""
+    x, y = mnist_train
+    xt, yt = mnist_test
+    train = np.flatnonzero(y == 0)[:120]
+    test = np.arange(40)
+    images = [encode_png(img) for img in np.concatenate([x[train], xt[test]])]
+    table = pa.table({"id": [f"r{i:04d}" for i in range(len(images))], "image": pa.array(images, pa.binary()),
+                      "label": pa.array(np.concatenate([y[train], yt[test]]), pa.int64()),
+                      "split": ["train"] * 120 + ["test"] * 40})
+    path = tmp_path_factory.mktemp("zeros") / "set"
+    write_image_set(str(path), table, rows_per_file=70)
+    return str(path)
+
+
+def _train_images(data):
+    from gradcon_core.imageset import read_columns
+
+    meta = read_columns(data, ["label", "split"])
+    sel = select(meta.column("label").to_numpy(), meta.column("split").to_numpy(zero_copy_only=False), 0)
+    pixels, errors = decode_images(take_rows(data, sel.train).images, 1, (28, 28))
+    assert not any(errors)
+    return pixels
+
+
+def _tensors(checkpoint):
+    with checkpoint.as_directory() as d:
+        return load_checkpoint(d)[0]
+
+
+def test_two_workers_equal_one_worker_and_the_single_process_fit(ray_local, zeros_set, tmp_path):
+    common = dict(data=zeros_set, normal_class=0, epochs=2, batch_size=16, storage=str(tmp_path))
+    two, _ = run(TrainConfig(**common, num_workers=2, name="two"))
+    one, _ = run(TrainConfig(**common, num_workers=1, name="one"))
+    # References bit-identical across the 2 ranks (a hash gathered from both).
+    assert len(two.return_value) == 2 and two.return_value[0] == two.return_value[1]
+    a, b = _tensors(two.checkpoint), _tensors(one.checkpoint)
+    assert set(a) == set(b) and int(a["reference.count"]) == 2 * 7  # 108 images / 16 per global batch
+    for k in a:
+        torch.testing.assert_close(a[k].double(), b[k].double(), rtol=1e-5, atol=1e-5, msg=k)
+
+    torch.manual_seed(0)
+    single = GradConDetector(create_model("gradcon_cae"), device="cpu")
+    single.fit(_train_images(zeros_set), epochs=2, batch_size=16, seed=0)
+    for k, v in single.state_tensors().items():
+        torch.testing.assert_close(a[k].double(), v.double(), rtol=1e-5, atol=1e-5, msg=k)
+    assert (tmp_path / "two" / "config.yaml").exists()
+
+
+def test_a_failed_worker_resumes_from_its_checkpoint_on_s3(ray_local, zeros_set, s3_server, monkeypatch):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_server.access_key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_server.secret_key)
+    cfg = TrainConfig(data=zeros_set, normal_class=0, epochs=3, batch_size=32, num_workers=2, fail_at_epoch=1,
+                      max_failures=1, storage="s3://gradcon-test/runs", name="drill", s3_endpoint=s3_server.endpoint)
+    result, uri = run(cfg)
+    assert uri.startswith("s3://gradcon-test/runs/drill/checkpoint_")
+    assert result.metrics["epoch"] == 2 and result.metrics["resumed"]  # the drill did fail, and it resumed
+    fs, _ = filesystem_for(uri, s3_server)
+    det = load_detector(uri, filesystem=fs)
+    assert int(det.reference.count) > 0 and det.threshold_ is not None
+    scores = det.decision_function(_train_images(zeros_set)[:8])
+    assert scores.shape == (8,) and np.isfinite(scores).all()
+
+
+def test_bad_input_fails_fast_with_a_clear_error(ray_local, zeros_set, tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        run(TrainConfig(data=str(tmp_path / "missing"), storage=str(tmp_path)))
+    with pytest.raises(ValueError, match="no training rows"):
+        run(TrainConfig(data=zeros_set, normal_class=7, storage=str(tmp_path)))
+    with pytest.raises(ValueError, match="do not fit this cluster"):
+        run(TrainConfig(data=zeros_set, normal_class=0, num_workers=16, storage=str(tmp_path)))
