@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import torch
 import yaml
@@ -59,7 +60,8 @@ class TrainConfig:
     num_workers: int = 2
     use_gpu: bool = False
     storage: str = "runs"  # local folder or s3://bucket/prefix
-    name: str | None = None  # default gradcon-c<class>-<time>; an existing name resumes that run
+    name: str | None = None  # default gradcon-c<class>-<time>
+    resume: str | None = None  # the name of a stopped run under `storage` to continue
     checkpoint_every: int = 1
     max_failures: int = 2
     fail_at_epoch: int | None = None  # fault drill: raise once at this epoch on rank 0 (tests)
@@ -211,8 +213,11 @@ def run(cfg: TrainConfig):
         return ray.data.read_parquet(files, filesystem=data_fs).select_columns(["id", IMAGE]).map_batches(
             only_selected, batch_format="pyarrow")
 
-    name = cfg.name or f"gradcon-c{cfg.normal_class}-{time.strftime('%Y%m%d-%H%M%S')}"
     store_fs, store_path = filesystem_for(cfg.storage, options)
+    if cfg.resume and store_fs.get_file_info(f"{store_path}/{cfg.resume}").type == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"no run named {cfg.resume!r} under {cfg.storage} to resume")
+    # Ray Train resumes a run whose name already has checkpoints in storage.
+    name = cfg.resume or cfg.name or f"gradcon-c{cfg.normal_class}-{time.strftime('%Y%m%d-%H%M%S')}"
     is_s3 = str(cfg.storage).startswith("s3://")
     trainer = TorchTrainer(
         train_loop_per_worker,

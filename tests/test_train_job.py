@@ -61,6 +61,9 @@ def test_two_workers_equal_one_worker_and_the_single_process_fit(ray_local, zero
     for k, v in single.state_tensors().items():
         torch.testing.assert_close(a[k].double(), v.double(), rtol=1e-5, atol=1e-5, msg=k)
     assert (tmp_path / "two" / "config.yaml").exists()
+    # --resume of a finished run: Ray restores its last checkpoint and has nothing left to train.
+    again, _ = run(TrainConfig(**common, num_workers=2, resume="two"))
+    assert again.metrics["epoch"] == 1 and _tensors(again.checkpoint).keys() == a.keys()
 
 
 def test_a_failed_worker_resumes_from_its_checkpoint_on_s3(ray_local, zeros_set, s3_server, monkeypatch):
@@ -83,5 +86,7 @@ def test_bad_input_fails_fast_with_a_clear_error(ray_local, zeros_set, tmp_path)
         run(TrainConfig(data=str(tmp_path / "missing"), storage=str(tmp_path)))
     with pytest.raises(ValueError, match="no training rows"):
         run(TrainConfig(data=zeros_set, normal_class=7, storage=str(tmp_path)))
+    with pytest.raises(FileNotFoundError, match="no run named 'nope'"):
+        run(TrainConfig(data=zeros_set, normal_class=0, storage=str(tmp_path), resume="nope"))
     with pytest.raises(ValueError, match="do not fit this cluster"):
         run(TrainConfig(data=zeros_set, normal_class=0, num_workers=16, storage=str(tmp_path)))

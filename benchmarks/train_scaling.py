@@ -1,0 +1,120 @@
+"""Training throughput at 1 and 2 Ray Train workers, and what our gradient sync costs next to DDP's.
+
+python benchmarks/train_scaling.py [--data data/sets/mnist] [--epochs 2] [--sync-only]
+
+Part 1 runs the real job (jobs/train.py) on one MNIST class and reads images/s of its last epoch.
+Part 2 times, in two gloo processes without Ray, one step of: (a) GradCon with our sync
+(differentiable all-reduce of the 4 inner gradients + all-reduce of every final gradient),
+(b) a plain autoencoder step with our all-reduce of every gradient, (c) the same plain step
+under DDP (bucketed, overlapped all-reduce). (b)/(c) is the price of not using DDP's reducer;
+(a)/(b) is the GradCon step itself.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from gradcon_core import create_model  # noqa: E402
+from gradcon_core.objective import ReferenceGradients, gradcon_step  # noqa: E402
+from jobs.train import AllReduceMean  # noqa: E402
+
+
+def _sync_worker(rank: int, world: int, port: int, steps: int, batch: int, out) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    x = torch.rand(steps, batch, 1, 28, 28)
+    sync = AllReduceMean(world)
+
+    def timed(fn) -> float:
+        fn(x[0])
+        dist.barrier()
+        start = time.perf_counter()
+        for xb in x:
+            fn(xb)
+        dist.barrier()
+        return (time.perf_counter() - start) / steps
+
+    model = create_model("gradcon_cae")
+    reference = ReferenceGradients.for_model(model)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    gradcon = timed(lambda xb: gradcon_step(model, reference, opt, xb, 0.03, sync))
+
+    def plain_ours(xb):
+        opt.zero_grad()
+        F.mse_loss(model(xb), xb).backward()
+        for p in model.parameters():
+            sync.mean_(p.grad)
+        opt.step()
+
+    ours = timed(plain_ours)
+    ddp = torch.nn.parallel.DistributedDataParallel(create_model("gradcon_cae"))
+    opt_ddp = torch.optim.Adam(ddp.parameters(), lr=1e-3)
+
+    def plain_ddp(xb):
+        opt_ddp.zero_grad()
+        F.mse_loss(ddp(xb), xb).backward()
+        opt_ddp.step()
+
+    with_ddp = timed(plain_ddp)
+    if rank == 0:
+        out.put((gradcon, ours, with_ddp))
+    dist.destroy_process_group()
+
+
+def sync_costs(steps: int, batch: int) -> None:
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    port = 29500 + os.getpid() % 1000
+    mp.start_processes(_sync_worker, args=(2, port, steps, batch, out), nprocs=2, start_method="spawn")
+    gradcon, ours, with_ddp = out.get()
+    print(f"2 gloo processes, per-worker batch {batch}, ms per step:")
+    print(f"  (a) GradCon step, our sync      {1000 * gradcon:8.2f}")
+    print(f"  (b) plain step, our all-reduce  {1000 * ours:8.2f}")
+    print(f"  (c) plain step, DDP             {1000 * with_ddp:8.2f}")
+    print(f"our sync vs DDP (b)/(c) = {ours / with_ddp:.2f}   GradCon vs plain (a)/(b) = {gradcon / ours:.2f}")
+
+
+def job_scaling(data: str, epochs: int, normal_class: int) -> None:
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    import ray
+
+    from jobs.train import TrainConfig, run
+
+    ray.init(address="local", num_cpus=os.cpu_count() + 1, include_dashboard=False, log_to_driver=False)
+    rates = {}
+    for workers in (1, 2):
+        result, _ = run(TrainConfig(data=data, normal_class=normal_class, epochs=epochs, num_workers=workers,
+                                    storage="runs/bench-train", name=f"scaling-{workers}-{time.time():.0f}"))
+        rates[workers] = result.metrics["images_per_s"]
+    ray.shutdown()
+    print(f"Ray Train job, class {normal_class}, global batch 64: 1 worker {rates[1]:,.0f} images/s, "
+          f"2 workers {rates[2]:,.0f} images/s -> {rates[2] / rates[1]:.2f}x on {os.cpu_count()} cores")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default="data/sets/mnist")
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--normal-class", type=int, default=0)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--sync-only", action="store_true")
+    args = parser.parse_args()
+    sync_costs(args.steps, args.batch)
+    if not args.sync_only:
+        job_scaling(args.data, args.epochs, args.normal_class)
+
+
+if __name__ == "__main__":
+    main()
