@@ -5,7 +5,7 @@ python benchmarks/train_scaling.py [--data data/sets/mnist] [--epochs 2] [--sync
 Part 1 runs the real job (jobs/train.py) on one MNIST class and reads images/s of its last epoch.
 Part 2 times, in two gloo processes without Ray, one step of: (a) GradCon with our sync
 (differentiable all-reduce of the 4 inner gradients + all-reduce of every final gradient),
-(b) a plain autoencoder step with our all-reduce of every gradient, (c) the same plain step
+(b) a plain autoencoder step with our all-reduce of the gradients (one flat tensor), (c) the same plain step
 under DDP (bucketed, overlapped all-reduce). (b)/(c) is the price of not using DDP's reducer;
 (a)/(b) is the GradCon step itself.
 """
@@ -53,8 +53,7 @@ def _sync_worker(rank: int, world: int, port: int, steps: int, batch: int, out) 
     def plain_ours(xb):
         opt.zero_grad()
         F.mse_loss(model(xb), xb).backward()
-        for p in model.parameters():
-            sync.mean_(p.grad)
+        sync.mean_([p.grad for p in model.parameters()])
         opt.step()
 
     ours = timed(plain_ours)

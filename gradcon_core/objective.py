@@ -70,7 +70,7 @@ class GradientSync(Protocol):
 
     def mean_differentiable(self, t: torch.Tensor) -> torch.Tensor: ...
 
-    def mean_(self, t: torch.Tensor) -> None: ...
+    def mean_(self, tensors: list[torch.Tensor]) -> None: ...
 
 
 @dataclass
@@ -123,9 +123,7 @@ def gradcon_step(
     loss, recon, grad_loss = gradcon_losses(model, reference, x, alpha, create_graph=True, sync=sync, scale=scale)
     loss.backward()
     if sync is not None:
-        for p in model.parameters():
-            if p.grad is not None:
-                sync.mean_(p.grad)
+        sync.mean_([p.grad for p in model.parameters() if p.grad is not None])
     reference.update([layer.weight.grad for layer in constraint_layers(model)])
     optimizer.step()
     return StepStats(float(loss.detach()), float(recon.detach()), float(grad_loss.detach()))

@@ -80,9 +80,13 @@ class AllReduceMean:
 
         return all_reduce(t) / self.world_size
 
-    def mean_(self, t: torch.Tensor) -> None:
-        torch.distributed.all_reduce(t)
-        t.div_(self.world_size)
+    def mean_(self, tensors: list[torch.Tensor]) -> None:
+        # One all-reduce of all gradients flattened together: per-tensor calls cost 2x DDP's step time.
+        flat = torch.cat([t.flatten() for t in tensors])
+        torch.distributed.all_reduce(flat)
+        flat.div_(self.world_size)
+        for t, part in zip(tensors, flat.split([t.numel() for t in tensors])):
+            t.copy_(part.view_as(t))
 
 
 def local_part(batch: torch.Tensor, rank: int, world_size: int) -> tuple[torch.Tensor, float]:
