@@ -209,10 +209,10 @@ def run(cfg: TrainConfig):
                          f"({cpus:g} CPUs, {ray.cluster_resources().get('GPU', 0):g} GPUs)")
 
     def rows_with(wanted: list[str]):
-        value_set = pa.array(wanted, pa.string())
+        value_set = pa.array(wanted)  # string or int64 ids, as the image set stores them
 
         def only_selected(batch: pa.Table) -> pa.Table:
-            return batch.filter(pc.is_in(batch.column("id").cast(pa.string()), value_set=value_set))
+            return batch.filter(pc.is_in(batch.column("id"), value_set=value_set))
 
         return ray.data.read_parquet(files, filesystem=data_fs).select_columns(["id", IMAGE]).map_batches(
             only_selected, batch_format="pyarrow")
