@@ -16,6 +16,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from gradcon_core.adversarial import arae_loss
+
 COS_EPS = 1e-8  # F.cosine_similarity's default, as in the official code
 
 
@@ -73,6 +75,12 @@ class GradientSync(Protocol):
     def mean_(self, tensors: list[torch.Tensor]) -> None: ...
 
 
+def local_part(batch: torch.Tensor, rank: int, world_size: int) -> tuple[torch.Tensor, float]:
+    """Worker rank's slice of a global batch of indices, and its loss weight N * n_r / B."""
+    mine = batch.tensor_split(world_size)[rank]
+    return mine, len(mine) * world_size / len(batch)
+
+
 @dataclass
 class StepStats:
     loss: float
@@ -89,14 +97,17 @@ def gradcon_losses(
     create_graph: bool,
     sync: GradientSync | None = None,
     scale: float = 1.0,
+    x_adv: torch.Tensor | None = None,
+    gamma: float = 0.1,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(J, recon, L_grad) on a batch. With create_graph=False it is the official validation loss.
 
     scale weights this batch's reconstruction loss: a data-parallel worker holding n_r of a global
     batch of B images across N workers uses N * n_r / B, so that the mean over workers of its
     gradients is the gradient of the global batch mean (see jobs/train.py).
+    With adversarial images x_adv (ARAE), "recon" is the ARAE loss and the constraint acts on its gradients.
     """
-    recon = scale * F.mse_loss(model(x), x)
+    recon = scale * (F.mse_loss(model(x), x) if x_adv is None else arae_loss(model, x, x_adv, gamma))
     if alpha == 0 or int(reference.count) == 0:
         # First iteration: no history of training gradients yet, so no constraint.
         grad_loss = recon.new_zeros(())
@@ -117,17 +128,19 @@ def gradcon_step(
     alpha: float,
     sync: GradientSync | None = None,
     scale: float = 1.0,
+    x_adv: torch.Tensor | None = None,
+    gamma: float = 0.1,
 ) -> StepStats:
     """One official GradCon iteration: J.backward(), update the reference, then optimizer.step()."""
     optimizer.zero_grad(set_to_none=True)
-    loss, recon, grad_loss = gradcon_losses(model, reference, x, alpha, create_graph=True, sync=sync, scale=scale)
+    loss, recon, grad_loss = gradcon_losses(model, reference, x, alpha, create_graph=True, sync=sync, scale=scale,
+                                            x_adv=x_adv, gamma=gamma)
     loss.backward()
     if sync is not None:
         sync.mean_([p.grad for p in model.parameters() if p.grad is not None])
     reference.update([layer.weight.grad for layer in constraint_layers(model)])
     optimizer.step()
     return StepStats(float(loss.detach()), float(recon.detach()), float(grad_loss.detach()))
-
 
 
 def validation_loss(

@@ -8,6 +8,8 @@ A Selection holds row numbers into the image set (never copies of the images), m
   train, 3 val, 4 test; the test adds as many rows drawn from the other classes' fold 4.
 - "full" (ARAE, Deep SVDD papers): train on every train row of c, no validation, test = the
   whole test split.
+Validation anomalies (for tuning on AUROC) come only from `anomaly_pool`: other classes' rows that
+no protocol puts in a test set, so tuning never sees a test image.
 """
 from __future__ import annotations
 
@@ -27,6 +29,12 @@ class Selection:
     val: np.ndarray
     test: np.ndarray
     test_is_anomaly: np.ndarray
+    anomaly_pool: np.ndarray
+
+    def validation_anomalies(self, count: int) -> np.ndarray:
+        """`count` rows of other classes, outside every test set, drawn reproducibly from the seed."""
+        rng = np.random.default_rng([self.seed, self.normal_class, 1])
+        return np.sort(rng.permutation(self.anomaly_pool)[:count])
 
     def summary(self) -> dict:
         """What to record next to results: sizes and the recipe, not the row lists."""
@@ -36,11 +44,12 @@ class Selection:
         return d
 
 
-def _finish(c, protocol, seed, train, val, test, labels) -> Selection:
+def _finish(c, protocol, seed, train, val, test, labels, anomaly_pool) -> Selection:
     if len(train) == 0:
         raise ValueError(f"class {c} has no training rows: is {c} a label of this image set?")
     test = np.asarray(test, dtype=np.int64)
-    return Selection(c, protocol, seed, np.sort(train), np.sort(val), test, labels[test] != c)
+    return Selection(c, protocol, seed, np.sort(train), np.sort(val), test, labels[test] != c,
+                     np.sort(np.asarray(anomaly_pool, dtype=np.int64)))
 
 
 def select(
@@ -56,7 +65,7 @@ def select(
     is_train, is_test = splits == "train", splits == "test"
     if protocol == "full":
         return _finish(normal_class, protocol, seed, np.flatnonzero(is_c & is_train), np.array([], np.int64),
-                       np.flatnonzero(is_test), labels)
+                       np.flatnonzero(is_test), labels, np.flatnonzero(~is_c & is_train))
     if merge_splits:
         fold4 = {}
         parts = {}
@@ -70,12 +79,14 @@ def select(
         train, val = parts[normal_class]
         normal_test = fold4[normal_class]
         other_pool = np.concatenate([v for cls, v in fold4.items() if cls != normal_class])
+        anomaly_pool = np.concatenate([np.concatenate(v) for cls, v in parts.items() if cls != normal_class])
     else:
         rows = rng.permutation(np.flatnonzero(is_c & is_train))
         n_val = len(rows) // 10
         val, train = rows[:n_val], rows[n_val:]
         normal_test = np.flatnonzero(is_c & is_test)
         other_pool = np.flatnonzero(~is_c & is_test)
+        anomaly_pool = np.flatnonzero(~is_c & is_train)
     others = rng.permutation(other_pool)[: len(normal_test)]
     return _finish(normal_class, protocol, seed, train, val, np.concatenate([np.sort(normal_test), np.sort(others)]),
-                   labels)
+                   labels, anomaly_pool)

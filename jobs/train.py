@@ -40,7 +40,8 @@ from gradcon_core.checkpoint import load_checkpoint, load_training_state
 from gradcon_core.config import add_config_arguments, config_from_arguments
 from gradcon_core.images import channels_of, decode_images
 from gradcon_core.imageset import IMAGE, image_bytes, list_parquet_files, read_columns, take_rows
-from gradcon_core.objective import gradcon_step, validation_loss
+from gradcon_core.metrics import auroc
+from gradcon_core.objective import validation_loss
 from gradcon_core.protocols import select
 from gradcon_core.storage import write_bytes
 
@@ -54,9 +55,15 @@ class TrainConfig:
     seed: int = 0
     epochs: int = 10
     batch_size: int = 64  # the GLOBAL batch; each of N workers holds about batch_size / N
+    model: str = "gradcon_cae"  # or arae_mlp (ARAE's dense network)
     alpha: float = 0.03
     beta: float = 0.12
     lr: float = 1e-3
+    epsilon: float = 0.0  # > 0: adversarially robust training (ARAE); alpha = beta = 0 is plain ARAE
+    gamma: float = 0.1
+    attack_steps: int = 40
+    attack_refresh: str = "batch"  # or "epoch" (the official ARAE schedule)
+    val_anomalies: int = 0  # > 0: also report val_auroc, against this many other-class *train* rows
     num_workers: int = 2
     use_gpu: bool = False
     storage: str = "runs"  # local folder or s3://bucket/prefix
@@ -89,22 +96,16 @@ class AllReduceMean:
             t.copy_(part.view_as(t))
 
 
-def local_part(batch: torch.Tensor, rank: int, world_size: int) -> tuple[torch.Tensor, float]:
-    """This worker's slice of a global batch and its loss weight N * n_r / B."""
-    mine = batch.tensor_split(world_size)[rank]
-    return mine, len(mine) * world_size / len(batch)
-
-
 def _load_rows(shard, ids: list[str], channels: int) -> torch.Tensor:
-    """The rows with these ids, in this order, decoded to [N, C, 28, 28]; undecodable rows left out."""
+    """The rows with these ids, in this order, decoded to [N, C, 28, 28]; other and undecodable rows left out."""
     position = {i: k for k, i in enumerate(ids)}
     found = np.full(len(ids), False)
     pixels = np.zeros((len(ids), 28, 28, channels), np.uint8)
     for batch in shard.iter_batches(batch_format="pyarrow", batch_size=4096):
-        where = [position[i] for i in batch.column("id").to_pylist()]
+        where = [position.get(i) for i in batch.column("id").to_pylist()]
         decoded, errors = decode_images(image_bytes(batch.column(IMAGE)), channels, (28, 28))
         for k, (pos, err) in enumerate(zip(where, errors)):
-            if err is None:
+            if pos is not None and err is None:
                 pixels[pos], found[pos] = decoded[k], True
     return torch.from_numpy(pixels[found]).permute(0, 3, 1, 2).float().div_(255)
 
@@ -119,40 +120,39 @@ def train_loop_per_worker(config: dict) -> list[str]:
     device = ray.train.torch.get_device() if cfg.use_gpu else torch.device("cpu")
     x_train = _load_rows(ray.train.get_dataset_shard("train"), config["train_ids"], config["channels"])
     x_val = _load_rows(ray.train.get_dataset_shard("val"), config["val_ids"], config["channels"])
+    x_anomalies = _load_rows(ray.train.get_dataset_shard("val"), config["anomaly_ids"], config["channels"])
 
     torch.manual_seed(cfg.seed)
-    det = GradConDetector(create_model("gradcon_cae", in_channels=config["channels"]), cfg.alpha, cfg.beta, cfg.lr,
-                          device=device)
-    optimizer = torch.optim.Adam(det.model.parameters(), lr=cfg.lr)
-    order = torch.Generator().manual_seed(cfg.seed)
+    det = GradConDetector(create_model(cfg.model, in_channels=config["channels"]), cfg.alpha, cfg.beta, cfg.lr,
+                          device=device, epsilon=cfg.epsilon, gamma=cfg.gamma, attack_steps=cfg.attack_steps,
+                          attack_refresh=cfg.attack_refresh)
+    order, noise = det.generators(cfg.seed)
     start_epoch, best = 0, float("inf")
     restored = ray.train.get_checkpoint()
     if restored:
         with restored.as_directory() as d:
             det.load_state_tensors(load_checkpoint(d)[0])
             state = load_training_state(d)
-        optimizer.load_state_dict(state["optimizer"])
+        det.optimizer.load_state_dict(state["optimizer"])
         order.set_state(state["generator"])
+        noise.set_state(state["noise_generator"])
         start_epoch, best = state["epoch"] + 1, state["best_val_loss"]
     sync = AllReduceMean(world) if world > 1 else None
 
     for epoch in range(start_epoch, cfg.epochs):
         if cfg.fail_at_epoch == epoch and restored is None and rank == 0:
             raise RuntimeError(f"fault drill: rank 0 fails at epoch {epoch}")
-        start, sums = time.perf_counter(), torch.zeros(3, dtype=torch.float64)
-        for batch in torch.randperm(len(x_train), generator=order).split(cfg.batch_size):
-            mine, scale = local_part(batch, rank, world)
-            # A worker left without images still joins every collective: one image, weight 0.
-            xb = x_train[mine] if len(mine) else x_train[:1]
-            s = gradcon_step(det.model, det.reference, optimizer, xb.to(device), cfg.alpha, sync,
-                             scale if len(mine) else 0.0)
-            sums += torch.tensor([s.loss, s.recon, s.grad_loss], dtype=torch.float64) * len(batch) / world
+        start = time.perf_counter()
+        sums = det.train_epoch(x_train, order, noise, cfg.batch_size, rank, world, sync)
         if sync:  # per-worker loss shares -> global values
             torch.distributed.all_reduce(sums)
         loss, recon, grad_loss = (sums / len(x_train)).tolist()
         val = validation_loss(det.model, det.reference, x_val.to(device), cfg.alpha) if len(x_val) else loss
         metrics = {"epoch": epoch, "loss": loss, "recon": recon, "grad_loss": grad_loss, "val_loss": val,
                    "images_per_s": len(x_train) / (time.perf_counter() - start), "resumed": restored is not None}
+        if len(x_anomalies) and len(x_val):
+            scores = det.decision_function(torch.cat([x_val, x_anomalies]))
+            metrics["val_auroc"] = auroc(scores, np.arange(len(scores)) >= len(x_val))
         improved = val < best
         best = min(best, val)
         if improved or (epoch + 1) % cfg.checkpoint_every == 0 or epoch == cfg.epochs - 1:
@@ -163,7 +163,8 @@ def train_loop_per_worker(config: dict) -> list[str]:
                                      "best_epoch": epoch if improved else None, "normal_class": cfg.normal_class}
                     det.set_threshold(scores=det.decision_function(x_val if len(x_val) else x_train[:1024]),
                                       percentile=det.threshold_percentile)
-                    det.save(d, training_state={"optimizer": optimizer.state_dict(), "generator": order.get_state(),
+                    det.save(d, training_state={"optimizer": det.optimizer.state_dict(), "generator": order.get_state(),
+                                                "noise_generator": noise.get_state(),
                                                 "epoch": epoch, "best_val_loss": best})
                     checkpoint = Checkpoint.from_directory(d)
                 ray.train.report(metrics, checkpoint=checkpoint)
@@ -199,6 +200,7 @@ def run(cfg: TrainConfig):
                  cfg.normal_class, cfg.protocol, cfg.seed, cfg.merge_splits)
     ids = np.asarray(meta.column("id").to_pylist(), dtype=object)
     train_ids, val_ids = ids[sel.train].tolist(), ids[sel.val].tolist()
+    anomaly_ids = ids[sel.validation_anomalies(cfg.val_anomalies)].tolist()
     channels = channels_of(take_rows(data_path, sel.train[:1], filesystem=data_fs).images[0])
 
     if not ray.is_initialized():
@@ -225,10 +227,11 @@ def run(cfg: TrainConfig):
     is_s3 = str(cfg.storage).startswith("s3://")
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": asdict(cfg), "train_ids": train_ids, "val_ids": val_ids, "channels": channels},
+        train_loop_config={"cfg": asdict(cfg), "train_ids": train_ids, "val_ids": val_ids,
+                           "anomaly_ids": anomaly_ids, "channels": channels},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu),
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
-        datasets={"train": rows_with(train_ids), "val": rows_with(val_ids)},
+        datasets={"train": rows_with(train_ids), "val": rows_with(val_ids + anomaly_ids)},
         dataset_config=DataConfig(datasets_to_split=[]),
         run_config=RunConfig(name=name, storage_path=store_path, storage_filesystem=store_fs if is_s3 else None,
                              failure_config=FailureConfig(max_failures=cfg.max_failures),

@@ -20,6 +20,13 @@ def test_gradcon_cae_shapes_follow_the_official_network():
     assert shapes == [(64, 64, 4, 4), (64, 32, 4, 4), (32, 32, 4, 4), (32, 1, 4, 4)]
 
 
+def test_arae_mlp_is_the_papers_dense_sigmoid_network():
+    model = create_model("arae_mlp")
+    assert sum(p.numel() for p in model.parameters()) == 1_132_944  # the official Keras model's count
+    assert model.encoder(torch.zeros(2, 1, 28, 28)).shape == (2, 128)
+    assert [tuple(layer.weight.shape) for layer in constraint_layers(model)] == [(256, 128), (512, 256), (784, 512)]
+
+
 @pytest.mark.parametrize("name", list_models())
 def test_every_registered_model_reconstructs_its_input_shape(name):
     model = create_model(name, in_channels=3)

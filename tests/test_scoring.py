@@ -55,8 +55,9 @@ def test_batched_scores_equal_the_batch_size_one_loop(trained, method, batch_siz
 
 
 @pytest.mark.parametrize("method", ["fast", "vmap"])
-def test_scores_on_three_channel_model_with_random_references(method):
-    model = create_model("gradcon_cae", in_channels=3)
+@pytest.mark.parametrize("name", ["gradcon_cae", "arae_mlp"])
+def test_scores_on_three_channel_models_with_random_references(name, method):
+    model = create_model(name, in_channels=3)
     refs = [torch.randn_like(layer.weight) for layer in constraint_layers(model)]
     x = torch.rand(5, 3, 28, 28)
     expected, _ = loop_scores(model, refs, x)

@@ -10,10 +10,11 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from gradcon_core.adversarial import LatentAttack
 from gradcon_core.checkpoint import data_fingerprint
 from gradcon_core.detector import Detector
 from gradcon_core.inputs import as_image_batch
-from gradcon_core.objective import ReferenceGradients, gradcon_step, validation_loss
+from gradcon_core.objective import GradientSync, ReferenceGradients, gradcon_step, local_part, validation_loss
 from gradcon_core.registry import create_model, register_detector
 from gradcon_core.scoring import METHODS, score_components
 
@@ -31,7 +32,8 @@ class GradConDetector(Detector):
     """Autoencoder trained with the gradient constraint (weight alpha); score = recon + beta * grad score.
 
     alpha = 0 trains a plain autoencoder (the reference gradients are still tracked, so the
-    gradient score stays defined).
+    gradient score stays defined). epsilon > 0 trains it adversarially (ARAE, gradcon_core.adversarial):
+    alpha = beta = 0 with epsilon > 0 is ARAE itself, alpha > 0 GradCon + ARAE.
     """
 
     def __init__(
@@ -44,6 +46,10 @@ class GradConDetector(Detector):
         score_method: str = "fast",
         score_batch_size: int | None = None,
         threshold_percentile: float = 95.0,
+        epsilon: float = 0.0,
+        gamma: float = 0.1,
+        attack_steps: int = 40,
+        attack_refresh: str = "batch",
     ):
         if score_method not in METHODS:
             raise ValueError(f"unknown score_method {score_method!r}; choose one of {METHODS}")
@@ -52,6 +58,8 @@ class GradConDetector(Detector):
         self.model = model
         self.reference = ReferenceGradients.for_model(model)
         self.alpha, self.beta, self.lr = alpha, beta, lr
+        self.attack = LatentAttack(epsilon, attack_steps, gamma, attack_refresh)
+        self.optimizer = torch.optim.Adam(model.parameters(), lr=lr)
         self.score_method = score_method
         self._score_batch_size = score_batch_size
         self.threshold_percentile = threshold_percentile
@@ -93,15 +101,12 @@ class GradConDetector(Detector):
             raise ValueError(f"need epochs >= 1 and batch_size >= 1, got {epochs} and {batch_size}")
         x = self._batch(x)
         xv = self._batch(x_val) if x_val is not None else None
-        optimizer = torch.optim.Adam(self.model.parameters(), lr=self.lr)
-        order = torch.Generator().manual_seed(seed)
+        order, noise = self.generators(seed)
         best_loss, best_state = float("inf"), None
         for epoch in range(epochs):
-            start, sums = time.perf_counter(), np.zeros(3)
-            for idx in torch.randperm(len(x), generator=order).split(batch_size):
-                s = gradcon_step(self.model, self.reference, optimizer, x[idx].to(self.device), self.alpha)
-                sums += len(idx) * np.array([s.loss, s.recon, s.grad_loss])
-            loss, recon, grad_loss = sums / len(x)
+            start = time.perf_counter()
+            sums = self.train_epoch(x, order, noise, batch_size)
+            loss, recon, grad_loss = (sums / len(x)).tolist()
             record = {"epoch": epoch, "loss": loss, "recon": recon, "grad_loss": grad_loss,
                       "images_per_s": len(x) / (time.perf_counter() - start)}
             if xv is not None:
@@ -119,6 +124,51 @@ class GradConDetector(Detector):
         self.set_threshold(scores=self.decision_function(xv if xv is not None else x),
                            percentile=self.threshold_percentile)
         return self
+
+    @staticmethod
+    def generators(seed: int) -> tuple[torch.Generator, torch.Generator]:
+        """The data order and the ARAE random starts: the only randomness of training after initialisation."""
+        return torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed + 1)
+
+    def train_epoch(
+        self,
+        x: torch.Tensor,
+        order: torch.Generator,
+        noise: torch.Generator,
+        batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        sync: GradientSync | None = None,
+    ) -> torch.Tensor:
+        """One epoch over x in global batches of batch_size, this worker taking its slice of each.
+
+        With world_size = 1 this is the single-process epoch; with N workers that share the generators'
+        states, each calls it with its rank and the all-reduce sync, and together they take exactly the
+        single-process steps (jobs/train.py). Returns this worker's share of the sums of (J, recon, L_grad)
+        over images, in float64.
+        """
+        sums = torch.zeros(3, dtype=torch.float64)
+        batches = torch.randperm(len(x), generator=order).split(batch_size)
+        if self.attack.enabled and self.attack.refresh == "epoch":
+            # Official schedule: x* for the whole set with this epoch's weights; a worker crafts only its rows.
+            start = self.attack.random_start(x.shape, noise)
+            rows = torch.cat([local_part(b, rank, world_size)[0] for b in batches])
+            x_adv = torch.empty_like(x)
+            x_adv[rows] = self.attack.craft(self.model, x[rows].to(self.device), start[rows]).cpu()
+        for batch in batches:
+            mine, scale = local_part(batch, rank, world_size)
+            # A worker left without images still joins every collective: one image, weight 0.
+            rows, scale = (mine, scale) if len(mine) else (batch[:1], 0.0)
+            xb, xa = x[rows].to(self.device), None
+            if self.attack.enabled and self.attack.refresh == "epoch":
+                xa = x_adv[rows].to(self.device)
+            elif self.attack.enabled:
+                start = self.attack.random_start((len(batch), *x.shape[1:]), noise)
+                xa = self.attack.craft(self.model, xb, start.tensor_split(world_size)[rank] if len(mine) else start[:1])
+            s = gradcon_step(self.model, self.reference, self.optimizer, xb, self.alpha, sync, scale,
+                             x_adv=xa, gamma=self.attack.gamma)
+            sums += torch.tensor([s.loss, s.recon, s.grad_loss], dtype=torch.float64) * len(batch) / world_size
+        return sums
 
     def score_components(self, x) -> dict[str, np.ndarray]:
         """{"score", "recon_error", "grad_score"} per image, as float32 arrays."""
@@ -150,13 +200,16 @@ class GradConDetector(Detector):
         if not hasattr(self.model, "spec"):
             raise ValueError("only models made by create_model can be saved (their spec rebuilds them)")
         return {"model": dict(self.model.spec), "input_size": list(self.input_size), "in_channels": self.channels,
-                "alpha": self.alpha, "beta": self.beta, "lr": self.lr, "epsilon": 0.0,
+                "alpha": self.alpha, "beta": self.beta, "lr": self.lr, "epsilon": self.attack.epsilon,
+                "gamma": self.attack.gamma, "attack_steps": self.attack.steps, "attack_refresh": self.attack.refresh,
                 "score_method": self.score_method, **self.fit_info_}
 
     @classmethod
     def from_state(cls, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> GradConDetector:
         det = cls(create_model(**config["model"]), alpha=config["alpha"], beta=config["beta"], lr=config["lr"],
-                  score_method=config.get("score_method", "fast"))
+                  score_method=config.get("score_method", "fast"), epsilon=config.get("epsilon", 0.0),
+                  gamma=config.get("gamma", 0.1), attack_steps=config.get("attack_steps", 40),
+                  attack_refresh=config.get("attack_refresh", "batch"))
         det.load_state_tensors(tensors)
         det.fit_info_ = {k: config[k] for k in ("epochs", "batch_size", "seed", "best_epoch", "data_fingerprint")
                          if k in config}
