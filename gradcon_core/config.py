@@ -37,8 +37,13 @@ def _coerce(name: str, value: Any, annotation: Any) -> Any:
     return value
 
 
-def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
-    """cls's defaults <- YAML file at path <- overrides like ["epochs=3", "normal_class=7"]."""
+def load_config(
+    cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None, extra: dict | None = None
+) -> T:
+    """cls's defaults <- YAML file at path <- overrides like ["epochs=3", "normal_class=7"] <- extra values.
+
+    A mapping in extra adds to the same mapping from the file (e.g. a sweep's search space).
+    """
     values: dict[str, Any] = {}
     if path is not None:
         values.update(yaml.safe_load(Path(path).read_text()) or {})
@@ -47,6 +52,8 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
             raise ValueError(f"override {item!r} is not of the form key=value")
         key, value = item.split("=", 1)
         values[key.strip().replace("-", "_")] = value
+    for key, value in (extra or {}).items():
+        values[key] = {**values.get(key, {}), **value} if isinstance(value, dict) else value
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - known)

@@ -42,7 +42,7 @@ from gradcon_core.images import channels_of, decode_images
 from gradcon_core.imageset import IMAGE, image_bytes, list_parquet_files, read_columns, take_rows
 from gradcon_core.metrics import auroc
 from gradcon_core.objective import validation_loss
-from gradcon_core.protocols import select
+from gradcon_core.protocols import Selection, select
 from gradcon_core.storage import write_bytes
 
 
@@ -63,7 +63,8 @@ class TrainConfig:
     gamma: float = 0.1
     attack_steps: int = 40
     attack_refresh: str = "batch"  # or "epoch" (the official ARAE schedule)
-    val_anomalies: int = 0  # > 0: also report val_auroc, against this many other-class *train* rows
+    val_anomalies: int = 0  # > 0: also report val_auroc against this many other-class *train* rows; -1: one per val row
+    select_by: str = "val_loss"  # the best checkpoint: lowest val_loss, or highest val_auroc
     num_workers: int = 2
     use_gpu: bool = False
     storage: str = "runs"  # local folder or s3://bucket/prefix
@@ -74,6 +75,9 @@ class TrainConfig:
     fail_at_epoch: int | None = None  # fault drill: raise once at this epoch on rank 0 (tests)
     address: str | None = None
     s3_endpoint: str | None = None
+
+
+SELECT_BY = {"val_loss": "min", "val_auroc": "max"}
 
 
 class AllReduceMean:
@@ -136,7 +140,7 @@ def train_loop_per_worker(config: dict) -> list[str]:
         det.optimizer.load_state_dict(state["optimizer"])
         order.set_state(state["generator"])
         noise.set_state(state["noise_generator"])
-        start_epoch, best = state["epoch"] + 1, state["best_val_loss"]
+        start_epoch, best = state["epoch"] + 1, state["best_selection_key"]
     sync = AllReduceMean(world) if world > 1 else None
 
     for epoch in range(start_epoch, cfg.epochs):
@@ -153,8 +157,10 @@ def train_loop_per_worker(config: dict) -> list[str]:
         if len(x_anomalies) and len(x_val):
             scores = det.decision_function(torch.cat([x_val, x_anomalies]))
             metrics["val_auroc"] = auroc(scores, np.arange(len(scores)) >= len(x_val))
-        improved = val < best
-        best = min(best, val)
+        # The selection metric as "lower is better", so that one running minimum serves both.
+        key = -metrics[cfg.select_by] if SELECT_BY[cfg.select_by] == "max" else metrics[cfg.select_by]
+        improved = key < best
+        best = min(best, key)
         if improved or (epoch + 1) % cfg.checkpoint_every == 0 or epoch == cfg.epochs - 1:
             with tempfile.TemporaryDirectory() as d:
                 checkpoint = None
@@ -165,7 +171,7 @@ def train_loop_per_worker(config: dict) -> list[str]:
                                       percentile=det.threshold_percentile)
                     det.save(d, training_state={"optimizer": det.optimizer.state_dict(), "generator": order.get_state(),
                                                 "noise_generator": noise.get_state(),
-                                                "epoch": epoch, "best_val_loss": best})
+                                                "epoch": epoch, "best_selection_key": best})
                     checkpoint = Checkpoint.from_directory(d)
                 ray.train.report(metrics, checkpoint=checkpoint)
         else:
@@ -179,7 +185,26 @@ def train_loop_per_worker(config: dict) -> list[str]:
     return gathered
 
 
-def run(cfg: TrainConfig):
+def training_rows(cfg: TrainConfig, data_path: str, data_fs: pafs.FileSystem) -> tuple[Selection, dict[str, list]]:
+    """The ids a run may read: train and validation rows of the class, and validation anomalies.
+
+    Everything a training (or tuning) run sees goes through here; test rows are not among them.
+    """
+    meta = read_columns(data_path, ["label", "split"], filesystem=data_fs)
+    sel = select(meta.column("label").to_numpy(), meta.column("split").to_numpy(zero_copy_only=False),
+                 cfg.normal_class, cfg.protocol, cfg.seed, cfg.merge_splits)
+    if cfg.select_by == "val_auroc" and not len(sel.val):
+        raise ValueError(f"select_by=val_auroc needs validation rows; protocol {cfg.protocol!r} has none")
+    ids = np.asarray(meta.column("id").to_pylist(), dtype=object)
+    anomalies = sel.validation_anomalies(len(sel.val) if cfg.val_anomalies < 0 else cfg.val_anomalies)
+    return sel, {"train": ids[sel.train].tolist(), "val": ids[sel.val].tolist(), "anomalies": ids[anomalies].tolist()}
+
+
+def run(cfg: TrainConfig, callbacks: list | None = None):
+    """Train; returns Ray's Result and the URI of the best checkpoint (by cfg.select_by).
+
+    callbacks go to the Train run (Tune passes its report callback here).
+    """
     import ray
     import ray.train
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
@@ -189,25 +214,26 @@ def run(cfg: TrainConfig):
 
     if cfg.batch_size < 1 or cfg.num_workers < 1 or cfg.epochs < 1:
         raise ValueError("batch_size, num_workers and epochs must be >= 1")
+    if cfg.select_by not in SELECT_BY:
+        raise ValueError(f"select_by must be one of {sorted(SELECT_BY)}, got {cfg.select_by!r}")
+    if cfg.select_by == "val_auroc" and cfg.val_anomalies == 0:
+        raise ValueError("select_by=val_auroc needs validation anomalies: set val_anomalies (e.g. -1)")
     options = S3Options.from_env(endpoint=cfg.s3_endpoint)
     data_fs, data_path = filesystem_for(cfg.data, options)
     _, files = list_parquet_files(data_path, data_fs)
     if "id" not in pq.ParquetFile(files[0], filesystem=data_fs).schema_arrow.names:
         raise ValueError(f"{cfg.data} has no `id` column, which distributed training selects rows by: "
                          "re-encode it with `gradcon prepare parquet`")
-    meta = read_columns(data_path, ["label", "split"], filesystem=data_fs)
-    sel = select(meta.column("label").to_numpy(), meta.column("split").to_numpy(zero_copy_only=False),
-                 cfg.normal_class, cfg.protocol, cfg.seed, cfg.merge_splits)
-    ids = np.asarray(meta.column("id").to_pylist(), dtype=object)
-    train_ids, val_ids = ids[sel.train].tolist(), ids[sel.val].tolist()
-    anomaly_ids = ids[sel.validation_anomalies(cfg.val_anomalies)].tolist()
+    sel, rows = training_rows(cfg, data_path, data_fs)
+    train_ids, val_ids, anomaly_ids = rows["train"], rows["val"], rows["anomalies"]
     channels = channels_of(take_rows(data_path, sel.train[:1], filesystem=data_fs).images[0])
 
     if not ray.is_initialized():
         init_ray(cfg.address)
     cpus = ray.cluster_resources().get("CPU", 0)
-    if cfg.num_workers + 1 > cpus or (cfg.use_gpu and cfg.num_workers > ray.cluster_resources().get("GPU", 0)):
-        raise ValueError(f"{cfg.num_workers} worker(s) (+1 CPU for reading) do not fit this cluster "
+    # Ray Data's listing and read tasks need a CPU each while the workers hold theirs, or the read waits forever.
+    if cfg.num_workers + 2 > cpus or (cfg.use_gpu and cfg.num_workers > ray.cluster_resources().get("GPU", 0)):
+        raise ValueError(f"{cfg.num_workers} worker(s) (+2 CPUs for reading) do not fit this cluster "
                          f"({cpus:g} CPUs, {ray.cluster_resources().get('GPU', 0):g} GPUs)")
 
     def rows_with(wanted: list[str]):
@@ -234,13 +260,15 @@ def run(cfg: TrainConfig):
         datasets={"train": rows_with(train_ids), "val": rows_with(val_ids + anomaly_ids)},
         dataset_config=DataConfig(datasets_to_split=[]),
         run_config=RunConfig(name=name, storage_path=store_path, storage_filesystem=store_fs if is_s3 else None,
-                             failure_config=FailureConfig(max_failures=cfg.max_failures),
+                             failure_config=FailureConfig(max_failures=cfg.max_failures), callbacks=callbacks,
                              checkpoint_config=CheckpointConfig(num_to_keep=None)),
     )
     result = trainer.fit()
-    best = result.get_best_checkpoint(metric="val_loss", mode="min") if result.best_checkpoints else result.checkpoint
+    best = (result.get_best_checkpoint(metric=cfg.select_by, mode=SELECT_BY[cfg.select_by])
+            if result.best_checkpoints else result.checkpoint)
     uri = f"s3://{best.path}" if is_s3 else best.path
     write_bytes(store_fs, f"{store_path}/{name}/config.yaml", yaml.safe_dump(asdict(cfg), sort_keys=False).encode())
+    write_bytes(store_fs, f"{store_path}/{name}/best_checkpoint", uri.encode())
     print(f"run {name}: final val J {result.metrics['val_loss']:.6g}; best checkpoint: {uri}")
     return result, uri
 

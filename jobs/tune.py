@@ -1,0 +1,261 @@
+"""Hyperparameter sweeps on Ray Tune: every trial is one `gradcon train` run (itself 1..N workers).
+
+gradcon tune [--config FILE] [key=value ...] --search NAME=DIST ...
+  e.g. gradcon tune data=s3://b/mnist/ normal_class=3 num_samples=64 --search "alpha=loguniform(1e-3,1)" \
+       "epsilon=uniform(0,0.3)"
+
+Every `gradcon train` setting is the base of all trials; --search (or `search:` in the YAML) draws
+some of them per trial from uniform(a,b), loguniform(a,b), randint(a,b) (b excluded), choice(x,...)
+or grid(x,...). ASHA stops poor trials early (scheduler=fifo runs all to the end); search_alg=optuna
+samples with Optuna's TPE instead of at random.
+
+The objective is measured on validation rows only: val_auroc (the class's validation images
+against other classes' *train* images) or val_loss. The trials never receive a test row's id
+(gradcon_core.protocols keeps the anomaly pool outside every test set); evaluate the best
+config on the test split once, afterwards, with `gradcon eval`.
+
+Writes <storage>/<name>/: trials.parquet and trials.csv (every trial: its values, seed,
+iterations, whether ASHA stopped it, its best and last objective), best_config.yaml (a train
+config: `gradcon train --config best_config.yaml`), summary.json (best trial, objective, its best
+checkpoint's URI). resume=<name> continues an interrupted sweep; finished trials are kept.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields
+
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import yaml
+
+from cluster.storage import S3Options, filesystem_for
+from gradcon_core.config import add_config_arguments, load_config
+from gradcon_core.storage import read_bytes, write_bytes
+from jobs import train
+from jobs.train import SELECT_BY, TrainConfig
+
+TUNABLE = {"alpha", "beta", "lr", "epsilon", "gamma", "attack_steps", "attack_refresh", "batch_size", "epochs",
+           "seed", "model"}
+DISTRIBUTIONS = ("uniform", "loguniform", "randint", "choice", "grid")
+
+
+@dataclass
+class TuneConfig(TrainConfig):
+    search: dict[str, str] = field(default_factory=dict)  # name -> "loguniform(1e-3,1)" ...
+    num_samples: int = 8  # trials (times the grid's size when a grid is searched)
+    metric: str = "val_auroc"  # or val_loss
+    scheduler: str = "asha"  # or fifo
+    search_alg: str = "random"  # or optuna
+    grace_period: int = 1  # epochs every trial runs before ASHA may stop it
+    reduction_factor: int = 2
+    max_concurrent_trials: int = 0  # 0: as many as the cluster fits
+    tune_seed: int = 0  # seeds the search algorithm (each trial's training seed is `seed`, or searched)
+
+    def __post_init__(self):
+        if self.metric not in SELECT_BY:
+            raise ValueError(f"metric must be one of {sorted(SELECT_BY)}, got {self.metric!r}")
+        if self.scheduler not in ("asha", "fifo") or self.search_alg not in ("random", "optuna"):
+            raise ValueError(f"scheduler is asha or fifo and search_alg random or optuna; got {self.scheduler!r} "
+                             f"and {self.search_alg!r}")
+        if self.num_samples < 1 or self.grace_period < 1 or self.reduction_factor < 2:
+            raise ValueError("need num_samples >= 1, grace_period >= 1 and reduction_factor >= 2")
+        if not self.search and not self.resume:
+            raise ValueError("nothing to search: give --search NAME=DIST (e.g. alpha=loguniform(1e-3,1))")
+        self.search = {name: parse_distribution(name, spec) for name, spec in dict(self.search).items()}
+
+    def train_config(self, **values) -> TrainConfig:
+        base = {f.name: getattr(self, f.name) for f in fields(TrainConfig)}
+        return TrainConfig(**{**base, **values})
+
+
+_SPEC = re.compile(r"^\s*(\w+)\s*\((.*)\)\s*$")
+
+
+def parse_distribution(name: str, spec: str) -> str:
+    """Check one search entry before any trial starts; returns it normalised."""
+    if name not in TUNABLE:
+        raise ValueError(f"cannot search {name!r}: tunable settings are {sorted(TUNABLE)}")
+    m = _SPEC.match(str(spec))
+    if not m or m.group(1) not in DISTRIBUTIONS:
+        raise ValueError(f"search {name}={spec!r}: expected one of {DISTRIBUTIONS} like loguniform(1e-3,1)")
+    kind, args = m.group(1), [yaml.safe_load(a) for a in m.group(2).split(",") if a.strip()]
+    if kind in ("choice", "grid"):
+        if not args:
+            raise ValueError(f"search {name}={spec!r}: {kind} needs at least one value")
+    else:
+        if len(args) != 2 or not all(isinstance(a, int | float) for a in args):
+            raise ValueError(f"search {name}={spec!r}: {kind} needs two numbers (low, high)")
+        low, high = args
+        if not low < high:
+            raise ValueError(f"search {name}={spec!r}: empty range (need low < high)")
+        if kind == "loguniform" and low <= 0:
+            raise ValueError(f"search {name}={spec!r}: loguniform needs low > 0")
+    return f"{kind}({','.join(str(a) for a in args)})"
+
+
+def search_space(search: dict[str, str]) -> dict:
+    from ray import tune
+
+    space = {}
+    for name, spec in search.items():
+        kind, raw = _SPEC.match(spec).groups()
+        args = [yaml.safe_load(a) for a in raw.split(",")]
+        space[name] = {"uniform": lambda a: tune.uniform(*a), "loguniform": lambda a: tune.loguniform(*a),
+                       "randint": lambda a: tune.randint(*a), "choice": tune.choice,
+                       "grid": tune.grid_search}[kind](args)
+    return space
+
+
+def run_trial(values: dict, base: dict) -> None:
+    """One trial: the train job with these values, its epoch reports forwarded to Tune."""
+    import ray.tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    # A stable run name: a restarted trial resumes its Train run from its last checkpoint.
+    cfg = TrainConfig(**{**base, **values, "name": f"trial-{ray.tune.get_context().get_trial_id()}"})
+    train.run(cfg, callbacks=[TuneReportCallback()])
+
+
+def _concurrency(cfg: TuneConfig) -> int:
+    import ray
+
+    if cfg.max_concurrent_trials > 0:
+        return cfg.max_concurrent_trials
+    resources = ray.cluster_resources()
+    # A trial holds its workers' CPUs plus two for its Ray Data listing and read tasks (else reads starve).
+    fits = math.floor(resources.get("CPU", 0) / (cfg.num_workers + 2))
+    if cfg.use_gpu:
+        fits = min(fits, math.floor(resources.get("GPU", 0) / cfg.num_workers))
+    if fits < 1:
+        raise ValueError(f"one trial of {cfg.num_workers} worker(s) does not fit this cluster ({resources})")
+    return fits
+
+
+def run(cfg: TuneConfig):
+    """Run (or resume) the sweep; returns Tune's ResultGrid and the summary written next to it."""
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    from cluster.ray_init import init_ray
+
+    options = S3Options.from_env(endpoint=cfg.s3_endpoint)
+    store_fs, store_path = filesystem_for(cfg.storage, options)
+    name = cfg.resume or cfg.name or f"tune-c{cfg.normal_class}-{time.strftime('%Y%m%d-%H%M%S')}"
+    sweep = f"{store_path}/{name}"
+    if cfg.resume:  # the sweep's own settings, as saved when it started
+        saved = f"{sweep}/tune_config.yaml"
+        if store_fs.get_file_info(saved).type == pafs.FileType.NotFound:
+            raise FileNotFoundError(f"no sweep named {cfg.resume!r} under {cfg.storage} to resume")
+        cfg = TuneConfig(**{**yaml.safe_load(read_bytes(store_fs, saved)), "resume": cfg.resume})
+    base = asdict(cfg.train_config(storage=f"{cfg.storage.rstrip('/')}/{name}/trials", resume=None, name=None,
+                                   select_by=cfg.metric, val_anomalies=cfg.val_anomalies or -1))
+    if not ray.is_initialized():
+        init_ray(cfg.address)
+    trainable = tune.with_resources(tune.with_parameters(run_trial, base=base), {"CPU": 0.01})
+    is_s3 = str(cfg.storage).startswith("s3://")
+    if cfg.resume:
+        tuner = tune.Tuner.restore(sweep, trainable, resume_unfinished=True, restart_errored=True,
+                                   storage_filesystem=store_fs)
+    else:
+        mode, concurrency = SELECT_BY[cfg.metric], _concurrency(cfg)
+        if cfg.search_alg == "optuna":
+            from ray.tune.search.optuna import OptunaSearch
+
+            searcher, limit = OptunaSearch(seed=cfg.tune_seed), concurrency
+        else:  # Tune ignores max_concurrent_trials for a generator it is given: the limit goes in here
+            searcher, limit = BasicVariantGenerator(random_state=cfg.tune_seed, max_concurrent=concurrency), None
+        scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=cfg.epochs, grace_period=cfg.grace_period,
+                                   reduction_factor=cfg.reduction_factor)
+                     if cfg.scheduler == "asha" else FIFOScheduler())
+        tuner = tune.Tuner(
+            trainable,
+            param_space=search_space(cfg.search),
+            tune_config=tune.TuneConfig(metric=cfg.metric, mode=mode, num_samples=cfg.num_samples,
+                                        search_alg=searcher, scheduler=scheduler,
+                                        max_concurrent_trials=limit),
+            run_config=tune.RunConfig(name=name, storage_path=store_path,
+                                      storage_filesystem=store_fs if is_s3 else None,
+                                      failure_config=tune.FailureConfig(max_failures=cfg.max_failures)),
+        )
+        write_bytes(store_fs, f"{sweep}/tune_config.yaml", yaml.safe_dump(asdict(cfg), sort_keys=False).encode())
+    grid = tuner.fit()
+    summary = write_results(grid, cfg, name, store_fs, sweep)
+    print(f"sweep {name}: {summary['trials']} trials ({summary['stopped_early']} stopped early by "
+          f"{cfg.scheduler}, {summary['errored']} errored); best {cfg.metric} = {summary['best_value']:.6g} "
+          f"with {summary['best_values']}\n  best config: {summary['best_config']}\n  best checkpoint: "
+          f"{summary['best_checkpoint']}")
+    return grid, summary
+
+
+def write_results(grid, cfg: TuneConfig, name: str, fs: pafs.FileSystem, sweep: str) -> dict:
+    """trials.parquet/.csv, best_config.yaml and summary.json next to Tune's own experiment state."""
+    mode = SELECT_BY[cfg.metric]
+    pick = max if mode == "max" else min
+    rows = []
+    for result in grid:
+        history, values = result.metrics_dataframe, result.config
+        objective = history[cfg.metric].dropna() if history is not None and cfg.metric in history else []
+        iterations = int(result.metrics.get("training_iteration", 0)) if result.metrics else 0
+        rows.append({"trial_id": (result.metrics or {}).get("trial_id"),
+                     **{k: values.get(k) for k in cfg.search}, "seed": values.get("seed", cfg.seed),
+                     "status": "error" if result.error else "done", "iterations": iterations,
+                     "stopped_early": result.error is None and iterations < cfg.epochs,
+                     f"best_{cfg.metric}": float(pick(objective)) if len(objective) else None,
+                     f"last_{cfg.metric}": float(objective.iloc[-1]) if len(objective) else None})
+    ok = [r for r in rows if r[f"best_{cfg.metric}"] is not None]
+    if not ok:
+        raise RuntimeError(f"sweep {name}: no trial reported {cfg.metric}; see the errors above")
+    best = pick(ok, key=lambda r: r[f"best_{cfg.metric}"])
+    table = pa.Table.from_pylist(rows)
+    with fs.open_output_stream(f"{sweep}/trials.parquet") as f:
+        pq.write_table(table, f)
+    with fs.open_output_stream(f"{sweep}/trials.csv") as f:
+        pacsv.write_csv(table, f)
+    best_values = {k: best[k] for k in cfg.search}
+    best_config = asdict(cfg.train_config(**best_values, storage=cfg.storage, name=None, resume=None,
+                                          select_by=cfg.metric, val_anomalies=cfg.val_anomalies or -1))
+    write_bytes(fs, f"{sweep}/best_config.yaml", yaml.safe_dump(best_config, sort_keys=False).encode())
+    trial_run = f"{sweep}/trials/trial-{best['trial_id']}"
+    checkpoint = read_bytes(fs, f"{trial_run}/best_checkpoint").decode()
+    summary = {"name": name, "metric": cfg.metric, "mode": mode, "trials": len(rows),
+               "stopped_early": sum(r["stopped_early"] for r in rows),
+               "errored": sum(r["status"] == "error" for r in rows),
+               "best_trial": best["trial_id"], "best_value": best[f"best_{cfg.metric}"], "best_values": best_values,
+               "best_seed": best["seed"], "best_checkpoint": checkpoint,
+               "best_config": f"{'s3://' if str(cfg.storage).startswith('s3://') else ''}{sweep}/best_config.yaml",
+               "tune_seed": cfg.tune_seed, "search": cfg.search}
+    write_bytes(fs, f"{sweep}/summary.json", json.dumps(summary, indent=2).encode())
+    return summary
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_arguments(parser, TuneConfig)
+    parser.add_argument("--search", nargs="+", default=[], metavar="NAME=DIST",
+                        help="e.g. alpha=loguniform(1e-3,1) epsilon=uniform(0,0.3) batch_size=choice(32,64)")
+
+
+def main(args: argparse.Namespace) -> int:
+    searched = {}
+    for item in args.search:
+        if "=" not in item:
+            raise ValueError(f"--search {item!r} is not of the form NAME=DIST")
+        key, spec = item.split("=", 1)
+        searched[key.strip()] = spec
+    cfg = load_config(TuneConfig, args.config, args.overrides, extra={"search": searched})
+    run(cfg)
+    return 0
+
+
+if __name__ == "__main__":  # python -m jobs.tune ... == gradcon tune ...
+    from jobs.cli import main as cli_main
+
+    raise SystemExit(cli_main(["tune", *sys.argv[1:]]))

@@ -1,0 +1,106 @@
+"""The Tune job: searches validation metrics only, stops poor trials early, survives a killed driver."""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from gradcon_core import load_detector
+from gradcon_core.images import encode_png
+from gradcon_core.imageset import write_image_set
+from jobs.cli import main as cli_main
+from jobs.train import TrainConfig, training_rows
+from jobs.tune import TuneConfig, run
+
+
+@pytest.fixture(scope="module")
+def digits_set(tmp_path_factory, mnist_train, mnist_test):
+    """96 zeros and 60 other digits in the train split, 60 test rows of every digit."""
+    x, y = mnist_train
+    xt, yt = mnist_test
+    train = np.concatenate([np.flatnonzero(y == 0)[:96], np.flatnonzero(y != 0)[:60]])
+    test = np.arange(60)
+    images = [encode_png(img) for img in np.concatenate([x[train], xt[test]])]
+    table = pa.table({"id": [f"r{i:04d}" for i in range(len(images))], "image": pa.array(images, pa.binary()),
+                      "label": pa.array(np.concatenate([y[train], yt[test]]), pa.int64()),
+                      "split": ["train"] * len(train) + ["test"] * len(test)})
+    path = tmp_path_factory.mktemp("digits") / "set"
+    write_image_set(str(path), table, rows_per_file=80)
+    return str(path)
+
+
+@pytest.mark.parametrize("merge_splits", [False, True])
+def test_tuning_rows_never_include_a_test_row(digits_set, merge_splits):
+    from gradcon_core.imageset import read_columns
+
+    cfg = TrainConfig(data=digits_set, normal_class=0, val_anomalies=-1, select_by="val_auroc",
+                      merge_splits=merge_splits)
+    sel, rows = training_rows(cfg, digits_set, pafs.LocalFileSystem())
+    meta = read_columns(digits_set, ["label", "split"])
+    ids = np.asarray(meta.column("id").to_pylist())
+    labels = meta.column("label").to_numpy()
+    seen = set(rows["train"]) | set(rows["val"]) | set(rows["anomalies"])
+    assert not seen & set(ids[sel.test]) and len(sel.test) > 0
+    assert len(rows["anomalies"]) == len(rows["val"]) > 0
+    assert set(labels[np.isin(ids, rows["anomalies"])]) and 0 not in set(labels[np.isin(ids, rows["anomalies"])])
+    if not merge_splits:  # the plain protocol: nothing of the test split at all
+        splits = np.asarray(meta.column("split").to_pylist())
+        assert set(splits[np.isin(ids, list(seen))]) == {"train"}
+
+
+@pytest.mark.parametrize(("search", "message"), [
+    ({"alhpa": "uniform(0,1)"}, "cannot search 'alhpa'"),
+    ({"alpha": "uniform(0.5,0.5)"}, "empty range"),
+    ({"lr": "loguniform(0,1)"}, "loguniform needs low > 0"),
+    ({"alpha": "normal(0,1)"}, "expected one of"),
+    ({"batch_size": "choice()"}, "needs at least one value"),
+    ({}, "nothing to search"),
+])
+def test_bad_search_spaces_fail_before_any_trial(search, message):
+    with pytest.raises(ValueError, match=message):
+        TuneConfig(search=search)
+
+
+def test_bad_search_on_the_command_line_exits_2_without_starting_ray(capsys):
+    assert cli_main(["tune", "--search", "alpha=uniform(1,0)"]) == 2
+    assert "empty range" in capsys.readouterr().err
+
+
+def test_a_sweep_killed_midway_resumes_and_finishes(ray_local, digits_set, tmp_path):
+    """4 trials (a good and a hopeless lr, twice) under ASHA; the driver is SIGKILLed after the first trial."""
+    storage, name = tmp_path / "sweeps", "sweep"
+    args = [f"data={digits_set}", "normal_class=0", "epochs=2", "batch_size=16", "num_workers=1",
+            f"storage={storage}", f"name={name}", "metric=val_loss", "num_samples=2", "max_concurrent_trials=2",
+            "grace_period=1", f"address={ray_local.get_runtime_context().gcs_address}",
+            "--search", "lr=grid(0.01,1e-7)"]
+    driver = subprocess.Popen([sys.executable, "-m", "jobs.tune", *args], cwd=Path(__file__).parents[1],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while not list((storage / name / "trials").glob("trial-*/best_checkpoint")):
+            assert driver.poll() is None, "the sweep ended before it could be interrupted"
+            assert time.time() < deadline, "no trial finished in time"
+            time.sleep(1)
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait()
+    assert not (storage / name / "summary.json").exists()
+
+    grid, summary = run(TuneConfig(storage=str(storage), resume=name, address=None))
+    table = pq.read_table(storage / name / "trials.parquet").to_pylist()
+    assert len(table) == 4 and {r["status"] for r in table} == {"done"}
+    assert sorted(r["lr"] for r in table) == [1e-7, 1e-7, 0.01, 0.01]
+    assert summary["stopped_early"] >= 1 and any(r["stopped_early"] and r["lr"] == 1e-7 for r in table)
+    assert summary["best_values"] == {"lr": 0.01} and summary["metric"] == "val_loss"
+    best = yaml.safe_load((storage / name / "best_config.yaml").read_text())
+    assert best["lr"] == 0.01 and best["data"] == digits_set and TrainConfig(**best).select_by == "val_loss"
+    det = load_detector(summary["best_checkpoint"])
+    assert det.threshold_ is not None and (storage / name / "trials.csv").exists()
