@@ -183,7 +183,8 @@ def main(args: argparse.Namespace) -> int:
     try:
         job_id = client.submit_job(entrypoint=command, runtime_env=env, submission_id=args.submission_id)
     except RuntimeError as e:
-        raise SubmissionError(f"the cluster at {args.address} did not accept the job: {redact(str(e), secrets)}")
+        raise SubmissionError(f"the cluster at {args.address} did not accept the job: {redact(str(e), secrets)}") \
+            from None
     if args.no_wait:
         print(job_id)
         return 0
