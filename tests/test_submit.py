@@ -15,16 +15,18 @@ import tempfile
 from pathlib import Path
 
 import psutil
+import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 import torch
 
 from gradcon_core import GradConDetector, create_model
+from jobs.cli import main as cli_main
 from jobs.prepare import prepare
 from jobs.submit import EXCLUDES, SubmissionError, entrypoint, runtime_env
 
 REPO = Path(__file__).resolve().parents[1]
-SECRET = "fake-secret-" + secrets.token_hex(8)  # what a job gets in AWS_SECRET_ACCESS_KEY: must show up nowhere
 
 
 def _free_ports(n: int) -> list[int]:
@@ -63,7 +65,7 @@ def _stop(pgid: int) -> list[psutil.Process]:
 
 @pytest.fixture(scope="module")
 def head():
-    """A Ray head as `ray start --head` makes it, token auth on; yields (dashboard URL, token, env for clients)."""
+    """A Ray head as `ray start --head` makes it, token auth on; yields (dashboard URL, token, env, temp dir)."""
     tmp = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # short: Ray's unix socket paths live under it
     token = secrets.token_hex(16)
     gcs, dash, *others = _free_ports(8)
@@ -79,7 +81,7 @@ def head():
     try:
         out, _ = proc.communicate(timeout=120)
         assert proc.returncode == 0, out
-        yield f"http://127.0.0.1:{dash}", token, env
+        yield f"http://127.0.0.1:{dash}", token, env, Path(tmp)
     finally:
         left = _stop(proc.pid)
         assert not left, f"processes of the test's Ray head are left: {left}"
@@ -87,7 +89,7 @@ def head():
 
 
 def _submit(head, *args: str, extra_env: dict | None = None) -> subprocess.CompletedProcess:
-    url, token, env = head
+    url, token, env, _ = head
     env = {**env, "PYTHONPATH": str(REPO), **(extra_env or {})}
     env.pop("RAY_AUTH_MODE")  # the client finds the token (RAY_AUTH_TOKEN) and sends it by itself
     return subprocess.run([sys.executable, "-m", "jobs.cli", "submit", *args[:1], "--address", url, *args[1:]],
@@ -105,19 +107,37 @@ def score_inputs(tmp_path_factory, mnist_train, small_mnist_idx):
     return root
 
 
-def test_submitted_score_job_succeeds_and_keeps_secrets_out(head, score_inputs):
-    out = score_inputs / "scores"
-    result = _submit(head, "score", "--env", "AWS_SECRET_ACCESS_KEY", "--", "--model", str(score_inputs / "ckpt"),
-                     "--input", str(score_inputs / "set"), "--output", str(out), "--batch-size", "128",
-                     extra_env={"AWS_SECRET_ACCESS_KEY": SECRET})
+def _objects(fs: pafs.FileSystem, prefix: str) -> dict[str, bytes]:
+    infos = fs.get_file_info(pafs.FileSelector(prefix, recursive=True))
+    out = {}
+    for info in infos:
+        if info.type == pafs.FileType.File:
+            with fs.open_input_stream(info.path) as f:
+                out[info.path] = f.read()
+    return out
+
+
+def test_submitted_score_job_succeeds_and_keeps_secrets_out(head, score_inputs, seaweed_s3):
+    """The job writes its results to a real S3 with the credentials forwarded by name; the secret (and the Ray
+    token) appear in no file it wrote (local, S3, its driver log) and not in anything `gradcon submit` printed."""
+    s3 = seaweed_s3.options
+    creds = {"AWS_ENDPOINT_URL": s3.endpoint, "AWS_ACCESS_KEY_ID": s3.access_key,
+             "AWS_SECRET_ACCESS_KEY": s3.secret_key}
+    result = _submit(head, "score", *(a for name in creds for a in ("--env", name)), "--",
+                     "--model", str(score_inputs / "ckpt"), "--input", str(score_inputs / "set"),
+                     "--output", "s3://gradcon-test/submitted", "--batch-size", "128", extra_env=creds)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "SUCCEEDED" in result.stderr and "rows 500  errors 0" in result.stdout  # the job's own logs, followed
-    table = pq.read_table(sorted(out.glob("*.parquet")))
-    assert table.num_rows == 500 and table.column("score").null_count == 0
-    written = [p for p in score_inputs.rglob("*") if p.is_file()]
-    assert any(p.name == "_summary.json" for p in written)
-    for text in [result.stdout, result.stderr, *(p.read_bytes().decode("latin-1") for p in written)]:
-        assert SECRET not in text and head[1] not in text
+    written = _objects(seaweed_s3.filesystem(), "gradcon-test/submitted")
+    parts = [pq.read_table(pa.BufferReader(data)) for path, data in written.items() if path.endswith(".parquet")]
+    assert len(parts) == 2 and sum(t.num_rows for t in parts) == 500
+    assert all(t.column("score").null_count == 0 for t in parts) and "gradcon-test/submitted/_summary.json" in written
+    local = [p.read_bytes() for p in score_inputs.rglob("*") if p.is_file()]
+    drivers = list(head[3].glob("session_*/logs/job-driver-*.log"))  # the job's raw output, before submit redacts
+    assert drivers and any(b"rows 500" in p.read_bytes() for p in drivers)
+    local += [p.read_bytes() for p in drivers]
+    for blob in [result.stdout.encode(), result.stderr.encode(), *written.values(), *local]:
+        assert s3.secret_key.encode() not in blob and head[1].encode() not in blob
 
 
 def test_a_failing_job_exits_non_zero_with_its_error(head, tmp_path):
@@ -128,13 +148,17 @@ def test_a_failing_job_exits_non_zero_with_its_error(head, tmp_path):
     assert head[1] not in result.stdout + result.stderr
 
 
-def test_a_wrong_token_or_no_cluster_is_a_clear_error(head):
+def test_a_wrong_token_is_a_clear_error(head):
     refused = _submit(head, "score", "--no-wait", extra_env={"RAY_AUTH_TOKEN": "not-the-token-123"})
     assert refused.returncode == 2 and "refused" in refused.stderr and "RAY_AUTH_TOKEN" in refused.stderr
     assert "not-the-token-123" not in refused.stdout + refused.stderr
+
+
+def test_no_cluster_is_a_clear_error(monkeypatch, capsys):
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # in this process: leave the session's Ray settings alone
     url = f"http://127.0.0.1:{_free_ports(1)[0]}"
-    gone = _submit(head, "score", "--no-wait", "--address", url)
-    assert gone.returncode == 2 and "cannot reach" in gone.stderr
+    assert cli_main(["submit", "score", "--no-wait", "--address", url, "--", "--model", "m"]) == 2
+    assert "cannot reach the Ray job API" in capsys.readouterr().err
 
 
 def test_entrypoint_quotes_arguments_and_runtime_env_ships_code_only(monkeypatch):
