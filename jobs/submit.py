@@ -192,8 +192,9 @@ def main(args: argparse.Namespace) -> int:
     try:
         status = follow(client, job_id, secrets)
     except KeyboardInterrupt:
-        print(f"\nstopped following; job {job_id} goes on. Follow it: ray job logs --follow {job_id} --address "
-              f"{args.address}   stop it: ray job stop {job_id} --address {args.address}", file=sys.stderr)
+        ray = "RAY_AUTH_MODE=token ray" if os.environ.get(AUTH_MODE) == "token" else "ray"  # its CLI needs the hint
+        print(f"\nstopped following; job {job_id} goes on. Follow it: {ray} job logs --follow {job_id} --address "
+              f"{args.address}   stop it: {ray} job stop {job_id} --address {args.address}", file=sys.stderr)
         return 130
     if status == "SUCCEEDED":
         print(f"job {job_id} SUCCEEDED", file=sys.stderr)

@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from gradcon_core import GradConDetector, create_model
+from jobs import submit
 from jobs.cli import main as cli_main
 from jobs.prepare import prepare
 from jobs.submit import EXCLUDES, SubmissionError, entrypoint, runtime_env
@@ -172,3 +173,20 @@ def test_entrypoint_quotes_arguments_and_runtime_env_ships_code_only(monkeypatch
         runtime_env(str(REPO), [], ["s3fs"])
     with pytest.raises(SubmissionError, match="NOT_SET_ANYWHERE is not set"):
         runtime_env(str(REPO), ["NOT_SET_ANYWHERE"], [])
+
+
+def test_ctrl_c_stops_following_and_says_how_to_resume(monkeypatch, capsys):
+    class Client:
+        def submit_job(self, **kwargs):
+            return "raysubmit_x"
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(submit, "connect", lambda address: Client())
+    monkeypatch.setattr(submit, "follow", interrupted)
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    assert cli_main(["submit", "train", "--address", "http://h:8265", "--", "epochs=1"]) == 130
+    err = capsys.readouterr().err
+    assert "RAY_AUTH_MODE=token ray job logs --follow raysubmit_x --address http://h:8265" in err
+    assert "ray job stop raysubmit_x" in err
