@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import zipfile
 from pathlib import Path
 
 import psutil
@@ -162,13 +163,18 @@ def test_no_cluster_is_a_clear_error(monkeypatch, capsys):
     assert "cannot reach the Ray job API" in capsys.readouterr().err
 
 
-def test_entrypoint_quotes_arguments_and_runtime_env_ships_code_only(monkeypatch):
+def test_entrypoint_quotes_arguments_and_runtime_env_ships_code_only(monkeypatch, tmp_path):
     assert entrypoint("tune", ["--search", "alpha=loguniform(1e-3,1)", "x; rm -rf /"]) == \
         "python -m jobs.tune --search 'alpha=loguniform(1e-3,1)' 'x; rm -rf /'"
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9000")
     env = runtime_env(str(REPO), ["AWS_ENDPOINT_URL"], ["s3fs==2026.9.0"])
     assert env["env_vars"] == {"AWS_ENDPOINT_URL": "http://127.0.0.1:9000"} and env["excludes"] == EXCLUDES
-    assert {"/.venv", "/data", "/runs", "/results", "/.git"} <= set(EXCLUDES)
+    from ray._private.runtime_env.packaging import create_package  # what the job client uploads
+
+    create_package(str(REPO), tmp_path / "pkg.zip", include_gitignore=True, excludes=EXCLUDES)
+    top = {name.split("/")[0] for name in zipfile.ZipFile(tmp_path / "pkg.zip").namelist()}
+    assert {"jobs", "cluster", "gradcon_core"} <= top and not top & {".venv", "data", "runs", "results", ".git"}
+    assert (tmp_path / "pkg.zip").stat().st_size < 2 * 2**20
     with pytest.raises(SubmissionError, match="pin a version"):
         runtime_env(str(REPO), [], ["s3fs"])
     with pytest.raises(SubmissionError, match="NOT_SET_ANYWHERE is not set"):
