@@ -133,8 +133,9 @@ async def _follow(client, job_id: str, secrets: list[str]) -> None:
 
 def follow(client, job_id: str, secrets: list[str]) -> str:
     """Print the job's logs as they come; return its final status."""
-    asyncio.run(_follow(client, job_id, secrets))
-    while not (status := client.get_job_status(job_id)).is_terminal():  # the log stream can end first
+    with contextlib.suppress(RuntimeError):  # a dropped log stream: the job goes on, wait for its status
+        asyncio.run(_follow(client, job_id, secrets))
+    while not (status := client.get_job_status(job_id)).is_terminal():
         time.sleep(1)
     return str(status)
 
