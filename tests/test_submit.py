@@ -4,6 +4,7 @@ The head runs in its own process group with its own temp dir and free ports, so 
 it (never a machine-wide `ray stop`) and checks that nothing of it is left.
 """
 import contextlib
+import importlib.util
 import os
 import secrets
 import shutil
@@ -68,6 +69,9 @@ def _stop(pgid: int) -> list[psutil.Process]:
 @pytest.fixture(scope="module")
 def head():
     """A Ray head as `ray start --head` makes it, token auth on; yields (dashboard URL, token, env, temp dir)."""
+    missing = [m for m in ("aiohttp_cors", "grpc", "opencensus") if importlib.util.find_spec(m) is None]
+    if missing:  # without them the head's dashboard starts minimal, with no HTTP server and so no job API
+        pytest.fail(f"the job API needs ray[default] (missing {missing}): reinstall with `make install`")
     tmp = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # short: Ray's unix socket paths live under it
     token = secrets.token_hex(16)
     gcs, dash, *others = _free_ports(8)
