@@ -1,90 +1,185 @@
-"""End-to-end demo on the embedded default: fit GradCon on one MNIST digit, score a balanced test set.
+"""End-to-end demo on the embedded default: prepare, train (2 workers), score and evaluate, through a local S3.
 
-python -m jobs.demo [--config FILE] [key=value ...]
+gradcon demo [--quick] [--no-s3] [--config FILE] [key=value ...]
+
+Starts an embedded Ray and a real S3 server on 127.0.0.1 (SeaweedFS, random credentials), writes
+MNIST into the bucket as an image set, trains GradCon on one digit with 2 data-parallel workers
+(checkpoints in the bucket), scores the test split from the bucket into a result table in the
+bucket, and evaluates it. Everything it started is stopped at the end, on failure or on Ctrl-C;
+the result table, the checkpoint and the plots are also copied under `out` to outlive the server.
+--no-s3 runs the same on local files; --quick is a reduced run (a few hundred images, 1 epoch).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import sys
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-import torch
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 
-from gradcon_core import GradConDetector, create_model, evaluate, load_detector
-from gradcon_core.config import add_config_arguments, config_from_arguments, save_config
+from cluster.storage import S3Options, filesystem_for
+from gradcon_core.config import add_config_arguments, load_config, save_config
 from gradcon_core.idx import load_mnist
+from gradcon_core.images import encode_png
+from gradcon_core.metrics import evaluate
+from gradcon_core.report import plot_histograms, plot_roc
+from jobs import prepare, score, train
+
+BUCKET = "gradcon-demo"
+QUICK = {"train_images": 400, "test_images": 400, "epochs": 1}
 
 
 @dataclass
 class DemoConfig:
     data_dir: str = "data/mnist"  # IDX files; `make data` puts MNIST here
     normal_class: int = 0
-    train_images: int = 6000  # a slice of the class's training images (90% train, 10% validation)
+    train_images: int = 0  # 0: all of the class's training images (90% train, 10% validation)
+    test_images: int = 0  # 0: the whole MNIST test split is scored
     epochs: int = 10
     batch_size: int = 64
+    num_workers: int = 2
     alpha: float = 0.03
     beta: float = 0.12
     lr: float = 1e-3
     seed: int = 0
+    s3: bool = True  # False: local files instead of the local S3 server
     out: str = "runs/demo"
 
 
-def balanced_test_split(labels: np.ndarray, normal_class: int, rng: np.random.Generator) -> np.ndarray:
-    """All test images of the normal class plus as many others drawn at random (GradCon protocol)."""
-    normal = np.flatnonzero(labels == normal_class)
-    others = rng.permutation(np.flatnonzero(labels != normal_class))[: len(normal)]
-    return np.concatenate([normal, np.sort(others)])
+class Steps:
+    """Numbered progress lines with the time each step took."""
+
+    def __init__(self, total: int):
+        self.total, self.n, self.start = total, 0, time.perf_counter()
+
+    def __call__(self, text: str) -> None:
+        self.n += 1
+        print(f"[{self.n}/{self.total}] {text}  (t = {time.perf_counter() - self.start:.0f} s)", flush=True)
+
+
+def _test_set(cfg: DemoConfig, root: str, fs: pafs.FileSystem) -> str:
+    """The test split as its own image set, with ground truth for the normal class (is_anomaly)."""
+    from gradcon_core.imageset import write_image_set
+
+    x, y = load_mnist(cfg.data_dir, "test")
+    if cfg.test_images:
+        x, y = x[: cfg.test_images], y[: cfg.test_images]
+    table = pa.table({"id": [f"test-{i:06d}" for i in range(len(x))],
+                      "image": pa.array([encode_png(img) for img in x], pa.binary()),
+                      "label": pa.array(y, pa.int64()), "is_anomaly": pa.array(y != cfg.normal_class)})
+    path = f"{root}/sets/mnist-test"
+    write_image_set(path, table, rows_per_file=5000, filesystem=fs)
+    return path
+
+
+def _copy_out(uri: str, dest: Path) -> None:
+    """Copy a directory tree from the bucket (or a local path) under dest."""
+    fs, path = filesystem_for(uri, S3Options.from_env())
+    if dest.exists():
+        shutil.rmtree(dest)
+    pafs.copy_files(path, str(dest), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
 
 
 def run(cfg: DemoConfig) -> dict:
-    out = Path(cfg.out)
-    save_config(cfg, out / "config.yaml")
-    rng = np.random.default_rng(cfg.seed)
-    x_train, y_train = load_mnist(cfg.data_dir, "train")
-    x_test, y_test = load_mnist(cfg.data_dir, "test")
+    import ray
+
+    from cluster.local_s3 import LocalS3
+    from cluster.ray_init import init_ray
+
     if not 0 <= cfg.normal_class <= 9:
         raise ValueError(f"normal_class must be a digit 0-9, got {cfg.normal_class}")
-    pool = rng.permutation(np.flatnonzero(y_train == cfg.normal_class))[: cfg.train_images]
-    n_val = max(1, len(pool) // 10)
-    val_idx, train_idx = pool[:n_val], pool[n_val:]
-    test_idx = balanced_test_split(y_test, cfg.normal_class, rng)
+    out = Path(cfg.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+    step = Steps(6)
+    with ExitStack() as stack:  # stops the S3 server and Ray however this ends (error, Ctrl-C)
+        if cfg.s3:
+            step("starting a local S3 server (SeaweedFS on 127.0.0.1, random credentials)")
+            s3 = stack.enter_context(LocalS3(data_dir=str(out / "s3-data")))
+            s3.create_bucket(BUCKET)
+            # The jobs read credentials from the environment; Ray's processes, started next, inherit them.
+            os.environ.update(AWS_ACCESS_KEY_ID=s3.access_key, AWS_SECRET_ACCESS_KEY=s3.secret_key,
+                              AWS_ENDPOINT_URL=s3.options.endpoint)
+            root = f"s3://{BUCKET}"
+        else:
+            step("local files only (--no-s3)")
+            root = str(out / "store")
+        fs, _ = filesystem_for(root, S3Options.from_env())
+        init_ray(num_cpus=cfg.num_workers + 2)  # workers + Ray Data's list and read tasks
+        stack.callback(ray.shutdown)
 
-    torch.manual_seed(cfg.seed)
-    det = GradConDetector(create_model("gradcon_cae", in_channels=1), alpha=cfg.alpha, beta=cfg.beta, lr=cfg.lr)
-    print(f"training GradCon on {len(train_idx)} images of digit {cfg.normal_class} "
-          f"({len(val_idx)} for validation), {cfg.epochs} epochs on {det.device}")
-    start = time.perf_counter()
-    det.fit(x_train[train_idx], epochs=cfg.epochs, batch_size=cfg.batch_size, seed=cfg.seed,
-            x_val=x_train[val_idx])
-    train_s = time.perf_counter() - start
-    ckpt = det.save(out / "checkpoint")
+        step(f"preparing MNIST as image sets under {root}/sets/")
+        prepare.prepare("mnist", cfg.data_dir, f"{root}/sets/mnist")
+        test_set = _test_set(cfg, root, fs)
 
-    start = time.perf_counter()
-    scores = load_detector(ckpt).decision_function(x_test[test_idx])
-    score_s = time.perf_counter() - start
-    is_anomaly = y_test[test_idx] != cfg.normal_class
-    metrics = evaluate(scores, is_anomaly, det.threshold_)
-    metrics.update(train_seconds=train_s, score_images_per_s=len(test_idx) / score_s,
-                   test_images=len(test_idx), best_epoch=det.fit_info_["best_epoch"])
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    print(f"scored {len(test_idx)} test images ({int(is_anomaly.sum())} anomalies) "
-          f"at {metrics['score_images_per_s']:.0f} images/s")
-    print(f"AUROC {metrics['auroc']:.4f}  AUPR {metrics['aupr']:.4f}  F1 {metrics['f1']:.4f}  "
-          f"FPR@95TPR {metrics['fpr95']:.4f}")
-    print(f"checkpoint: {ckpt}\nmetrics:    {out / 'metrics.json'}\nconfig:     {out / 'config.yaml'}")
+        step(f"training GradCon on digit {cfg.normal_class} with {cfg.num_workers} Ray Train workers, "
+             f"{cfg.epochs} epoch(s)")
+        train_cfg = train.TrainConfig(data=f"{root}/sets/mnist", normal_class=cfg.normal_class, epochs=cfg.epochs,
+                                      batch_size=cfg.batch_size, num_workers=cfg.num_workers, alpha=cfg.alpha,
+                                      beta=cfg.beta, lr=cfg.lr, seed=cfg.seed, storage=f"{root}/runs",
+                                      name=f"demo-c{cfg.normal_class}-{time.strftime('%Y%m%d-%H%M%S')}",
+                                      max_train_images=cfg.train_images)
+        _, checkpoint = train.run(train_cfg)
+
+        step("scoring the test split with Ray Data")
+        scores_uri = f"{root}/scores/{train_cfg.name}"
+        score.run(score.ScoreConfig(model=checkpoint, input=test_set, output=scores_uri,
+                                    concurrency=max(1, cfg.num_workers - 1)))
+
+        step("evaluating the result table")
+        _copy_out(scores_uri, out / "results")
+        _copy_out(checkpoint, out / "checkpoint")
+        table = pq.read_table(out / "results", columns=["score", "is_anomaly_true", "threshold", "error"])
+        ok = table.filter(pc.is_null(table.column("error")))
+        scores = ok.column("score").to_numpy()
+        is_anomaly = ok.column("is_anomaly_true").to_numpy(zero_copy_only=False)
+        metrics = evaluate(scores, is_anomaly, ok.column("threshold")[0].as_py())
+        curves = {f"digit {cfg.normal_class} vs rest": (scores, is_anomaly)}
+        plot_roc(curves, out / "roc.png")
+        plot_histograms(curves, out / "histograms.png")
+        metrics.update(test_images=len(scores), errors=table.num_rows - len(scores), checkpoint=checkpoint,
+                       result_table=scores_uri)
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+
+    step("done; the S3 server and Ray are stopped")
+    print(f"\nAUROC {metrics['auroc']:.4f}  AUPR {metrics['aupr']:.4f}  F1 {metrics['f1']:.4f}  "
+          f"FPR@95TPR {metrics['fpr95']:.4f}  on {len(scores)} test images (digit {cfg.normal_class} normal)")
+    print(f"result table: {scores_uri}  (copied to {out / 'results'})")
+    print(f"checkpoint:   {checkpoint}  (copied to {out / 'checkpoint'})")
+    print(f"plots:        {out / 'roc.png'}, {out / 'histograms.png'}\nmetrics:      {out / 'metrics.json'}")
+    where = "s3://BUCKET" if cfg.s3 else str(out / "store")
+    print(f"""
+Each step alone (add AWS_ENDPOINT_URL / credentials for your S3, or use local paths):
+  gradcon prepare mnist --source {cfg.data_dir} --out {where}/sets/mnist
+  gradcon train data={where}/sets/mnist normal_class={cfg.normal_class} num_workers={cfg.num_workers} \
+epochs={cfg.epochs} storage={where}/runs
+  gradcon score --model <the checkpoint train prints> --input {where}/sets/mnist-test --output {where}/scores/RUN
+  gradcon eval data={where}/sets/mnist classes={cfg.normal_class}""")
     return metrics
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser, DemoConfig)
+    parser.add_argument("--quick", action="store_true", help="a reduced run: few images, 1 epoch")
+    parser.add_argument("--no-s3", action="store_true", help="local files instead of the local S3 server")
 
 
 def main(args: argparse.Namespace) -> int:
-    run(config_from_arguments(args, DemoConfig))
+    extra = {**(QUICK if args.quick else {}), **({"s3": False} if args.no_s3 else {})}
+    # --quick sets the sizes, but an explicit key=value still wins.
+    overrides = {o.split("=", 1)[0] for o in args.overrides}
+    cfg = load_config(DemoConfig, args.config, args.overrides, extra={k: v for k, v in extra.items()
+                                                                      if k not in overrides})
+    run(cfg)
     return 0
 
 

@@ -66,6 +66,7 @@ class TrainConfig:
     val_anomalies: int = 0  # > 0: also report val_auroc against this many other-class *train* rows; -1: one per val row
     select_by: str = "val_loss"  # the best checkpoint: lowest val_loss, or highest val_auroc
     num_workers: int = 2
+    max_train_images: int = 0  # > 0: a seeded random subset of the class's training rows (smoke runs, demos)
     use_gpu: bool = False
     storage: str = "runs"  # local folder or s3://bucket/prefix
     name: str | None = None  # default gradcon-c<class>-<time>
@@ -196,6 +197,9 @@ def training_rows(cfg: TrainConfig, data_path: str, data_fs: pafs.FileSystem) ->
     if cfg.select_by == "val_auroc" and not len(sel.val):
         raise ValueError(f"select_by=val_auroc needs validation rows; protocol {cfg.protocol!r} has none")
     ids = np.asarray(meta.column("id").to_pylist(), dtype=object)
+    if cfg.max_train_images > 0:
+        keep = np.random.default_rng([cfg.seed, 2]).permutation(len(sel.train))[: cfg.max_train_images]
+        sel.train = np.sort(sel.train[keep])
     anomalies = sel.validation_anomalies(len(sel.val) if cfg.val_anomalies < 0 else cfg.val_anomalies)
     return sel, {"train": ids[sel.train].tolist(), "val": ids[sel.val].tolist(), "anomalies": ids[anomalies].tolist()}
 

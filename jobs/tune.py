@@ -78,6 +78,16 @@ class TuneConfig(TrainConfig):
 _SPEC = re.compile(r"^\s*(\w+)\s*\((.*)\)\s*$")
 
 
+def _value(text: str):
+    """A number where it reads as one (YAML alone takes "1e-7" for a string), else YAML's reading."""
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return yaml.safe_load(text)
+
+
 def parse_distribution(name: str, spec: str) -> str:
     """Check one search entry before any trial starts; returns it normalised."""
     if name not in TUNABLE:
@@ -85,7 +95,7 @@ def parse_distribution(name: str, spec: str) -> str:
     m = _SPEC.match(str(spec))
     if not m or m.group(1) not in DISTRIBUTIONS:
         raise ValueError(f"search {name}={spec!r}: expected one of {DISTRIBUTIONS} like loguniform(1e-3,1)")
-    kind, args = m.group(1), [yaml.safe_load(a) for a in m.group(2).split(",") if a.strip()]
+    kind, args = m.group(1), [_value(a) for a in m.group(2).split(",") if a.strip()]
     if kind in ("choice", "grid"):
         if not args:
             raise ValueError(f"search {name}={spec!r}: {kind} needs at least one value")
@@ -106,7 +116,7 @@ def search_space(search: dict[str, str]) -> dict:
     space = {}
     for name, spec in search.items():
         kind, raw = _SPEC.match(spec).groups()
-        args = [yaml.safe_load(a) for a in raw.split(",")]
+        args = [_value(a) for a in raw.split(",")]
         space[name] = {"uniform": lambda a: tune.uniform(*a), "loguniform": lambda a: tune.loguniform(*a),
                        "randint": lambda a: tune.randint(*a), "choice": tune.choice,
                        "grid": tune.grid_search}[kind](args)
@@ -205,12 +215,17 @@ def write_results(grid, cfg: TuneConfig, name: str, fs: pafs.FileSystem, sweep: 
         history, values = result.metrics_dataframe, result.config
         objective = history[cfg.metric].dropna() if history is not None and cfg.metric in history else []
         iterations = int(result.metrics.get("training_iteration", 0)) if result.metrics else 0
+        best_row = None
+        if len(objective):
+            best_row = objective.idxmax() if mode == "max" else objective.idxmin()
         rows.append({"trial_id": (result.metrics or {}).get("trial_id"),
                      **{k: values.get(k) for k in cfg.search}, "seed": values.get("seed", cfg.seed),
                      "status": "error" if result.error else "done", "iterations": iterations,
                      "stopped_early": result.error is None and iterations < cfg.epochs,
                      f"best_{cfg.metric}": float(pick(objective)) if len(objective) else None,
-                     f"last_{cfg.metric}": float(objective.iloc[-1]) if len(objective) else None})
+                     f"last_{cfg.metric}": float(objective.iloc[-1]) if len(objective) else None,
+                     # Every epoch that improves the objective saves a checkpoint (jobs/train.py).
+                     "best_checkpoint": None if best_row is None else history.loc[best_row, "checkpoint_path"]})
     ok = [r for r in rows if r[f"best_{cfg.metric}"] is not None]
     if not ok:
         raise RuntimeError(f"sweep {name}: no trial reported {cfg.metric}; see the errors above")
@@ -224,8 +239,7 @@ def write_results(grid, cfg: TuneConfig, name: str, fs: pafs.FileSystem, sweep: 
     best_config = asdict(cfg.train_config(**best_values, storage=cfg.storage, name=None, resume=None,
                                           select_by=cfg.metric, val_anomalies=cfg.val_anomalies or -1))
     write_bytes(fs, f"{sweep}/best_config.yaml", yaml.safe_dump(best_config, sort_keys=False).encode())
-    trial_run = f"{sweep}/trials/trial-{best['trial_id']}"
-    checkpoint = read_bytes(fs, f"{trial_run}/best_checkpoint").decode()
+    checkpoint = f"{'s3://' if str(cfg.storage).startswith('s3://') else ''}{best['best_checkpoint']}"
     summary = {"name": name, "metric": cfg.metric, "mode": mode, "trials": len(rows),
                "stopped_early": sum(r["stopped_early"] for r in rows),
                "errored": sum(r["status"] == "error" for r in rows),

@@ -18,7 +18,7 @@ from gradcon_core.images import encode_png
 from gradcon_core.imageset import write_image_set
 from jobs.cli import main as cli_main
 from jobs.train import TrainConfig, training_rows
-from jobs.tune import TuneConfig, run
+from jobs.tune import TuneConfig, run, search_space
 
 
 @pytest.fixture(scope="module")
@@ -69,37 +69,53 @@ def test_bad_search_spaces_fail_before_any_trial(search, message):
         TuneConfig(search=search)
 
 
+def test_search_values_keep_their_types():
+    cfg = TuneConfig(search={"lr": "loguniform(1e-7, 1e-2)", "batch_size": "choice(32,64)",
+                             "attack_refresh": "grid(batch,epoch)"})
+    assert cfg.search == {"lr": "loguniform(1e-07,0.01)", "batch_size": "choice(32,64)",
+                          "attack_refresh": "grid(batch,epoch)"}
+    space = search_space(cfg.search)
+    assert space["attack_refresh"] == {"grid_search": ["batch", "epoch"]}
+    assert space["batch_size"].categories == [32, 64] and space["lr"].lower == 1e-7
+
+
 def test_bad_search_on_the_command_line_exits_2_without_starting_ray(capsys):
     assert cli_main(["tune", "--search", "alpha=uniform(1,0)"]) == 2
     assert "empty range" in capsys.readouterr().err
 
 
 def test_a_sweep_killed_midway_resumes_and_finishes(ray_local, digits_set, tmp_path):
-    """4 trials (a good and a hopeless lr, twice) under ASHA; the driver is SIGKILLed after the first trial."""
+    """3 trials, one at a time (a good lr, then a hopeless one twice) under ASHA; the driver is SIGKILLed
+    as the third starts, and the sweep resumed from storage."""
     storage, name = tmp_path / "sweeps", "sweep"
     args = [f"data={digits_set}", "normal_class=0", "epochs=2", "batch_size=16", "num_workers=1",
-            f"storage={storage}", f"name={name}", "metric=val_loss", "num_samples=2", "max_concurrent_trials=2",
-            "grace_period=1", f"address={ray_local.get_runtime_context().gcs_address}",
-            "--search", "lr=grid(0.01,1e-7)"]
+            f"storage={storage}", f"name={name}", "metric=val_loss", "num_samples=1", "grace_period=1",
+            f"address={ray_local.get_runtime_context().gcs_address}", "--search", "lr=grid(0.01,1e-7,1e-7)"]
     driver = subprocess.Popen([sys.executable, "-m", "jobs.tune", *args], cwd=Path(__file__).parents[1],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        deadline = time.time() + 240
-        while not list((storage / name / "trials").glob("trial-*/best_checkpoint")):
+        deadline = time.time() + 400
+        while not list((storage / name).glob("run_trial_*_00002_*")):
             assert driver.poll() is None, "the sweep ended before it could be interrupted"
-            assert time.time() < deadline, "no trial finished in time"
-            time.sleep(1)
+            assert time.time() < deadline, "the third trial did not start in time"
+            time.sleep(0.5)
     finally:
         os.killpg(driver.pid, signal.SIGKILL)
         driver.wait()
     assert not (storage / name / "summary.json").exists()
 
     grid, summary = run(TuneConfig(storage=str(storage), resume=name, address=None))
-    table = pq.read_table(storage / name / "trials.parquet").to_pylist()
-    assert len(table) == 4 and {r["status"] for r in table} == {"done"}
-    assert sorted(r["lr"] for r in table) == [1e-7, 1e-7, 0.01, 0.01]
-    assert summary["stopped_early"] >= 1 and any(r["stopped_early"] and r["lr"] == 1e-7 for r in table)
+    table = {r["lr"]: r for r in pq.read_table(storage / name / "trials.parquet").to_pylist()}
+    rows = pq.read_table(storage / name / "trials.parquet").to_pylist()
+    assert len(rows) == 3 and {r["status"] for r in rows} == {"done"} and sorted(table) == [1e-7, 0.01]
+    assert table[0.01]["iterations"] == 2 and not table[0.01]["stopped_early"]
+    # ASHA stopped the first hopeless trial at its first rung, before the kill. (Tune does not restore
+    # ASHA's rung records, so after the resume the third trial may run to the end.)
+    first_hopeless = sorted(rows, key=lambda r: r["trial_id"])[1]
+    assert first_hopeless["lr"] == 1e-7 and first_hopeless["stopped_early"] and first_hopeless["iterations"] == 1
+    assert summary["stopped_early"] >= 1
     assert summary["best_values"] == {"lr": 0.01} and summary["metric"] == "val_loss"
+    assert summary["best_value"] == pytest.approx(table[0.01]["best_val_loss"])
     best = yaml.safe_load((storage / name / "best_config.yaml").read_text())
     assert best["lr"] == 0.01 and best["data"] == digits_set and TrainConfig(**best).select_by == "val_loss"
     det = load_detector(summary["best_checkpoint"])
