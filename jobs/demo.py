@@ -7,7 +7,7 @@ MNIST into the bucket as an image set, trains GradCon on one digit with 2 data-p
 (checkpoints in the bucket), scores the test split from the bucket into a result table in the
 bucket, and evaluates it. Everything it started is stopped at the end, on failure or on Ctrl-C;
 the result table, the checkpoint and the plots are also copied under `out` to outlive the server.
---no-s3 runs the same on local files; --quick is a reduced run (a few hundred images, 1 epoch).
+--no-s3 runs the same on local files; --quick is a reduced run (2,000 training images, 3 epochs, 1,000 test images).
 """
 from __future__ import annotations
 
@@ -28,14 +28,14 @@ import pyarrow.parquet as pq
 
 from cluster.storage import S3Options, filesystem_for
 from gradcon_core.config import add_config_arguments, load_config, save_config
-from gradcon_core.idx import load_mnist
+from gradcon_core.idx import find_idx, load_mnist
 from gradcon_core.images import encode_png
 from gradcon_core.metrics import evaluate
 from gradcon_core.report import plot_histograms, plot_roc
 from jobs import prepare, score, train
 
 BUCKET = "gradcon-demo"
-QUICK = {"train_images": 400, "test_images": 400, "epochs": 1}
+QUICK = {"train_images": 2000, "test_images": 1000, "epochs": 3}
 
 
 @dataclass
@@ -86,6 +86,7 @@ def _copy_out(uri: str, dest: Path) -> None:
     fs, path = filesystem_for(uri, S3Options.from_env())
     if dest.exists():
         shutil.rmtree(dest)
+    dest.mkdir(parents=True)
     pafs.copy_files(path, str(dest), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
 
 
@@ -97,6 +98,8 @@ def run(cfg: DemoConfig) -> dict:
 
     if not 0 <= cfg.normal_class <= 9:
         raise ValueError(f"normal_class must be a digit 0-9, got {cfg.normal_class}")
+    for stem in ("train-images-idx3-ubyte", "t10k-images-idx3-ubyte"):  # before starting anything
+        find_idx(cfg.data_dir, stem)
     out = Path(cfg.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
@@ -114,6 +117,8 @@ def run(cfg: DemoConfig) -> dict:
             step("local files only (--no-s3)")
             root = str(out / "store")
         fs, _ = filesystem_for(root, S3Options.from_env())
+        # Ray Data's per-operator bars flood a terminal shared by parallel datasets: the steps show progress.
+        os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
         init_ray(num_cpus=cfg.num_workers + 2)  # workers + Ray Data's list and read tasks
         stack.callback(ray.shutdown)
 
@@ -150,7 +155,7 @@ def run(cfg: DemoConfig) -> dict:
                        result_table=scores_uri)
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
 
-    step("done; the S3 server and Ray are stopped")
+    step("done; " + ("the S3 server and Ray are" if cfg.s3 else "Ray is") + " stopped")
     print(f"\nAUROC {metrics['auroc']:.4f}  AUPR {metrics['aupr']:.4f}  F1 {metrics['f1']:.4f}  "
           f"FPR@95TPR {metrics['fpr95']:.4f}  on {len(scores)} test images (digit {cfg.normal_class} normal)")
     print(f"result table: {scores_uri}  (copied to {out / 'results'})")
@@ -169,7 +174,7 @@ epochs={cfg.epochs} storage={where}/runs
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser, DemoConfig)
-    parser.add_argument("--quick", action="store_true", help="a reduced run: few images, 1 epoch")
+    parser.add_argument("--quick", action="store_true", help="a reduced run: 2,000 training images, 3 epochs, 1,000 test images")
     parser.add_argument("--no-s3", action="store_true", help="local files instead of the local S3 server")
 
 
