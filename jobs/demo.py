@@ -174,7 +174,7 @@ epochs={cfg.epochs} storage={where}/runs
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser, DemoConfig)
-    parser.add_argument("--quick", action="store_true", help="a reduced run: 2,000 training images, 3 epochs, 1,000 test images")
+    parser.add_argument("--quick", action="store_true", help="2,000 training images, 3 epochs, 1,000 test images")
     parser.add_argument("--no-s3", action="store_true", help="local files instead of the local S3 server")
 
 
