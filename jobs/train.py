@@ -158,6 +158,9 @@ def train_loop_per_worker(config: dict) -> list[str]:
         if len(x_anomalies) and len(x_val):
             scores = det.decision_function(torch.cat([x_val, x_anomalies]))
             metrics["val_auroc"] = auroc(scores, np.arange(len(scores)) >= len(x_val))
+        if rank == 0:  # progress on the driver's console (Ray forwards worker output)
+            print(f"epoch {epoch + 1}/{cfg.epochs}  " + "  ".join(
+                f"{k} {v:.4g}" for k, v in metrics.items() if k not in ("epoch", "resumed")), flush=True)
         # The selection metric as "lower is better", so that one running minimum serves both.
         key = -metrics[cfg.select_by] if SELECT_BY[cfg.select_by] == "max" else metrics[cfg.select_by]
         improved = key < best

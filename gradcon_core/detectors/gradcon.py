@@ -153,7 +153,7 @@ class GradConDetector(Detector):
             # Official schedule: x* for the whole set with this epoch's weights; a worker crafts only its rows.
             start = self.attack.random_start(x.shape, noise)
             rows = torch.cat([local_part(b, rank, world_size)[0] for b in batches])
-            x_adv = torch.empty_like(x)
+            x_adv = x.clone()  # rows another worker crafts stay clean images here (used only with weight 0)
             x_adv[rows] = self.attack.craft(self.model, x[rows].to(self.device), start[rows]).cpu()
         for batch in batches:
             mine, scale = local_part(batch, rank, world_size)
