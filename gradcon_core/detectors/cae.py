@@ -18,7 +18,7 @@ def recon_error(x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 @register_detector("cae")
 class CAEDetector(NeuralDetector):
-    def objective(self, x: torch.Tensor) -> torch.Tensor:
+    def batch_loss(self, x: torch.Tensor) -> torch.Tensor:
         return F.mse_loss(self.model(x), x)
 
     def score_batch(self, x: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -22,6 +22,6 @@ class DAEDetector(CAEDetector):
         self.noise_std = noise_std
         super().__init__(model, lr, device, score_batch_size, threshold_percentile)
 
-    def objective(self, x: torch.Tensor) -> torch.Tensor:
+    def batch_loss(self, x: torch.Tensor) -> torch.Tensor:
         noisy = (x + self.noise_std * torch.randn_like(x)).clamp(0, 1)
         return F.mse_loss(self.model(noisy), x)

@@ -1,6 +1,6 @@
 """NeuralDetector: what every detector with a trained network shares (device, batching, fit loop, persistence).
 
-A subclass says how to take one optimisation step (train_step, or just `objective` for one optimiser
+A subclass says how to take one optimisation step (train_step, or just `batch_loss` for one optimiser
 and one loss), what its objective is on held-out normal images (validation_loss) and how to score a
 batch (score_batch). The loop in fit is written once, here, with GradConDetector.fit's data order, so
 a data-parallel trainer can drive train_step itself.
@@ -73,7 +73,7 @@ class NeuralDetector(Detector):
     def prepare(self, x: torch.Tensor, sync: GradientSync | None = None) -> None:
         """One-off state from the training images before the first step (Deep SVDD's centre)."""
 
-    def objective(self, x: torch.Tensor) -> torch.Tensor:
+    def batch_loss(self, x: torch.Tensor) -> torch.Tensor:
         """The training loss of a batch (per-sample mean), for the default train_step and validation_loss."""
         raise NotImplementedError
 
@@ -83,7 +83,7 @@ class NeuralDetector(Detector):
 
     def train_step(self, x: torch.Tensor, sync: GradientSync | None = None, scale: float = 1.0) -> dict[str, float]:
         """One optimisation step on a batch already on the device; returns {"loss", ...} (unscaled)."""
-        loss = self.objective(x)
+        loss = self.batch_loss(x)
         self.update(self.optimizers[0], scale * loss, sync)
         return {"loss": float(loss.detach())}
 
@@ -92,7 +92,7 @@ class NeuralDetector(Detector):
         """The objective on held-out normal images, averaged over images; no update."""
         x = self._batch(x)
         self.model.eval()
-        total = sum(float(self.objective(xb.to(self.device))) * len(xb) for xb in x.split(self.score_batch_size))
+        total = sum(float(self.batch_loss(xb.to(self.device))) * len(xb) for xb in x.split(self.score_batch_size))
         return total / len(x)
 
     # --- shared machinery ----------------------------------------------------------------------
@@ -100,13 +100,18 @@ class NeuralDetector(Detector):
         """backward, all-reduce the optimizer's gradients, step."""
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        self.sync_grads(optimizer, sync)
+        optimizer.step()
+
+    @staticmethod
+    def sync_grads(optimizer: torch.optim.Optimizer, sync: GradientSync | None) -> None:
+        """Mean-all-reduce the gradients of all the optimizer's parameters (zeros where one got none)."""
         params = [p for group in optimizer.param_groups for p in group["params"]]
         for p in params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
         if sync is not None:
             sync.mean_([p.grad for p in params])
-        optimizer.step()
 
     def to(self, device: str | torch.device) -> NeuralDetector:
         """Move the network and its score-time state ("auto" = CUDA when there is one)."""

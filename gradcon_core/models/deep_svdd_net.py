@@ -1,7 +1,9 @@
 """Deep SVDD's MNIST LeNet (Ruff et al. 2018): no bias terms and BatchNorm without affine parameters.
 
 Both matter: a bias, or BN's shift, would let the network map every input to the centre c, the
-trivial solution of the one-class objective ("hypersphere collapse").
+trivial solution of the one-class objective ("hypersphere collapse"). BN keeps a cumulative average
+of batch statistics (momentum=None), not Ruff's exponential one: after a short training the
+eval-mode statistics are then those of the data, not of the initial N(0, 1).
 """
 from __future__ import annotations
 
@@ -19,9 +21,9 @@ class DeepSVDDNet(nn.Module):
         super().__init__()
         self.in_channels, self.rep_dim = in_channels, rep_dim
         self.conv1 = nn.Conv2d(in_channels, 8, 5, padding=2, bias=False)
-        self.bn1 = nn.BatchNorm2d(8, eps=1e-4, affine=False)
+        self.bn1 = nn.BatchNorm2d(8, eps=1e-4, momentum=None, affine=False)
         self.conv2 = nn.Conv2d(8, 4, 5, padding=2, bias=False)
-        self.bn2 = nn.BatchNorm2d(4, eps=1e-4, affine=False)
+        self.bn2 = nn.BatchNorm2d(4, eps=1e-4, momentum=None, affine=False)
         self.fc = nn.Linear(4 * 7 * 7, rep_dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
