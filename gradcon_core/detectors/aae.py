@@ -27,7 +27,8 @@ class AAEDetector(NeuralDetector):
                  device: str | torch.device = "auto", score_batch_size: int | None = None,
                  threshold_percentile: float = 95.0):
         if not hasattr(model, "discriminator"):
-            raise ValueError(f"{type(model).__name__} has no latent discriminator: build it with create_model('aae_net')")
+            raise ValueError(f"{type(model).__name__} has no latent discriminator: "
+                             "build it with create_model('aae_net')")
         self.adversarial_weight, self.disc_lr = adversarial_weight, disc_lr
         super().__init__(model, lr, device, score_batch_size, threshold_percentile)
 

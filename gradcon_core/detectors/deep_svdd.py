@@ -10,8 +10,9 @@ Ruff's eps rule so no coordinate sits at 0.
 Distributed: the centre is exact (sums and counts are all-reduced). The one-class loss is a
 per-sample mean, but BatchNorm normalises with local batch statistics (as plain DDP without
 SyncBatchNorm), so a step is not exactly the global-batch step, and BatchNorm's running statistics
-are each worker's own (average the model's buffers, or keep rank 0's, when checkpointing). Soft-boundary: R is the mean over
-workers of their local-batch quantiles (identical on every worker, not the global quantile).
+are each worker's own (average the model's buffers, or keep rank 0's, when checkpointing).
+Soft-boundary: R is the mean over workers of their local-batch quantiles (identical on every
+worker, not the global quantile).
 """
 from __future__ import annotations
 

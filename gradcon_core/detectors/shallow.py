@@ -156,7 +156,8 @@ class OCSVMDetector(ShallowDetector):
         return -(kernel @ self.dual_coef_ + self.intercept_)
 
     def fitted_tensors(self) -> dict[str, torch.Tensor]:
-        return {"support_vectors": torch.from_numpy(self.support_vectors_), "dual_coef": torch.from_numpy(self.dual_coef_),
+        return {"support_vectors": torch.from_numpy(self.support_vectors_),
+                "dual_coef": torch.from_numpy(self.dual_coef_),
                 "intercept": torch.tensor(self.intercept_, dtype=torch.float64),
                 "gamma": torch.tensor(self.gamma_, dtype=torch.float64)}
 
@@ -200,7 +201,8 @@ class KDEDetector(ShallowDetector):
         return -(logsumexp(log_kernel, axis=1) - np.log(n) - 0.5 * d * np.log(2 * np.pi * h * h))
 
     def fitted_tensors(self) -> dict[str, torch.Tensor]:
-        return {"points": torch.from_numpy(self.points_), "bandwidth": torch.tensor(self.bandwidth_, dtype=torch.float64)}
+        return {"points": torch.from_numpy(self.points_),
+                "bandwidth": torch.tensor(self.bandwidth_, dtype=torch.float64)}
 
     def load_fitted(self, tensors: dict[str, torch.Tensor]) -> None:
         self.points_, self.bandwidth_ = tensors["points"].numpy(), float(tensors["bandwidth"])

@@ -23,7 +23,8 @@ class LatentAE(nn.Module):
         super().__init__()
         self.in_channels, self.z_dim, self.variational = in_channels, z_dim, variational
         cae = GradConCAE(in_channels)
-        self.encoder = nn.Sequential(*cae.encoder, nn.Flatten(), nn.Linear(FEATURES, 2 * z_dim if variational else z_dim))
+        head = nn.Linear(FEATURES, 2 * z_dim if variational else z_dim)
+        self.encoder = nn.Sequential(*cae.encoder, nn.Flatten(), head)
         self.decoder = nn.Sequential(nn.Linear(z_dim, FEATURES), nn.ReLU(), nn.Unflatten(1, FEATURE_MAP), *cae.decoder)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
