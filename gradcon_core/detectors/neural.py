@@ -11,7 +11,9 @@ before each optimizer.step() sync.mean_ all-reduces (mean) the gradients of all 
 parameters (zeros where a parameter got none, so every worker passes the same list). For a loss that
 is a per-sample mean this makes the N workers take exactly the global-batch step. Each detector's
 docstring says where that is not exact. State that is not a gradient (Deep SVDD's radius, OC-NN's r)
-is all-reduced the same way, so every worker keeps identical state.
+is all-reduced the same way, so every worker keeps identical state. A trainer calls
+prepare(x_local, sync) once before the first step (Deep SVDD's centre, OC-NN's pretraining), then
+train_step per batch, and checkpoints state_tensors() with each optimizer's state_dict().
 
 Hyperparameters are the constructor's keyword arguments, kept as attributes of the same name
 (scikit-learn's get_params convention); config() saves them and from_state() rebuilds from them.
