@@ -3,6 +3,9 @@
 Normal: digit 1 (300 train, 100 validation images); test: 150 ones against 150 other digits.
 Each case is fitted once (2 epochs unless EPOCHS says more, batch 32) and shared by the tests below.
 """
+import copy
+import threading
+
 import numpy as np
 import pytest
 import torch
@@ -181,3 +184,43 @@ def test_shallow_scores_are_scikit_learns():
     kde.fit_features(train)
     np.testing.assert_allclose(kde.score_features(test), -KernelDensity(bandwidth=0.7).fit(train).score_samples(test),
                                rtol=1e-6)
+
+
+class ThreadGroup:
+    """n data-parallel workers as threads: member(r).mean_ averages in place across them (an all-reduce)."""
+
+    def __init__(self, n: int):
+        self.n, self.barrier, self.flat = n, threading.Barrier(n), [None] * n
+
+    def member(self, rank: int):
+        group = self
+
+        class Member:
+            def mean_(self, tensors: list[torch.Tensor]) -> None:
+                group.flat[rank] = torch.cat([t.flatten() for t in tensors])
+                group.barrier.wait()
+                mean = torch.stack(group.flat).mean(0)
+                group.barrier.wait()
+                for t, part in zip(tensors, mean.split([t.numel() for t in tensors])):
+                    t.copy_(part.view_as(t))
+
+        return Member()
+
+
+def test_two_workers_with_sync_take_exactly_the_global_batch_step(task):
+    x = torch.from_numpy(task[0][:24, None]).float() / 255
+    torch.manual_seed(0)
+    single = make("cae", {})
+    workers, group = [copy.deepcopy(single) for _ in range(2)], ThreadGroup(2)
+    for step in range(3):
+        batch = x[8 * step: 8 * step + 8]
+        single.train_step(batch)
+        threads = [threading.Thread(target=w.train_step, args=(batch[4 * r: 4 * r + 4], group.member(r), 1.0))
+                   for r, w in enumerate(workers)]  # scale = N * n_r / B = 2 * 4 / 8
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    for w in workers:
+        for a, b in zip(w.model.parameters(), single.model.parameters()):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
