@@ -23,6 +23,15 @@ class Detector:
     def fit(self, x, **kwargs) -> Detector:
         raise NotImplementedError
 
+    # What the score job decodes images to, for every detector (with or without a torch model).
+    @property
+    def channels(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        raise NotImplementedError
+
     def decision_function(self, x) -> np.ndarray:
         raise NotImplementedError
 

@@ -45,5 +45,15 @@ def detector_class(name: str) -> type:
     return _DETECTORS[name]
 
 
+def create_detector(name: str, in_channels: int = 1, model_kwargs: dict[str, Any] | None = None, **kwargs: Any):
+    """A fresh detector by name, on its default network (the class's `default_model`, GradCon's CAE if
+    it names none; None for detectors without a torch network, which take in_channels themselves)."""
+    cls = detector_class(name)
+    model_name = getattr(cls, "default_model", "gradcon_cae")
+    if model_name is None:
+        return cls(in_channels=in_channels, **kwargs)
+    return cls(create_model(model_name, in_channels=in_channels, **(model_kwargs or {})), **kwargs)
+
+
 def list_detectors() -> list[str]:
     return sorted(_DETECTORS)

@@ -48,13 +48,14 @@ def write_csv(rows: list[dict], path: Path) -> None:
         writer.writerows(rows)
 
 
-def markdown(table: list[dict], protocol: str, dataset: str, title: str) -> str:
+def markdown(table: list[dict], protocol: str, dataset: str, title: str, paper: bool = True) -> str:
+    """The per-class table; paper=True adds the published GradCon/ARAE/Puzzle-AE mean for this protocol."""
     lines = [f"# {title}", "", "| class | AUROC | AUPR | F1 | FPR@95%TPR | seeds |", "|---|---|---|---|---|---|"]
     for e in table:
         cells = [f"{e[m]:.4f} ± {e[f'{m}_std']:.4f}" for m in METRICS]
         name = f"**{e['class']}**" if e["class"] == "mean" else str(e["class"])
         lines.append(f"| {name} | {' | '.join(cells)} | {e['seeds']} |")
-    paper = PAPER_MEAN_AUROC.get((protocol, dataset))
+    paper = PAPER_MEAN_AUROC.get((protocol, dataset)) if paper else None
     if paper:
         ours = table[-1]["auroc"]
         lines += ["", f"Paper: {paper[0]}, mean AUROC **{paper[1]:.4f}** on {dataset} ({protocol} protocol); "

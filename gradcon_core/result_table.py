@@ -28,7 +28,7 @@ PASSTHROUGH = {"label": "label", "is_anomaly": "is_anomaly_true"}  # input colum
 
 
 def model_channels(detector: Detector) -> int:
-    return detector.model.in_channels
+    return detector.channels
 
 
 def score_pixels(detector: Detector, pixels: np.ndarray, errors: list[str | None]) -> dict[str, np.ndarray]:
@@ -41,8 +41,8 @@ def score_pixels(detector: Detector, pixels: np.ndarray, errors: list[str | None
             parts = detector.score_components(pixels[ok])
         else:
             parts = {"score": detector.decision_function(pixels[ok])}
-        for k, v in parts.items():
-            out[k][ok] = v
+        for k in out.keys() & parts.keys():  # detectors may report more parts than the table has columns for
+            out[k][ok] = parts[k]
     for i in np.flatnonzero(ok & ~np.isfinite(out["score"])):
         errors[i] = "score is not finite"
     return out
@@ -57,7 +57,7 @@ def result_rows(
     passthrough: dict[str, pa.Array] | None = None,
 ) -> pa.Table:
     """The result table for one batch of encoded images."""
-    size = tuple(detector.model.input_size)
+    size = tuple(detector.input_size)
     pixels, errors = decode_images(images, model_channels(detector), size)
     scores = score_pixels(detector, pixels, errors)
     failed = np.array([e is not None for e in errors], dtype=bool)

@@ -1,0 +1,208 @@
+"""OCSVM and KDE (scikit-learn) on flattened pixels or on a trained CAE's encoder features.
+
+scikit-learn fits them; the score is then rebuilt from the fitted numbers with NumPy in float64
+(OCSVM: support vectors, dual coefficients, intercept, gamma; KDE: training points, bandwidth), so
+a checkpoint holds tensors and no pickle, and a loaded detector gives identical scores.
+Both scale quadratically with the training set: fit subsamples max_train images (seeded).
+features="cae" first trains GradCon's CAE (the cae detector, same epochs/batch/seed) on the
+training images and uses its encoder output (64x3x3 = 576 features).
+
+Distributed: not applicable; these fit in one process.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from scipy.special import logsumexp
+from sklearn.neighbors import KernelDensity
+from sklearn.svm import OneClassSVM
+
+from gradcon_core.checkpoint import data_fingerprint
+from gradcon_core.detector import Detector
+from gradcon_core.detectors.cae import CAEDetector
+from gradcon_core.detectors.neural import FIT_INFO
+from gradcon_core.inputs import as_image_batch
+from gradcon_core.registry import create_model, register_detector
+
+FEATURES = ("pixels", "cae")
+
+
+def squared_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """||a_i - b_j||^2 for every pair, float64, clipped at 0 (rounding of the expansion)."""
+    return np.maximum((a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2 * a @ b.T, 0)
+
+
+class ShallowDetector(Detector):
+    default_model = None  # no torch network of its own; create_detector passes in_channels
+
+    def __init__(self, in_channels: int = 1, input_size: list[int] | None = None, features: str = "pixels",
+                 max_train: int = 2000, device: str = "cpu", threshold_percentile: float = 95.0):
+        if features not in FEATURES:
+            raise ValueError(f"unknown features {features!r}; choose one of {FEATURES}")
+        if max_train < 2:
+            raise ValueError(f"need max_train >= 2, got {max_train}")
+        self.in_channels, self._input_size = in_channels, tuple(input_size or (28, 28))
+        self.features, self.max_train, self.device = features, max_train, device
+        self.threshold_percentile = threshold_percentile
+        self.encoder_: CAEDetector | None = None
+        self.fit_info_: dict[str, Any] = {}
+
+    @property
+    def channels(self) -> int:
+        return self.in_channels
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        return self._input_size
+
+    def _features(self, x: torch.Tensor) -> np.ndarray:
+        if self.features == "pixels":
+            return x.flatten(1).double().numpy()
+        out = [self.encoder_.features(xb.to(self.encoder_.device)).cpu() for xb in x.split(256)]
+        return torch.cat(out).double().numpy()
+
+    def fit(self, x, epochs: int = 10, batch_size: int = 64, seed: int = 0, x_val=None) -> ShallowDetector:
+        """Fit on normal images x (epochs, batch_size: the CAE's, for features="cae"); x_val sets the threshold."""
+        x = as_image_batch(x, self.channels, self.input_size)
+        xv = as_image_batch(x_val, self.channels, self.input_size) if x_val is not None else None
+        if self.features == "cae":
+            torch.manual_seed(seed)
+            self.encoder_ = CAEDetector(create_model("gradcon_cae", in_channels=self.channels), device=self.device)
+            self.encoder_.fit(x, epochs=epochs, batch_size=batch_size, seed=seed, x_val=xv)
+        rows = np.random.default_rng(seed).permutation(len(x))[: self.max_train]
+        self.fit_features(self._features(x[np.sort(rows)]))
+        self.fit_info_ = {"epochs": epochs, "batch_size": batch_size, "seed": seed, "best_epoch": epochs - 1,
+                          "data_fingerprint": data_fingerprint(x)}
+        self.set_threshold(scores=self.decision_function(xv if xv is not None else x),
+                           percentile=self.threshold_percentile)
+        return self
+
+    def decision_function(self, x) -> np.ndarray:
+        x = as_image_batch(x, self.channels, self.input_size)
+        feats = self._features(x)
+        return np.concatenate([self.score_features(f) for f in np.array_split(feats, -(-len(feats) // 512))]
+                              ).astype(np.float32)
+
+    def score_components(self, x) -> dict[str, np.ndarray]:
+        return {"score": self.decision_function(x)}
+
+    # Subclasses: fit on and score a float64 feature matrix, and name the tensors that hold the fit.
+    def fit_features(self, feats: np.ndarray) -> None:
+        raise NotImplementedError
+
+    def score_features(self, feats: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def fitted_tensors(self) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def load_fitted(self, tensors: dict[str, torch.Tensor]) -> None:
+        raise NotImplementedError
+
+    def params(self) -> dict[str, Any]:
+        return {}
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        tensors = dict(self.fitted_tensors())
+        if self.encoder_ is not None:
+            tensors.update({f"encoder.{k}": v for k, v in self.encoder_.model.state_dict().items()})
+        return tensors
+
+    def config(self) -> dict[str, Any]:
+        return {"in_channels": self.in_channels, "input_size": list(self.input_size), "features": self.features,
+                "max_train": self.max_train, "threshold_percentile": self.threshold_percentile, **self.params(),
+                **self.fit_info_}
+
+    @classmethod
+    def from_state(cls, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> ShallowDetector:
+        keys = ("in_channels", "input_size", "features", "max_train", "threshold_percentile", *cls.param_keys)
+        det = cls(**{k: config[k] for k in keys})
+        if det.features == "cae":
+            det.encoder_ = CAEDetector(create_model("gradcon_cae", in_channels=det.channels), device=det.device)
+            det.encoder_.model.load_state_dict({k[len("encoder."):]: v for k, v in tensors.items()
+                                                if k.startswith("encoder.")})
+        det.load_fitted(tensors)
+        det.fit_info_ = {k: config[k] for k in FIT_INFO if k in config}
+        return det
+
+
+@register_detector("ocsvm")
+class OCSVMDetector(ShallowDetector):
+    """One-class SVM, RBF kernel; score = -decision_function (gamma=None: scikit-learn's "scale")."""
+
+    param_keys = ("nu", "gamma")
+
+    def __init__(self, in_channels: int = 1, input_size: list[int] | None = None, features: str = "pixels",
+                 max_train: int = 2000, nu: float = 0.1, gamma: float | None = None, device: str = "cpu",
+                 threshold_percentile: float = 95.0):
+        if not 0 < nu <= 1:
+            raise ValueError(f"nu must lie in (0, 1], got {nu}")
+        super().__init__(in_channels, input_size, features, max_train, device, threshold_percentile)
+        self.nu, self.gamma = nu, gamma
+
+    def params(self) -> dict[str, Any]:
+        return {"nu": self.nu, "gamma": self.gamma}
+
+    def fit_features(self, feats: np.ndarray) -> None:
+        gamma = self.gamma or 1.0 / (feats.shape[1] * feats.var())
+        svm = OneClassSVM(kernel="rbf", nu=self.nu, gamma=gamma).fit(feats)
+        self.support_vectors_, self.dual_coef_ = svm.support_vectors_, svm.dual_coef_[0]
+        self.intercept_, self.gamma_ = float(svm.intercept_[0]), float(gamma)
+
+    def score_features(self, feats: np.ndarray) -> np.ndarray:
+        kernel = np.exp(-self.gamma_ * squared_distances(feats, self.support_vectors_))
+        return -(kernel @ self.dual_coef_ + self.intercept_)
+
+    def fitted_tensors(self) -> dict[str, torch.Tensor]:
+        return {"support_vectors": torch.from_numpy(self.support_vectors_),
+                "dual_coef": torch.from_numpy(self.dual_coef_),
+                "intercept": torch.tensor(self.intercept_, dtype=torch.float64),
+                "gamma": torch.tensor(self.gamma_, dtype=torch.float64)}
+
+    def load_fitted(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.support_vectors_, self.dual_coef_ = tensors["support_vectors"].numpy(), tensors["dual_coef"].numpy()
+        self.intercept_, self.gamma_ = float(tensors["intercept"]), float(tensors["gamma"])
+
+
+@register_detector("kde")
+class KDEDetector(ShallowDetector):
+    """Gaussian kernel density; score = -log density. bandwidth=None: Scott's rule scaled by the data's
+    mean feature standard deviation, sigma * n^(-1/(d+4)).
+
+    The log density is a logsumexp over all training points: scikit-learn's tree evaluation
+    underflows in hundreds of dimensions at such bandwidths (errors of thousands of nats on MNIST).
+    """
+
+    param_keys = ("bandwidth",)
+
+    def __init__(self, in_channels: int = 1, input_size: list[int] | None = None, features: str = "pixels",
+                 max_train: int = 2000, bandwidth: float | None = None, device: str = "cpu",
+                 threshold_percentile: float = 95.0):
+        if bandwidth is not None and bandwidth <= 0:
+            raise ValueError(f"need bandwidth > 0, got {bandwidth}")
+        super().__init__(in_channels, input_size, features, max_train, device, threshold_percentile)
+        self.bandwidth = bandwidth
+
+    def params(self) -> dict[str, Any]:
+        return {"bandwidth": self.bandwidth}
+
+    def fit_features(self, feats: np.ndarray) -> None:
+        n, d = feats.shape
+        h = self.bandwidth or float(feats.std(0).mean()) * n ** (-1 / (d + 4))
+        kde = KernelDensity(kernel="gaussian", bandwidth=h).fit(feats)
+        self.points_, self.bandwidth_ = np.asarray(kde.tree_.data), float(kde.bandwidth_)
+
+    def score_features(self, feats: np.ndarray) -> np.ndarray:
+        n, d = self.points_.shape
+        h = self.bandwidth_
+        log_kernel = -squared_distances(feats, self.points_) / (2 * h * h)
+        return -(logsumexp(log_kernel, axis=1) - np.log(n) - 0.5 * d * np.log(2 * np.pi * h * h))
+
+    def fitted_tensors(self) -> dict[str, torch.Tensor]:
+        return {"points": torch.from_numpy(self.points_),
+                "bandwidth": torch.tensor(self.bandwidth_, dtype=torch.float64)}
+
+    def load_fitted(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.points_, self.bandwidth_ = tensors["points"].numpy(), float(tensors["bandwidth"])

@@ -1,0 +1,126 @@
+"""VAE, and VAE + Grad (the GradCon paper's "VAE + Grad" row): a variational autoencoder on GradCon's conv stack.
+
+Loss per image: squared error of the reconstruction from a sampled z + kl_weight * KL(q(z|x) || N(0, I)),
+divided by the pixel count C*H*W so its scale matches the MSE of the other detectors (alpha keeps
+GradCon's meaning). Score: score="recon" the MSE of the posterior-mean reconstruction, score="kl"
+the KL term alone.
+
+Distributed: exact given the noise (a per-sample mean; each worker draws its own z).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from gradcon_core.detectors.cae import recon_error
+from gradcon_core.detectors.neural import NeuralDetector
+from gradcon_core.objective import GradientSync, ReferenceGradients, constraint_layers, gradient_loss
+from gradcon_core.registry import register_detector
+from gradcon_core.scoring import score_components
+
+SCORES = ("recon", "kl")
+
+
+def kl_divergence(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """KL(N(mu, exp(logvar)) || N(0, I)) per image."""
+    return -0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).sum(1)
+
+
+@register_detector("vae")
+class VAEDetector(NeuralDetector):
+    default_model = "conv_vae"
+
+    def __init__(self, model: nn.Module, score: str = "recon", kl_weight: float = 1.0, lr: float = 1e-3,
+                 device: str | torch.device = "auto", score_batch_size: int | None = None,
+                 threshold_percentile: float = 95.0):
+        if not getattr(model, "variational", False):
+            raise ValueError(f"{type(model).__name__} is not variational: build the VAE with create_model('conv_vae')")
+        if score not in SCORES:
+            raise ValueError(f"unknown score {score!r}; choose one of {SCORES}")
+        self.score, self.kl_weight = score, kl_weight
+        super().__init__(model, lr, device, score_batch_size, threshold_percentile)
+
+    def losses(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(loss, recon MSE, KL per pixel) of a batch, the reconstruction from a sampled z."""
+        mu, logvar = self.model.posterior(x)
+        z = mu + (0.5 * logvar).exp() * torch.randn_like(mu)
+        recon = F.mse_loss(self.model.decoder(z), x)
+        kl = kl_divergence(mu, logvar).mean() / x[0].numel()
+        return recon + self.kl_weight * kl, recon, kl
+
+    def batch_loss(self, x: torch.Tensor) -> torch.Tensor:
+        return self.losses(x)[0]
+
+    def train_step(self, x: torch.Tensor, sync: GradientSync | None = None, scale: float = 1.0) -> dict[str, float]:
+        loss, recon, kl = self.losses(x)
+        self.update(self.optimizers[0], scale * loss, sync)
+        return {"loss": float(loss.detach()), "recon": float(recon.detach()), "kl": float(kl.detach())}
+
+    def score_batch(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        mu, logvar = self.model.posterior(x)
+        err, kl = recon_error(self.model.decoder(mu), x), kl_divergence(mu, logvar)
+        return {"score": err if self.score == "recon" else kl, "recon_error": err, "kl": kl}
+
+
+@register_detector("vae_grad")
+class VAEGradDetector(VAEDetector):
+    """The VAE trained with GradCon's gradient constraint on its decoder; score = recon + beta * grad score.
+
+    The constraint and the reference gradients are GradCon's (gradcon_core.objective), over all the
+    decoder's weights (its Linear layer and the four ConvTranspose2d). The constrained gradient is that
+    of the reconstruction MSE from the sampled z (the KL term has no decoder gradient); the score is
+    gradcon_core.scoring's, on the deterministic posterior-mean reconstruction.
+
+    Distributed: as GradConDetector: the inner gradients are mean-all-reduced (differentiably) before
+    the cosine and the reference is updated from the all-reduced gradient, so it is exact given the noise.
+    """
+
+    def __init__(self, model: nn.Module, alpha: float = 0.03, beta: float = 0.12, kl_weight: float = 1.0,
+                 lr: float = 1e-3, device: str | torch.device = "auto", score_batch_size: int | None = None,
+                 threshold_percentile: float = 95.0):
+        if alpha < 0 or beta < 0:
+            raise ValueError(f"need alpha >= 0 and beta >= 0, got alpha={alpha}, beta={beta}")
+        self.alpha, self.beta = alpha, beta
+        super().__init__(model, "recon", kl_weight, lr, device, score_batch_size, threshold_percentile)
+
+    def make_aux(self) -> nn.Module:
+        return ReferenceGradients.for_model(self.model)
+
+    def constrained_losses(self, x: torch.Tensor, create_graph: bool, sync: GradientSync | None = None,
+                           scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(J, recon, kl, L_grad); L_grad = 0 until the reference has a first gradient (as GradCon)."""
+        loss, recon, kl = self.losses(x)
+        if self.alpha == 0 or int(self.aux.count) == 0:
+            return scale * loss, recon, kl, recon.new_zeros(())
+        weights = [layer.weight for layer in constraint_layers(self.model)]
+        grads = torch.autograd.grad(scale * recon, weights, create_graph=create_graph)
+        if sync is not None:
+            grads = [sync.mean_differentiable(g) for g in grads]
+        grad_loss = gradient_loss(list(grads), self.aux.tensors)
+        return scale * loss + self.alpha * grad_loss, recon, kl, grad_loss
+
+    def train_step(self, x: torch.Tensor, sync: GradientSync | None = None, scale: float = 1.0) -> dict[str, float]:
+        optimizer = self.optimizers[0]
+        optimizer.zero_grad(set_to_none=True)
+        loss, recon, kl, grad_loss = self.constrained_losses(x, True, sync, scale)
+        loss.backward()
+        self.sync_grads(optimizer, sync)
+        # GradCon's order: the reference takes the (all-reduced) gradient of J before the step.
+        self.aux.update([layer.weight.grad for layer in constraint_layers(self.model)])
+        optimizer.step()
+        recon, kl, grad_loss = float(recon.detach()), float(kl.detach()), float(grad_loss.detach())
+        return {"loss": recon + self.kl_weight * kl + self.alpha * grad_loss, "recon": recon, "kl": kl,
+                "grad_loss": grad_loss}
+
+    def validation_loss(self, x) -> float:
+        x = self._batch(x)
+        self.model.eval()
+        total = 0.0
+        for xb in x.split(self.score_batch_size):
+            loss, *_ = self.constrained_losses(xb.to(self.device), create_graph=False)
+            total += float(loss.detach()) * len(xb)
+        return total / len(x)
+
+    def score_batch(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return score_components(self.model, self.aux.tensors, x, self.beta)
