@@ -27,7 +27,7 @@ def test_arae_mlp_is_the_papers_dense_sigmoid_network():
     assert [tuple(layer.weight.shape) for layer in constraint_layers(model)] == [(256, 128), (512, 256), (784, 512)]
 
 
-AUTOENCODERS = ("gradcon_cae", "latent_ae", "conv_vae", "aae_net")
+AUTOENCODERS = ("gradcon_cae", "arae_mlp", "latent_ae", "conv_vae", "aae_net")
 
 
 @pytest.mark.parametrize("name", list_models())
