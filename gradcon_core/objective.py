@@ -75,6 +75,12 @@ class GradientSync(Protocol):
     def mean_(self, tensors: list[torch.Tensor]) -> None: ...
 
 
+def training_generators(seed: int) -> tuple[torch.Generator, torch.Generator]:
+    """The data order and the noise of training (ARAE's random starts), seeded: with the initial weights,
+    all the randomness of a run, shared by the single-process fit and every data-parallel worker."""
+    return torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed + 1)
+
+
 def local_part(batch: torch.Tensor, rank: int, world_size: int) -> tuple[torch.Tensor, float]:
     """Worker rank's slice of a global batch of indices, and its loss weight N * n_r / B."""
     mine = batch.tensor_split(world_size)[rank]

@@ -24,7 +24,8 @@ import hashlib
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -35,14 +36,16 @@ import torch
 import yaml
 
 from cluster.storage import S3Options, filesystem_for
-from gradcon_core import GradConDetector, create_model
+from gradcon_core import Detector, GradConDetector, create_model
 from gradcon_core.checkpoint import load_checkpoint, load_training_state
 from gradcon_core.config import add_config_arguments, config_from_arguments
+from gradcon_core.detectors.neural import NeuralDetector
 from gradcon_core.images import channels_of, decode_images
 from gradcon_core.imageset import IMAGE, image_bytes, list_parquet_files, read_columns, take_rows
 from gradcon_core.metrics import auroc
-from gradcon_core.objective import validation_loss
+from gradcon_core.objective import training_generators
 from gradcon_core.protocols import Selection, select
+from gradcon_core.registry import create_detector, detector_class
 from gradcon_core.storage import write_bytes
 
 
@@ -55,7 +58,9 @@ class TrainConfig:
     seed: int = 0
     epochs: int = 10
     batch_size: int = 64  # the GLOBAL batch; each of N workers holds about batch_size / N
-    model: str = "gradcon_cae"  # or arae_mlp (ARAE's dense network)
+    detector: str = "gradcon"  # any registered detector (gradcon_core.list_detectors())
+    params: dict[str, Any] = field(default_factory=dict)  # the detector's own settings, e.g. {objective: soft-boundary}
+    model: str = "gradcon_cae"  # gradcon's network: gradcon_cae, or arae_mlp (ARAE's dense network)
     alpha: float = 0.03
     beta: float = 0.12
     lr: float = 1e-3
@@ -115,6 +120,31 @@ def _load_rows(shard, ids: list[str], channels: int) -> torch.Tensor:
     return torch.from_numpy(pixels[found]).permute(0, 3, 1, 2).float().div_(255)
 
 
+def build_detector(cfg: TrainConfig, channels: int, device: str | torch.device = "cpu") -> Detector:
+    """The untrained detector a run trains: GradCon from the run's own fields, others from `params`."""
+    if cfg.detector == "gradcon":
+        return GradConDetector(create_model(cfg.model, in_channels=channels), cfg.alpha, cfg.beta, cfg.lr,
+                               device=device, epsilon=cfg.epsilon, gamma=cfg.gamma, attack_steps=cfg.attack_steps,
+                               attack_refresh=cfg.attack_refresh)
+    if cfg.epsilon > 0:
+        raise ValueError(f"epsilon (ARAE) is an option of detector=gradcon (alpha=beta=0 is ARAE on its CAE), "
+                         f"not of {cfg.detector!r}")
+    neural = issubclass(detector_class(cfg.detector), NeuralDetector)
+    try:
+        return create_detector(cfg.detector, in_channels=channels, **cfg.params,
+                               **({"lr": cfg.lr, "device": device} if neural else {}))
+    except TypeError as e:
+        raise ValueError(f"bad params for detector {cfg.detector!r}: {e}") from None
+
+
+def _fit_in_one_go(det: Detector, cfg: TrainConfig, x_train: torch.Tensor, x_val: torch.Tensor) -> dict:
+    """scikit-learn detectors: one fit, reported as one epoch; val_loss = mean validation score."""
+    start = time.perf_counter()
+    det.fit(x_train, epochs=cfg.epochs, batch_size=cfg.batch_size, seed=cfg.seed, x_val=x_val if len(x_val) else None)
+    return {"val_loss": float(np.mean(det.decision_function(x_val))) if len(x_val) else 0.0,
+            "images_per_s": len(x_train) / (time.perf_counter() - start)}
+
+
 def train_loop_per_worker(config: dict) -> list[str]:
     import ray.train
     from ray.train import Checkpoint
@@ -128,44 +158,56 @@ def train_loop_per_worker(config: dict) -> list[str]:
     x_anomalies = _load_rows(ray.train.get_dataset_shard("val"), config["anomaly_ids"], config["channels"])
 
     torch.manual_seed(cfg.seed)
-    det = GradConDetector(create_model(cfg.model, in_channels=config["channels"]), cfg.alpha, cfg.beta, cfg.lr,
-                          device=device, epsilon=cfg.epsilon, gamma=cfg.gamma, attack_steps=cfg.attack_steps,
-                          attack_refresh=cfg.attack_refresh)
-    order, noise = det.generators(cfg.seed)
+    det = build_detector(cfg, config["channels"], device)
+    iterative = hasattr(det, "train_epoch")
+    order, noise = training_generators(cfg.seed)
     start_epoch, best = 0, float("inf")
     restored = ray.train.get_checkpoint()
     if restored:
         with restored.as_directory() as d:
             det.load_state_tensors(load_checkpoint(d)[0])
             state = load_training_state(d)
-        det.optimizer.load_state_dict(state["optimizer"])
+        for optimizer, saved in zip(det.optimizers, state["optimizers"], strict=True):
+            optimizer.load_state_dict(saved)
         order.set_state(state["generator"])
         noise.set_state(state["noise_generator"])
         start_epoch, best = state["epoch"] + 1, state["best_selection_key"]
     sync = AllReduceMean(world) if world > 1 else None
+    if iterative and not restored:
+        det.prepare(x_train.to(device), sync)  # e.g. Deep SVDD's centre, before the first step
+    epochs = cfg.epochs if iterative else 1
 
-    for epoch in range(start_epoch, cfg.epochs):
+    for epoch in range(start_epoch, epochs):
         if cfg.fail_at_epoch == epoch and restored is None and rank == 0:
             raise RuntimeError(f"fault drill: rank 0 fails at epoch {epoch}")
         start = time.perf_counter()
-        sums = det.train_epoch(x_train, order, noise, cfg.batch_size, rank, world, sync)
-        if sync:  # per-worker loss shares -> global values
-            torch.distributed.all_reduce(sums)
-        loss, recon, grad_loss = (sums / len(x_train)).tolist()
-        val = validation_loss(det.model, det.reference, x_val.to(device), cfg.alpha) if len(x_val) else loss
-        metrics = {"epoch": epoch, "loss": loss, "recon": recon, "grad_loss": grad_loss, "val_loss": val,
-                   "images_per_s": len(x_train) / (time.perf_counter() - start), "resumed": restored is not None}
+        if iterative:
+            sums = det.train_epoch(x_train, order, noise, cfg.batch_size, rank, world, sync)
+            totals = torch.tensor(list(sums.values()), dtype=torch.float64)
+            if sync:  # per-worker shares -> global sums
+                torch.distributed.all_reduce(totals)
+                # Weights agree already; per-worker buffers (Deep SVDD's BatchNorm statistics) are averaged,
+                # as DDP's buffer broadcast would, so that every rank holds the state rank 0 saves.
+                buffers = [b for b in getattr(det, "model", torch.nn.Module()).buffers() if b.is_floating_point()]
+                if buffers:
+                    sync.mean_(buffers)
+            metrics = dict(zip(sums, (totals / len(x_train)).tolist()))
+            metrics["val_loss"] = det.validation_loss(x_val) if len(x_val) else metrics["loss"]
+            metrics["images_per_s"] = len(x_train) / (time.perf_counter() - start)
+        else:
+            metrics = _fit_in_one_go(det, cfg, x_train, x_val)
+        metrics.update(epoch=epoch, resumed=restored is not None)
         if len(x_anomalies) and len(x_val):
             scores = det.decision_function(torch.cat([x_val, x_anomalies]))
             metrics["val_auroc"] = auroc(scores, np.arange(len(scores)) >= len(x_val))
         if rank == 0:  # progress on the driver's console (Ray forwards worker output)
-            print(f"epoch {epoch + 1}/{cfg.epochs}  " + "  ".join(
+            print(f"epoch {epoch + 1}/{epochs}  " + "  ".join(
                 f"{k} {v:.4g}" for k, v in metrics.items() if k not in ("epoch", "resumed")), flush=True)
         # The selection metric as "lower is better", so that one running minimum serves both.
         key = -metrics[cfg.select_by] if SELECT_BY[cfg.select_by] == "max" else metrics[cfg.select_by]
         improved = key < best
         best = min(best, key)
-        if improved or (epoch + 1) % cfg.checkpoint_every == 0 or epoch == cfg.epochs - 1:
+        if improved or (epoch + 1) % cfg.checkpoint_every == 0 or epoch == epochs - 1:
             with tempfile.TemporaryDirectory() as d:
                 checkpoint = None
                 if rank == 0:
@@ -173,15 +215,17 @@ def train_loop_per_worker(config: dict) -> list[str]:
                                      "best_epoch": epoch if improved else None, "normal_class": cfg.normal_class}
                     det.set_threshold(scores=det.decision_function(x_val if len(x_val) else x_train[:1024]),
                                       percentile=det.threshold_percentile)
-                    det.save(d, training_state={"optimizer": det.optimizer.state_dict(), "generator": order.get_state(),
+                    det.save(d, training_state={"optimizers": [o.state_dict() for o in getattr(det, "optimizers", [])],
+                                                "generator": order.get_state(),
                                                 "noise_generator": noise.get_state(),
                                                 "epoch": epoch, "best_selection_key": best})
                     checkpoint = Checkpoint.from_directory(d)
                 ray.train.report(metrics, checkpoint=checkpoint)
         else:
             ray.train.report(metrics)
-    refs = b"".join(r.detach().cpu().numpy().tobytes() for r in det.reference.tensors)
-    digest = hashlib.sha256(refs).hexdigest()
+    # Every rank must end with the same state: a hash of it from each, for the caller to compare.
+    digest = hashlib.sha256(b"".join(t.detach().cpu().numpy().tobytes()
+                                     for _, t in sorted(det.state_tensors().items()))).hexdigest()
     if not sync:
         return [digest]
     gathered = [None] * world
@@ -234,6 +278,8 @@ def run(cfg: TrainConfig, callbacks: list | None = None):
     sel, rows = training_rows(cfg, data_path, data_fs)
     train_ids, val_ids, anomaly_ids = rows["train"], rows["val"], rows["anomalies"]
     channels = channels_of(take_rows(data_path, sel.train[:1], filesystem=data_fs).images[0])
+    if not hasattr(build_detector(cfg, channels), "train_epoch") and cfg.num_workers != 1:  # also checks params
+        raise ValueError(f"{cfg.detector} is fitted in one process (scikit-learn): use num_workers=1")
 
     if not ray.is_initialized():
         init_ray(cfg.address)

@@ -9,7 +9,7 @@ import torch.multiprocessing as mp
 
 from gradcon_core import GradConDetector, create_model
 from gradcon_core.adversarial import LatentAttack, arae_loss
-from gradcon_core.objective import gradcon_step
+from gradcon_core.objective import gradcon_step, training_generators
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +91,7 @@ def _worker(rank: int, world: int, port: int, x: torch.Tensor, kwargs: dict, out
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
     torch.set_num_threads(1)
     det = _detector(**kwargs)
-    order, noise = det.generators(0)
+    order, noise = training_generators(0)
     for _ in range(2):
         det.train_epoch(x, order, noise, 12, rank, world, AllReduceMean(world))
     if rank == 0:
@@ -109,7 +109,7 @@ def test_two_processes_with_arae_take_the_single_process_steps(zeros, refresh, t
     out = str(tmp_path / "rank0.pt")
     mp.start_processes(_worker, args=(2, port, x, kwargs, out), nprocs=2, start_method="spawn")
     single = _detector(**kwargs)
-    order, noise = single.generators(0)
+    order, noise = training_generators(0)
     for _ in range(2):
         single.train_epoch(x, order, noise, 12)  # 40 images: the last global batch of 4 splits 2 + 2
     distributed = torch.load(out, weights_only=True)

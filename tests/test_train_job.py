@@ -1,6 +1,7 @@
 """The Ray Train job: N workers compute what one process computes on the global batch."""
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet  # noqa: F401  (pa.parquet)
 import pytest
 import torch
 
@@ -90,3 +91,36 @@ def test_bad_input_fails_fast_with_a_clear_error(ray_local, zeros_set, tmp_path)
         run(TrainConfig(data=zeros_set, normal_class=0, storage=str(tmp_path), resume="nope"))
     with pytest.raises(ValueError, match="do not fit this cluster"):
         run(TrainConfig(data=zeros_set, normal_class=0, num_workers=16, storage=str(tmp_path)))
+
+
+@pytest.mark.parametrize(("detector", "params", "workers"), [
+    ("deep_svdd", {"objective": "soft-boundary"}, 2),  # a centre from prepare(), score-time state, 2 workers
+    ("ocsvm", {}, 1),  # scikit-learn: fitted once, in one worker
+])
+def test_other_detectors_train_through_the_job_and_score_through_ray_data(
+    ray_local, zeros_set, tmp_path, detector, params, workers
+):
+    from jobs.score import ScoreConfig
+    from jobs.score import run as score
+
+    result, uri = run(TrainConfig(data=zeros_set, normal_class=0, epochs=2, batch_size=16, num_workers=workers,
+                                  detector=detector, params=params, storage=str(tmp_path), name=detector))
+    assert len(set(result.return_value)) == 1  # every rank ends with the same weights and state
+    det = load_detector(uri)
+    assert det.name == detector and det.threshold_ is not None
+    summary = score(ScoreConfig(model=uri, input=zeros_set, output=str(tmp_path / "scores")))
+    table = pa.concat_tables(pa.parquet.read_table(f) for f in sorted((tmp_path / "scores").glob("*.parquet")))
+    assert summary["rows"] == table.num_rows == 160 and summary["errors"] == 0
+    expected = det.decision_function(decode_images(take_rows(zeros_set, np.arange(160)).images, 1, (28, 28))[0])
+    np.testing.assert_allclose(table.column("score").to_numpy(), expected, rtol=1e-5)
+
+
+def test_bad_detector_settings_fail_before_training(ray_local, zeros_set, tmp_path):
+    with pytest.raises(ValueError, match="unknown detector"):
+        run(TrainConfig(data=zeros_set, detector="nope", storage=str(tmp_path)))
+    with pytest.raises(ValueError, match="bad params for detector 'deep_svdd'"):
+        run(TrainConfig(data=zeros_set, detector="deep_svdd", params={"objectiv": "x"}, storage=str(tmp_path)))
+    with pytest.raises(ValueError, match="use num_workers=1"):
+        run(TrainConfig(data=zeros_set, detector="kde", num_workers=2, storage=str(tmp_path)))
+    with pytest.raises(ValueError, match="epsilon \\(ARAE\\) is an option of detector=gradcon"):
+        run(TrainConfig(data=zeros_set, detector="cae", epsilon=0.1, storage=str(tmp_path)))

@@ -14,7 +14,14 @@ from gradcon_core.adversarial import LatentAttack
 from gradcon_core.checkpoint import data_fingerprint
 from gradcon_core.detector import Detector
 from gradcon_core.inputs import as_image_batch
-from gradcon_core.objective import GradientSync, ReferenceGradients, gradcon_step, local_part, validation_loss
+from gradcon_core.objective import (
+    GradientSync,
+    ReferenceGradients,
+    gradcon_step,
+    local_part,
+    training_generators,
+    validation_loss,
+)
 from gradcon_core.registry import create_model, register_detector
 from gradcon_core.scoring import METHODS, score_components
 
@@ -101,16 +108,15 @@ class GradConDetector(Detector):
             raise ValueError(f"need epochs >= 1 and batch_size >= 1, got {epochs} and {batch_size}")
         x = self._batch(x)
         xv = self._batch(x_val) if x_val is not None else None
-        order, noise = self.generators(seed)
+        order, noise = training_generators(seed)
         best_loss, best_state = float("inf"), None
         for epoch in range(epochs):
             start = time.perf_counter()
             sums = self.train_epoch(x, order, noise, batch_size)
-            loss, recon, grad_loss = (sums / len(x)).tolist()
-            record = {"epoch": epoch, "loss": loss, "recon": recon, "grad_loss": grad_loss,
+            record = {"epoch": epoch, **{k: v / len(x) for k, v in sums.items()},
                       "images_per_s": len(x) / (time.perf_counter() - start)}
             if xv is not None:
-                record["val_loss"] = validation_loss(self.model, self.reference, xv, self.alpha)
+                record["val_loss"] = self.validation_loss(xv)
                 if record["val_loss"] < best_loss:
                     best_loss, best_state = record["val_loss"], (epoch, copy.deepcopy(self.state_tensors()))
             self.history_.append(record)
@@ -125,10 +131,16 @@ class GradConDetector(Detector):
                            percentile=self.threshold_percentile)
         return self
 
-    @staticmethod
-    def generators(seed: int) -> tuple[torch.Generator, torch.Generator]:
-        """The data order and the ARAE random starts: the only randomness of training after initialisation."""
-        return torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed + 1)
+    @property
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        return [self.optimizer]
+
+    def prepare(self, x: torch.Tensor, sync: GradientSync | None = None) -> None:
+        """Nothing to set up before the first step (the trainer's contract, see NeuralDetector)."""
+
+    def validation_loss(self, x) -> float:
+        """The official validation J on held-out normal images (first order), averaged over images."""
+        return validation_loss(self.model, self.reference, self._batch(x), self.alpha)
 
     def train_epoch(
         self,
@@ -139,13 +151,13 @@ class GradConDetector(Detector):
         rank: int = 0,
         world_size: int = 1,
         sync: GradientSync | None = None,
-    ) -> torch.Tensor:
+    ) -> dict[str, float]:
         """One epoch over x in global batches of batch_size, this worker taking its slice of each.
 
         With world_size = 1 this is the single-process epoch; with N workers that share the generators'
         states, each calls it with its rank and the all-reduce sync, and together they take exactly the
-        single-process steps (jobs/train.py). Returns this worker's share of the sums of (J, recon, L_grad)
-        over images, in float64.
+        single-process steps (jobs/train.py). Returns this worker's share of the sums over images of
+        "loss" (J), "recon" and "grad_loss"; summed over workers they are the global sums.
         """
         sums = torch.zeros(3, dtype=torch.float64)
         batches = torch.randperm(len(x), generator=order).split(batch_size)
@@ -167,8 +179,9 @@ class GradConDetector(Detector):
                 xa = self.attack.craft(self.model, xb, start.tensor_split(world_size)[rank] if len(mine) else start[:1])
             s = gradcon_step(self.model, self.reference, self.optimizer, xb, self.alpha, sync, scale,
                              x_adv=xa, gamma=self.attack.gamma)
+            # The step's losses are this worker's scaled share (N * n_r / B of its mean): times B / N, its sum.
             sums += torch.tensor([s.loss, s.recon, s.grad_loss], dtype=torch.float64) * len(batch) / world_size
-        return sums
+        return dict(zip(("loss", "recon", "grad_loss"), sums.tolist()))
 
     def score_components(self, x) -> dict[str, np.ndarray]:
         """{"score", "recon_error", "grad_score"} per image, as float32 arrays."""

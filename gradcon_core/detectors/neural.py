@@ -34,7 +34,7 @@ from gradcon_core.checkpoint import data_fingerprint
 from gradcon_core.detector import Detector
 from gradcon_core.detectors.gradcon import resolve_device
 from gradcon_core.inputs import as_image_batch
-from gradcon_core.objective import GradientSync
+from gradcon_core.objective import GradientSync, local_part, training_generators
 from gradcon_core.registry import create_model
 
 log = logging.getLogger("gradcon")
@@ -145,14 +145,11 @@ class NeuralDetector(Detector):
         x = self._batch(x)
         xv = self._batch(x_val) if x_val is not None else None
         self.prepare(x)
-        order = torch.Generator().manual_seed(seed)
+        order, noise = training_generators(seed)
         best_loss, best_state = float("inf"), None
         for epoch in range(epochs):
-            self.model.train()
-            start, sums = time.perf_counter(), {}
-            for idx in torch.randperm(len(x), generator=order).split(batch_size):
-                for k, v in self.train_step(x[idx].to(self.device)).items():
-                    sums[k] = sums.get(k, 0.0) + v * len(idx)
+            start = time.perf_counter()
+            sums = self.train_epoch(x, order, noise, batch_size)
             record = {"epoch": epoch, **{k: v / len(x) for k, v in sums.items()},
                       "images_per_s": len(x) / (time.perf_counter() - start)}
             if xv is not None:
@@ -170,6 +167,29 @@ class NeuralDetector(Detector):
         self.set_threshold(scores=self.decision_function(xv if xv is not None else x),
                            percentile=self.threshold_percentile)
         return self
+
+    def train_epoch(
+        self,
+        x: torch.Tensor,
+        order: torch.Generator,
+        noise: torch.Generator,
+        batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        sync: GradientSync | None = None,
+    ) -> dict[str, float]:
+        """One epoch in global batches of batch_size, this worker taking its slice of each (as
+        GradConDetector.train_epoch; `noise` is unused: these objectives draw from torch's global RNG).
+        Returns this worker's share of the sums over images of train_step's values."""
+        self.model.train()
+        sums: dict[str, float] = {}
+        for batch in torch.randperm(len(x), generator=order).split(batch_size):
+            mine, scale = local_part(batch, rank, world_size)
+            # A worker left without images still joins every collective: one image, weight 0.
+            rows, scale = (mine, scale) if len(mine) else (batch[:1], 0.0)
+            for k, v in self.train_step(x[rows].to(self.device), sync, scale).items():
+                sums[k] = sums.get(k, 0.0) + v * len(mine)
+        return sums
 
     @torch.no_grad()
     def score_components(self, x) -> dict[str, np.ndarray]:
