@@ -41,8 +41,8 @@ from gradcon_core.storage import read_bytes, write_bytes
 from jobs import train
 from jobs.train import SELECT_BY, TrainConfig
 
-TUNABLE = {"alpha", "beta", "lr", "epsilon", "gamma", "attack_steps", "attack_refresh", "batch_size", "epochs", "detector",
-           "seed", "model"}
+TUNABLE = {"alpha", "beta", "lr", "epsilon", "gamma", "attack_steps", "attack_refresh", "batch_size", "epochs",
+           "detector", "seed", "model"}
 DISTRIBUTIONS = ("uniform", "loguniform", "randint", "choice", "grid")
 
 
