@@ -2,20 +2,24 @@
 
 gradcon train [--config FILE] [key=value ...]   e.g.  gradcon train data=s3://b/mnist/ normal_class=3 num_workers=8
 
-Every epoch draws the same global order as GradConDetector.fit (one generator seeded once,
-randperm per epoch) and cuts it into global batches of `batch_size`; worker r takes the r-th
-of N near-equal slices of each. The sync is ours, not DDP's (DDP does not see autograd.grad):
+Every epoch runs the detector's own train_epoch, the one its single-process fit runs: the same
+global order (generators seeded once, randperm per epoch) cut into global batches of `batch_size`,
+worker r taking the r-th of N near-equal slices of each. The sync is ours, not DDP's (DDP does not see autograd.grad):
 each worker weights its loss by N * n_r / B, the inner decoder gradients are all-reduced
 (differentiably) before the cosine, the final gradients are all-reduced, and every worker
 updates the reference from the same all-reduced gradient. So N workers compute what one
-process computes on the global batch, whatever N is.
+process computes on the global batch, whatever N is; with ARAE (epsilon > 0) too, each worker
+attacking its slice from the random start one process would draw. Every other registered detector
+trains here as well (detector=NAME params={...}); its docstring says whether its data-parallel step
+is exact. The scikit-learn ones (ocsvm, kde) are fitted once, in one worker.
 
 Input flows through Ray Data (read, keep the selected rows); every worker receives the whole
 selected train and validation rows of the normal class (a one-class set: it must fit in a
 worker's memory) because exact global batches need specific rows on specific workers.
 Checkpoints (DESIGN section 6 directories) go to local storage or S3 every `checkpoint_every`
-epochs and whenever validation J improves; a restarted or resumed run continues from the
-latest with optimizer, reference buffers, data order and epoch restored.
+epochs and whenever the selection metric (select_by: val_loss, or val_auroc against other classes'
+train rows) improves; a restarted or resumed run continues from the latest with optimizers,
+buffers, generators and epoch restored.
 """
 from __future__ import annotations
 
