@@ -1,6 +1,6 @@
 """Tuned vs default: GradCon, ARAE and GradCon+ARAE on MNIST, test AUROC measured once after tuning.
 
-python benchmarks/tune_arae.py [--classes 0,2] [--trials 4] [--epochs 3] [--train-images 1500] [--attack-steps 10]
+python benchmarks/tune_arae.py [--classes 0,2] [--trials 3] [--epochs 3] [--train-images 1500] [--attack-steps 10]
 
 Per normal class and method: one train run with the defaults, and a Tune sweep (ASHA, random
 search) of the method's knobs on *validation* AUROC (validation 0s against other digits' train
@@ -50,7 +50,7 @@ def main() -> None:
     parser.add_argument("--data", default="data/sets/mnist")
     parser.add_argument("--idx", default="data/mnist")
     parser.add_argument("--classes", default="0,2")
-    parser.add_argument("--trials", type=int, default=4)
+    parser.add_argument("--trials", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--train-images", type=int, default=1500)
     parser.add_argument("--attack-steps", type=int, default=10)
@@ -61,7 +61,7 @@ def main() -> None:
     import ray
 
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
-    ray.init(address="local", num_cpus=3, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     common = dict(data=str(Path(args.data).resolve()), epochs=args.epochs, max_train_images=args.train_images,
                   attack_steps=args.attack_steps, num_workers=1, val_anomalies=-1, select_by="val_auroc",
                   storage=str(Path(args.out).resolve()))

@@ -44,6 +44,7 @@ from jobs.train import SELECT_BY, TrainConfig
 TUNABLE = {"alpha", "beta", "lr", "epsilon", "gamma", "attack_steps", "attack_refresh", "batch_size", "epochs",
            "detector", "seed", "model"}
 DISTRIBUTIONS = ("uniform", "loguniform", "randint", "choice", "grid")
+TRIAL_DRIVER_CPU = 0.01  # Tune rejects 0; the driver only waits on its Train run
 
 
 @dataclass
@@ -139,12 +140,15 @@ def _concurrency(cfg: TuneConfig) -> int:
     if cfg.max_concurrent_trials > 0:
         return cfg.max_concurrent_trials
     resources = ray.cluster_resources()
-    # A trial holds its workers' CPUs plus two for its Ray Data listing and read tasks (else reads starve).
-    fits = math.floor(resources.get("CPU", 0) / (cfg.num_workers + 2))
+    # A trial holds its workers' CPUs, two for its Ray Data listing and read tasks and its driver's sliver;
+    # short of any of it, the trial's reads wait forever.
+    per_trial = cfg.num_workers + 2 + TRIAL_DRIVER_CPU
+    fits = math.floor(resources.get("CPU", 0) / per_trial)
     if cfg.use_gpu:
         fits = min(fits, math.floor(resources.get("GPU", 0) / cfg.num_workers))
     if fits < 1:
-        raise ValueError(f"one trial of {cfg.num_workers} worker(s) does not fit this cluster ({resources})")
+        raise ValueError(f"one trial of {cfg.num_workers} worker(s) needs {per_trial:g} CPUs (workers, 2 for Ray Data "
+                         f"reads, its driver); this cluster has {resources.get('CPU', 0):g}")
     return fits
 
 
@@ -170,7 +174,7 @@ def run(cfg: TuneConfig):
                                    select_by=cfg.metric, val_anomalies=cfg.val_anomalies or -1))
     if not ray.is_initialized():
         init_ray(cfg.address)
-    trainable = tune.with_resources(tune.with_parameters(run_trial, base=base), {"CPU": 0.01})
+    trainable = tune.with_resources(tune.with_parameters(run_trial, base=base), {"CPU": TRIAL_DRIVER_CPU})
     is_s3 = str(cfg.storage).startswith("s3://")
     if cfg.resume:
         tuner = tune.Tuner.restore(sweep, trainable, resume_unfinished=True, restart_errored=True,

@@ -120,3 +120,23 @@ def test_a_sweep_killed_midway_resumes_and_finishes(ray_local, digits_set, tmp_p
     assert best["lr"] == 0.01 and best["data"] == digits_set and TrainConfig(**best).select_by == "val_loss"
     det = load_detector(summary["best_checkpoint"])
     assert det.threshold_ is not None and (storage / name / "trials.csv").exists()
+
+
+@pytest.mark.parametrize(("resources", "workers", "use_gpu", "expected"), [
+    ({"CPU": 4}, 1, False, 1),  # 1 worker + 2 for reads + the driver's 0.01
+    ({"CPU": 16}, 2, False, 3),
+    ({"CPU": 64, "GPU": 4}, 1, True, 4),  # GPUs bound it
+    ({"CPU": 3}, 1, False, "needs 3.01 CPUs"),  # reads would starve: refused, not hung
+])
+def test_concurrent_trials_leave_room_for_their_reads(monkeypatch, resources, workers, use_gpu, expected):
+    import ray
+
+    from jobs.tune import _concurrency
+
+    monkeypatch.setattr(ray, "cluster_resources", lambda: resources)
+    cfg = TuneConfig(search={"alpha": "uniform(0,1)"}, num_workers=workers, use_gpu=use_gpu)
+    if isinstance(expected, str):
+        with pytest.raises(ValueError, match=expected):
+            _concurrency(cfg)
+    else:
+        assert _concurrency(cfg) == expected
