@@ -25,6 +25,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, StorageError) as e:
         print(f"gradcon {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # what the job started has been stopped on the way out (its finally blocks)
+        print(f"gradcon {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
