@@ -169,7 +169,8 @@ def run(cfg: TuneConfig):
         saved = f"{sweep}/tune_config.yaml"
         if store_fs.get_file_info(saved).type == pafs.FileType.NotFound:
             raise FileNotFoundError(f"no sweep named {cfg.resume!r} under {cfg.storage} to resume")
-        cfg = TuneConfig(**{**yaml.safe_load(read_bytes(store_fs, saved)), "resume": cfg.resume})
+        where = {"resume": cfg.resume, "address": cfg.address, "s3_endpoint": cfg.s3_endpoint}  # today's cluster
+        cfg = TuneConfig(**{**yaml.safe_load(read_bytes(store_fs, saved)), **where})
     base = asdict(cfg.train_config(storage=f"{cfg.storage.rstrip('/')}/{name}/trials", resume=None, name=None,
                                    select_by=cfg.metric, val_anomalies=cfg.val_anomalies or -1))
     if not ray.is_initialized():
