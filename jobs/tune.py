@@ -70,6 +70,8 @@ class TuneConfig(TrainConfig):
         if not self.search and not self.resume:
             raise ValueError("nothing to search: give --search NAME=DIST (e.g. alpha=loguniform(1e-3,1))")
         self.search = {name: parse_distribution(name, spec) for name, spec in dict(self.search).items()}
+        if self.search_alg == "optuna" and any(spec.startswith("grid(") for spec in self.search.values()):
+            raise ValueError("Optuna samples; it does not take grid(...): use choice(...) or search_alg=random")
 
     def train_config(self, **values) -> TrainConfig:
         base = {f.name: getattr(self, f.name) for f in fields(TrainConfig)}

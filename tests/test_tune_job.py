@@ -63,10 +63,13 @@ def test_tuning_rows_never_include_a_test_row(digits_set, merge_splits):
     ({"alpha": "normal(0,1)"}, "expected one of"),
     ({"batch_size": "choice()"}, "needs at least one value"),
     ({}, "nothing to search"),
+    ({"lr": "grid(0.1,0.01)", "search_alg": "optuna"}, "does not take grid"),
 ])
 def test_bad_search_spaces_fail_before_any_trial(search, message):
+    search = dict(search)
+    extra = {"search_alg": search.pop("search_alg")} if "search_alg" in search else {}
     with pytest.raises(ValueError, match=message):
-        TuneConfig(search=search)
+        TuneConfig(search=search, **extra)
 
 
 def test_search_values_keep_their_types():
@@ -77,6 +80,21 @@ def test_search_values_keep_their_types():
     space = search_space(cfg.search)
     assert space["attack_refresh"] == {"grid_search": ["batch", "epoch"]}
     assert space["batch_size"].categories == [32, 64] and space["lr"].lower == 1e-7
+
+
+def test_optuna_samples_our_search_space():
+    """Ray's OptunaSearch (with the installed Optuna) takes every distribution it can sample, seeded."""
+    from ray.tune.search.optuna import OptunaSearch
+
+    cfg = TuneConfig(search={"alpha": "loguniform(1e-3,1)", "epsilon": "uniform(0,0.3)",
+                             "batch_size": "choice(32,64)", "attack_steps": "randint(5,20)"}, search_alg="optuna")
+    draws = []
+    for _ in range(2):
+        searcher = OptunaSearch(seed=cfg.tune_seed)
+        assert searcher.set_search_properties(cfg.metric, "max", search_space(cfg.search))
+        draws.append(searcher.suggest("trial-1"))
+    assert draws[0] == draws[1] and 1e-3 <= draws[0]["alpha"] <= 1 and draws[0]["batch_size"] in (32, 64)
+    assert 5 <= draws[0]["attack_steps"] < 20
 
 
 def test_bad_search_on_the_command_line_exits_2_without_starting_ray(capsys):
