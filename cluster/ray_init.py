@@ -17,4 +17,6 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     if address and address != "local":
         ray.init(address=address)
     else:
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False)
+        # The dashboard (on 127.0.0.1 only) serves the State API, which Ray Train's placement-group cleaner
+        # needs: without it, every trial that Tune stops keeps its workers' CPUs and later trials' reads hang.
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1")
