@@ -90,7 +90,9 @@ def job_scaling(data: str, epochs: int, normal_class: int) -> None:
 
     from jobs.train import TrainConfig, run
 
-    ray.init(address="local", num_cpus=os.cpu_count() + 1, include_dashboard=False, log_to_driver=False)
+    # N workers + 2 logical CPUs for Ray Data's list and read tasks (the train job requires them).
+    ray.init(address="local", num_cpus=os.cpu_count() + 2, include_dashboard=True, dashboard_host="127.0.0.1",
+             log_to_driver=False)
     rates = {}
     for workers in (1, 2):
         result, _ = run(TrainConfig(data=data, normal_class=normal_class, epochs=epochs, num_workers=workers,
