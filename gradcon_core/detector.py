@@ -78,6 +78,11 @@ class Detector:
         return det
 
 
+def with_prefix(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The tensors whose names start with prefix, with it removed (one module's state_dict)."""
+    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
 def load_detector(path: str, filesystem: pafs.FileSystem | None = None) -> Detector:
     """Any registered detector from a checkpoint directory (local path, file:// or s3://)."""
     tensors, config = checkpoint.load_checkpoint(str(path), filesystem)

@@ -87,6 +87,15 @@ def local_part(batch: torch.Tensor, rank: int, world_size: int) -> tuple[torch.T
     return mine, len(mine) * world_size / len(batch)
 
 
+def step_rows(batch: torch.Tensor, rank: int, world_size: int) -> tuple[torch.Tensor, float, int]:
+    """(rows, loss weight, own images) for this worker's step on a global batch.
+
+    A worker left without images still joins every collective: it steps on one image with weight 0.
+    """
+    mine, scale = local_part(batch, rank, world_size)
+    return (mine, scale, len(mine)) if len(mine) else (batch[:1], 0.0, 0)
+
+
 @dataclass
 class StepStats:
     loss: float

@@ -12,13 +12,14 @@ import torch.nn as nn
 
 from gradcon_core.adversarial import LatentAttack
 from gradcon_core.checkpoint import data_fingerprint
-from gradcon_core.detector import Detector
+from gradcon_core.detector import Detector, with_prefix
 from gradcon_core.inputs import as_image_batch
 from gradcon_core.objective import (
     GradientSync,
     ReferenceGradients,
     gradcon_step,
     local_part,
+    step_rows,
     training_generators,
     validation_loss,
 )
@@ -168,15 +169,13 @@ class GradConDetector(Detector):
             x_adv = x.clone()  # rows another worker crafts stay clean images here (used only with weight 0)
             x_adv[rows] = self.attack.craft(self.model, x[rows].to(self.device), start[rows]).cpu()
         for batch in batches:
-            mine, scale = local_part(batch, rank, world_size)
-            # A worker left without images still joins every collective: one image, weight 0.
-            rows, scale = (mine, scale) if len(mine) else (batch[:1], 0.0)
+            rows, scale, own = step_rows(batch, rank, world_size)
             xb, xa = x[rows].to(self.device), None
             if self.attack.enabled and self.attack.refresh == "epoch":
                 xa = x_adv[rows].to(self.device)
             elif self.attack.enabled:
                 start = self.attack.random_start((len(batch), *x.shape[1:]), noise)
-                xa = self.attack.craft(self.model, xb, start.tensor_split(world_size)[rank] if len(mine) else start[:1])
+                xa = self.attack.craft(self.model, xb, start.tensor_split(world_size)[rank] if own else start[:1])
             s = gradcon_step(self.model, self.reference, self.optimizer, xb, self.alpha, sync, scale,
                              x_adv=xa, gamma=self.attack.gamma)
             # The step's losses are this worker's scaled share (N * n_r / B of its mean): times B / N, its sum.
@@ -203,11 +202,8 @@ class GradConDetector(Detector):
         return tensors
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        def part(prefix: str) -> dict[str, torch.Tensor]:
-            return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-
-        self.model.load_state_dict(part("model."))
-        self.reference.load_state_dict(part("reference."))
+        self.model.load_state_dict(with_prefix(tensors, "model."))
+        self.reference.load_state_dict(with_prefix(tensors, "reference."))
 
     def config(self) -> dict[str, Any]:
         if not hasattr(self.model, "spec"):

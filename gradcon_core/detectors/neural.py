@@ -31,10 +31,10 @@ import torch
 import torch.nn as nn
 
 from gradcon_core.checkpoint import data_fingerprint
-from gradcon_core.detector import Detector
+from gradcon_core.detector import Detector, with_prefix
 from gradcon_core.detectors.gradcon import resolve_device
 from gradcon_core.inputs import as_image_batch
-from gradcon_core.objective import GradientSync, local_part, training_generators
+from gradcon_core.objective import GradientSync, step_rows, training_generators
 from gradcon_core.registry import create_model
 
 log = logging.getLogger("gradcon")
@@ -184,11 +184,9 @@ class NeuralDetector(Detector):
         self.model.train()
         sums: dict[str, float] = {}
         for batch in torch.randperm(len(x), generator=order).split(batch_size):
-            mine, scale = local_part(batch, rank, world_size)
-            # A worker left without images still joins every collective: one image, weight 0.
-            rows, scale = (mine, scale) if len(mine) else (batch[:1], 0.0)
+            rows, scale, own = step_rows(batch, rank, world_size)
             for k, v in self.train_step(x[rows].to(self.device), sync, scale).items():
-                sums[k] = sums.get(k, 0.0) + v * len(mine)
+                sums[k] = sums.get(k, 0.0) + v * own
         return sums
 
     @torch.no_grad()
@@ -219,11 +217,8 @@ class NeuralDetector(Detector):
         return tensors
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        def part(prefix: str) -> dict[str, torch.Tensor]:
-            return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-
-        self.model.load_state_dict(part("model."))
-        self.aux.load_state_dict(part("aux."))
+        self.model.load_state_dict(with_prefix(tensors, "model."))
+        self.aux.load_state_dict(with_prefix(tensors, "aux."))
 
     def config(self) -> dict[str, Any]:
         if not hasattr(self.model, "spec"):
