@@ -158,10 +158,10 @@ def main() -> None:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import ray
 
+    from cluster.ray_init import init_ray
     from jobs.score import ScoreConfig, run
 
-    ray.init(address="local", num_cpus=args.ray_cpus or os.cpu_count() + 1, include_dashboard=False,
-             log_to_driver=False)
+    init_ray("local", num_cpus=args.ray_cpus or os.cpu_count() + 1, log_to_driver=False)
     rates, peaks = {}, {}
     for name, data in (("1x", small), ("10x", big)):
         out = work / f"out-ray-{name}"

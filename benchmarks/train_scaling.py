@@ -88,11 +88,11 @@ def job_scaling(data: str, epochs: int, normal_class: int) -> None:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import ray
 
+    from cluster.ray_init import init_ray
     from jobs.train import TrainConfig, run
 
     # N workers + 2 logical CPUs for Ray Data's list and read tasks (the train job requires them).
-    ray.init(address="local", num_cpus=os.cpu_count() + 2, include_dashboard=True, dashboard_host="127.0.0.1",
-             log_to_driver=False)
+    init_ray("local", num_cpus=os.cpu_count() + 2, log_to_driver=False)
     rates = {}
     for workers in (1, 2):
         result, _ = run(TrainConfig(data=data, normal_class=normal_class, epochs=epochs, num_workers=workers,

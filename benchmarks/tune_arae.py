@@ -58,11 +58,12 @@ def main() -> None:
     args = parser.parse_args()
     if not Path(args.data).exists():
         prepare("mnist", args.idx, args.data)
-    import ray
+
+    from cluster.ray_init import init_ray
 
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     # With the dashboard: the State API lets Ray Train free the workers of trials that ASHA stops.
-    ray.init(address="local", num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False)
+    init_ray("local", num_cpus=4, log_to_driver=False)
     common = dict(data=str(Path(args.data).resolve()), epochs=args.epochs, max_train_images=args.train_images,
                   attack_steps=args.attack_steps, num_workers=1, val_anomalies=-1, select_by="val_auroc",
                   storage=str(Path(args.out).resolve()))

@@ -142,10 +142,9 @@ def _score_files(cfg: ScoreConfig, options: S3Options, files: list[str], in_fs: 
     """The Ray Data pipeline over `files`; result rows come back in order and go to one writer at a time."""
     import ray
 
-    if not ray.is_initialized():
-        from cluster.ray_init import init_ray
+    from cluster.ray_init import init_ray
 
-        init_ray(cfg.address)
+    init_ray(cfg.address)
     _check_fits(ray.cluster_resources(), cfg)
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True

@@ -265,7 +265,7 @@ def run(cfg: TrainConfig, callbacks: list | None = None):
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from cluster.ray_init import init_ray
+    from cluster.ray_init import data_context, init_ray
 
     if cfg.batch_size < 1 or cfg.num_workers < 1 or cfg.epochs < 1:
         raise ValueError("batch_size, num_workers and epochs must be >= 1")
@@ -287,6 +287,7 @@ def run(cfg: TrainConfig, callbacks: list | None = None):
 
     if not ray.is_initialized():
         init_ray(cfg.address)
+    data_context()
     cpus = ray.cluster_resources().get("CPU", 0)
     # Ray Data's listing and read tasks need a CPU each while the workers hold theirs, or the read waits forever.
     if cfg.num_workers + 2 > cpus or (cfg.use_gpu and cfg.num_workers > ray.cluster_resources().get("GPU", 0)):

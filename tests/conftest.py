@@ -79,8 +79,8 @@ def ray_local():
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a throwaway local cluster; token auth stays on elsewhere
     import ray
 
-    # The dashboard (127.0.0.1) serves the State API that Ray Train's placement-group cleaner needs (see init_ray).
-    ray.init(address="local", num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1",
-             object_store_memory=300 * 2**20, log_to_driver=False)
+    from cluster.ray_init import init_ray
+
+    init_ray("local", num_cpus=4, object_store_memory=300 * 2**20, log_to_driver=False)
     yield ray
     ray.shutdown()
