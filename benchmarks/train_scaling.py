@@ -25,7 +25,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from gradcon_core import create_model  # noqa: E402
 from gradcon_core.objective import ReferenceGradients, gradcon_step  # noqa: E402
-from jobs.train import AllReduceMean  # noqa: E402
+from gradcon_core.parallel import AllReduceMean  # noqa: E402
 
 
 def _sync_worker(rank: int, world: int, port: int, steps: int, batch: int, out) -> None:

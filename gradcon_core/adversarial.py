@@ -1,4 +1,4 @@
-"""Adversarially robust autoencoder training (ARAE, Salehi et al.; DESIGN section 4).
+"""Adversarially robust autoencoder training (ARAE, Salehi et al.; docs/design.md §5).
 
 x* = clip(x + delta, 0, 1), delta an L-inf PGD perturbation (|delta| <= eps) that *maximises the
 latent distance* ||E(x + delta) - E(x)||^2 with E(x) held fixed: a random uniform start in

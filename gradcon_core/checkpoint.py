@@ -1,4 +1,4 @@
-"""Checkpoint directories (DESIGN section 6): model.safetensors + config.yaml, local, file:// or s3://.
+"""Checkpoint directories (docs/design.md §7): model.safetensors + config.yaml, local, file:// or s3://.
 
 The same directory is a ray.train.Checkpoint. No pickled objects anywhere: the tensors are
 safetensors, the optional training state is a torch.save file that loads with weights_only=True.

@@ -13,6 +13,16 @@ import yaml
 T = TypeVar("T")
 
 
+def parse_scalar(text: str) -> Any:
+    """A number where the text reads as one (YAML alone takes "1e-7" for a string), else YAML's reading."""
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return yaml.safe_load(text)
+
+
 def _coerce(name: str, value: Any, annotation: Any) -> Any:
     origin = typing.get_origin(annotation)
     if origin in (types.UnionType, typing.Union):  # e.g. int | None
@@ -25,6 +35,12 @@ def _coerce(name: str, value: Any, annotation: Any) -> Any:
             value = yaml.safe_load(value) if value.startswith("[") else [v for v in value.split(",") if v]
         (item,) = typing.get_args(annotation)[:1] or (Any,)
         return origin(_coerce(name, v, item) for v in value)
+    if origin is dict:
+        if isinstance(value, str):
+            value = yaml.safe_load(value) if value.strip() else {}
+        if not isinstance(value, dict):
+            raise ValueError(f"config {name}: expected a mapping such as {{nu: 0.1}}, got {value!r}")
+        return {str(k): parse_scalar(v) if isinstance(v, str) else v for k, v in value.items()}
     if annotation is bool and isinstance(value, str):
         if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
             raise ValueError(f"config {name}: expected a boolean, got {value!r}")
@@ -40,9 +56,10 @@ def _coerce(name: str, value: Any, annotation: Any) -> Any:
 def load_config(
     cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None, extra: dict | None = None
 ) -> T:
-    """cls's defaults <- YAML file at path <- overrides like ["epochs=3", "normal_class=7"] <- extra values.
+    """cls's defaults <- YAML file at path <- overrides like ["epochs=3", "params.nu=0.1"] <- extra values.
 
-    A mapping in extra adds to the same mapping from the file (e.g. a sweep's search space).
+    A dotted override sets one entry of a mapping field (params.nu=0.1); a mapping in extra adds to the
+    same mapping from the file (e.g. a sweep's search space).
     """
     values: dict[str, Any] = {}
     if path is not None:
@@ -51,7 +68,15 @@ def load_config(
         if "=" not in item:
             raise ValueError(f"override {item!r} is not of the form key=value")
         key, value = item.split("=", 1)
-        values[key.strip().replace("-", "_")] = value
+        key = key.strip().replace("-", "_")
+        if "." in key:
+            field_name, entry = key.split(".", 1)
+            mapping = values.get(field_name) or {}
+            if isinstance(mapping, str):  # an earlier `params={...}` on the same command line
+                mapping = yaml.safe_load(mapping) or {}
+            values[field_name] = {**mapping, entry: parse_scalar(value)}
+        else:
+            values[key] = value
     for key, value in (extra or {}).items():
         values[key] = {**values.get(key, {}), **value} if isinstance(value, dict) else value
     hints = typing.get_type_hints(cls)

@@ -1,10 +1,20 @@
-"""The one contract every detector obeys (scikit-learn / PyOD style).
+"""The one contract every detector obeys (scikit-learn / PyOD style), and everything the jobs call.
 
-fit(x) -> self; decision_function(x) -> np.ndarray [N], higher = more anomalous;
-predict(x) -> 0/1 with threshold_; save(path) / load_detector(path) for any registered detector.
+Every detector:
+- fit(x, epochs, batch_size, seed, x_val) -> self; decision_function(x) -> np.ndarray [N], higher = more
+  anomalous; score_components(x) -> {"score", ...}; predict(x) -> 0/1 with threshold_;
+  reconstruct(x) -> the images it reconstructs, or None;
+- channels and input_size: what images it takes (the score job decodes to them);
+- save(path) / load_detector(path), with its settings read from its __init__'s signature (get_params,
+  scikit-learn's convention: every keyword argument is kept as an attribute of the same name).
+
+Trainable (iterative) detectors also offer what a data-parallel trainer drives (gradcon_core/training.py):
+optimizers, prepare(x, sync), train_epoch(x, order, noise, batch_size, rank, world_size, sync) and
+validation_loss(x). `iterative` says which kind a detector is.
 """
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import numpy as np
@@ -13,17 +23,28 @@ import torch
 
 from gradcon_core import checkpoint
 from gradcon_core.metrics import threshold_from_scores
-from gradcon_core.registry import detector_class
+from gradcon_core.parallel import GradientSync
+from gradcon_core.registry import create_model, detector_class
+
+# Constructor arguments that are run-time choices, not part of the method: not saved with it.
+RUNTIME_ARGUMENTS = ("self", "model", "device", "score_batch_size")
+# What a training run records about itself, the same from fit() and from `gradcon train`.
+FIT_INFO = ("epochs", "epoch", "batch_size", "seed", "data_fingerprint")
 
 
 class Detector:
     name: str = "detector"  # set by @register_detector
+    default_model: str | None = None  # the registry network a fresh detector gets; None: no torch network
+    iterative: bool = False  # trains in epochs of steps (the trainable interface below)
     threshold_: float | None = None
 
-    def fit(self, x, **kwargs) -> Detector:
+    def __init__(self) -> None:
+        self.fit_info_: dict[str, Any] = {}
+
+    # --- the contract -------------------------------------------------------------------------
+    def fit(self, x, epochs: int = 10, batch_size: int = 64, seed: int = 0, x_val=None) -> Detector:
         raise NotImplementedError
 
-    # What the score job decodes images to, for every detector (with or without a torch model).
     @property
     def channels(self) -> int:
         raise NotImplementedError
@@ -34,6 +55,14 @@ class Detector:
 
     def decision_function(self, x) -> np.ndarray:
         raise NotImplementedError
+
+    def score_components(self, x) -> dict[str, np.ndarray]:
+        """{"score", ...} per image; detectors with more than one part (GradCon's recon and grad) say so."""
+        return {"score": self.decision_function(x)}
+
+    def reconstruct(self, x) -> np.ndarray | None:
+        """float32 [N, C, H, W] in [0, 1]: what a reconstruction-based detector makes of x; None otherwise."""
+        return None
 
     def set_threshold(
         self, x=None, *, scores=None, contamination: float | None = None, percentile: float | None = None
@@ -52,16 +81,61 @@ class Detector:
             raise ValueError(f"{self.name} has no threshold_: call fit or set_threshold first")
         return (self.decision_function(x) > self.threshold_).astype(np.int64)
 
-    # Persistence: a subclass says what its tensors and config are and how to rebuild itself.
+    # --- trainable detectors (iterative = True) -------------------------------------------------
+    @property
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        return []
+
+    def prepare(self, x: torch.Tensor, sync: GradientSync | None = None) -> None:
+        """One-off state from the training images before the first step (Deep SVDD's centre)."""
+
+    def train_epoch(self, x: torch.Tensor, order: torch.Generator, noise: torch.Generator, batch_size: int,
+                    rank: int = 0, world_size: int = 1, sync: GradientSync | None = None) -> dict[str, float]:
+        """One epoch in global batches of batch_size, this worker taking its slice of each; returns this
+        worker's share of the sums over images of the step's values (summed over workers: the global sums)."""
+        raise NotImplementedError(f"{self.name} is not trained in epochs")
+
+    def validation_loss(self, x) -> float:
+        """The objective on held-out normal images, averaged over images; no update."""
+        raise NotImplementedError(f"{self.name} has no validation loss")
+
+    # --- settings: one mechanism for every detector ---------------------------------------------
+    @classmethod
+    def param_names(cls) -> list[str]:
+        """The detector's settings: its __init__'s arguments, run-time choices left out."""
+        return [n for n in inspect.signature(cls.__init__).parameters if n not in RUNTIME_ARGUMENTS]
+
+    @classmethod
+    def param_defaults(cls) -> dict[str, Any]:
+        parameters = inspect.signature(cls.__init__).parameters
+        return {n: parameters[n].default for n in cls.param_names()}
+
+    def get_params(self) -> dict[str, Any]:
+        return {n: _plain(getattr(self, n)) for n in self.param_names()}
+
+    # --- persistence ------------------------------------------------------------------------------
     def state_tensors(self) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
-    def config(self) -> dict[str, Any]:
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         raise NotImplementedError
+
+    def config(self) -> dict[str, Any]:
+        """Everything that rebuilds this detector with load_detector, beside its tensors."""
+        model = getattr(self, "model", None)
+        if model is not None and not hasattr(model, "spec"):
+            raise ValueError("only models made by create_model can be saved (their spec rebuilds them)")
+        network = {"model": dict(model.spec)} if model is not None else {}
+        return {**network, "input_size": list(self.input_size), "in_channels": self.channels,
+                **self.get_params(), **self.fit_info_}
 
     @classmethod
     def from_state(cls, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Detector:
-        raise NotImplementedError
+        params = {n: config[n] for n in cls.param_names() if n in config}
+        det = cls(create_model(**config["model"]), **params) if cls.default_model else cls(**params)
+        det.load_state_tensors(tensors)
+        det.fit_info_ = {k: config[k] for k in FIT_INFO if k in config}
+        return det
 
     def save(
         self, path: str, training_state: dict[str, Any] | None = None, filesystem: pafs.FileSystem | None = None
@@ -76,6 +150,11 @@ class Detector:
         if not isinstance(det, cls):
             raise ValueError(f"{path} holds a {det.name!r} detector, not {cls.name!r}")
         return det
+
+
+def _plain(value: Any) -> Any:
+    """Settings as YAML writes them safely (tuples as lists)."""
+    return list(value) if isinstance(value, tuple) else value
 
 
 def with_prefix(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

@@ -1,4 +1,4 @@
-"""Image sets (DESIGN section 6): one parquet file or a prefix of many, local, file:// or s3://.
+"""Image sets (docs/design.md §7): one parquet file or a prefix of many, local, file:// or s3://.
 
 Columns: `image` (binary, or the Hugging Face layout struct<bytes, path>), optional `id`
 (string or int64; absent -> "<file>:<row>"), `label` (int64), `is_anomaly` (bool), and any

@@ -1,6 +1,6 @@
 """The GradCon objective: the gradient constraint, its reference gradients and one training step.
 
-Semantics follow the official code (DESIGN section 3):
+Semantics follow the official code (docs/design.md §3):
 - the constraint acts on the weights (not biases) of the decoder's ConvTranspose2d layers;
 - L_grad = mean over those layers of -cos(dL/dW_l, ref_l), differentiated through the
   gradient (second order), and forced to 0 on the very first iteration;
@@ -10,13 +10,13 @@ Semantics follow the official code (DESIGN section 3):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from gradcon_core.adversarial import arae_loss
+from gradcon_core.parallel import GradientSync, all_reduce_gradients
 
 COS_EPS = 1e-8  # F.cosine_similarity's default, as in the official code
 
@@ -67,40 +67,32 @@ def gradient_loss(grads: list[torch.Tensor], refs: list[torch.Tensor]) -> torch.
     return -torch.stack(cos).mean()
 
 
-class GradientSync(Protocol):
-    """How data-parallel workers agree on gradients (see jobs/train.py); None means one process."""
-
-    def mean_differentiable(self, t: torch.Tensor) -> torch.Tensor: ...
-
-    def mean_(self, tensors: list[torch.Tensor]) -> None: ...
-
-
-def training_generators(seed: int) -> tuple[torch.Generator, torch.Generator]:
-    """The data order and the noise of training (ARAE's random starts), seeded: with the initial weights,
-    all the randomness of a run, shared by the single-process fit and every data-parallel worker."""
-    return torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed + 1)
-
-
-def local_part(batch: torch.Tensor, rank: int, world_size: int) -> tuple[torch.Tensor, float]:
-    """Worker rank's slice of a global batch of indices, and its loss weight N * n_r / B."""
-    mine = batch.tensor_split(world_size)[rank]
-    return mine, len(mine) * world_size / len(batch)
-
-
-def step_rows(batch: torch.Tensor, rank: int, world_size: int) -> tuple[torch.Tensor, float, int]:
-    """(rows, loss weight, own images) for this worker's step on a global batch.
-
-    A worker left without images still joins every collective: it steps on one image with weight 0.
-    """
-    mine, scale = local_part(batch, rank, world_size)
-    return (mine, scale, len(mine)) if len(mine) else (batch[:1], 0.0, 0)
-
-
 @dataclass
 class StepStats:
+    """A step's values on this worker's images, unweighted: J = recon + alpha * grad_loss."""
+
     loss: float
     recon: float
     grad_loss: float
+
+
+def gradient_constraint(
+    loss: torch.Tensor, model: nn.Module, reference: ReferenceGradients, *, create_graph: bool,
+    sync: GradientSync | None = None,
+) -> torch.Tensor:
+    """L_grad of a loss: mean over the constrained layers of -cos(dloss/dW_l, ref_l), 0 on the first iteration.
+
+    With a sync, the inner gradients are mean-all-reduced (differentiably) before the cosine: the cosine of
+    the global batch's gradient, not the mean of the workers' cosines.
+    """
+    if int(reference.count) == 0:
+        # First iteration: no history of training gradients yet, so no constraint.
+        return loss.new_zeros(())
+    weights = [layer.weight for layer in constraint_layers(model)]
+    grads = torch.autograd.grad(loss, weights, create_graph=create_graph)
+    if sync is not None:
+        grads = [sync.mean_differentiable(g) for g in grads]
+    return gradient_loss(list(grads), reference.tensors)
 
 
 def gradcon_losses(
@@ -119,20 +111,28 @@ def gradcon_losses(
 
     scale weights this batch's reconstruction loss: a data-parallel worker holding n_r of a global
     batch of B images across N workers uses N * n_r / B, so that the mean over workers of its
-    gradients is the gradient of the global batch mean (see jobs/train.py).
+    gradients is the gradient of the global batch mean (gradcon_core/parallel.py); J and recon come back
+    weighted.
     With adversarial images x_adv (ARAE), "recon" is the ARAE loss and the constraint acts on its gradients.
     """
     recon = scale * (F.mse_loss(model(x), x) if x_adv is None else arae_loss(model, x, x_adv, gamma))
-    if alpha == 0 or int(reference.count) == 0:
-        # First iteration: no history of training gradients yet, so no constraint.
+    if alpha == 0:
         grad_loss = recon.new_zeros(())
     else:
-        weights = [layer.weight for layer in constraint_layers(model)]
-        grads = torch.autograd.grad(recon, weights, create_graph=create_graph)
-        if sync is not None:
-            grads = [sync.mean_differentiable(g) for g in grads]
-        grad_loss = gradient_loss(list(grads), reference.tensors)
+        grad_loss = gradient_constraint(recon, model, reference, create_graph=create_graph, sync=sync)
     return recon + alpha * grad_loss, recon, grad_loss
+
+
+def constrained_update(
+    model: nn.Module, reference: ReferenceGradients, optimizer: torch.optim.Optimizer, loss: torch.Tensor,
+    sync: GradientSync | None = None,
+) -> None:
+    """The official order: J.backward(), (all-reduce), reference <- the gradient of J, optimizer.step()."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    all_reduce_gradients(optimizer, sync)
+    reference.update([layer.weight.grad for layer in constraint_layers(model)])
+    optimizer.step()
 
 
 def gradcon_step(
@@ -147,15 +147,12 @@ def gradcon_step(
     gamma: float = 0.1,
 ) -> StepStats:
     """One official GradCon iteration: J.backward(), update the reference, then optimizer.step()."""
-    optimizer.zero_grad(set_to_none=True)
     loss, recon, grad_loss = gradcon_losses(model, reference, x, alpha, create_graph=True, sync=sync, scale=scale,
                                             x_adv=x_adv, gamma=gamma)
-    loss.backward()
-    if sync is not None:
-        sync.mean_([p.grad for p in model.parameters() if p.grad is not None])
-    reference.update([layer.weight.grad for layer in constraint_layers(model)])
-    optimizer.step()
-    return StepStats(float(loss.detach()), float(recon.detach()), float(grad_loss.detach()))
+    constrained_update(model, reference, optimizer, loss, sync)
+    recon = float(recon.detach()) / scale if scale else 0.0  # unweighted, as one process reports it
+    grad_loss = float(grad_loss.detach())
+    return StepStats(recon + alpha * grad_loss, recon, grad_loss)
 
 
 def validation_loss(

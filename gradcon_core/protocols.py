@@ -1,4 +1,4 @@
-"""One-class protocols (DESIGN section 7): which rows train, validate and test a normal class.
+"""One-class protocols (docs/design.md §8): which rows train, validate and test a normal class.
 
 A Selection holds row numbers into the image set (never copies of the images), made from the
 `label` and `split` columns alone, with a seeded generator, so it can be recorded and rebuilt.

@@ -45,14 +45,16 @@ def detector_class(name: str) -> type:
     return _DETECTORS[name]
 
 
-def create_detector(name: str, in_channels: int = 1, model_kwargs: dict[str, Any] | None = None, **kwargs: Any):
-    """A fresh detector by name, on its default network (the class's `default_model`, GradCon's CAE if
-    it names none; None for detectors without a torch network, which take in_channels themselves)."""
+def create_detector(name: str, in_channels: int = 1, model: str | None = None,
+                    model_kwargs: dict[str, Any] | None = None, **params: Any):
+    """A fresh detector by name with these settings, on the registry network `model` (default: the
+    detector's `default_model`); detectors without a torch network take in_channels themselves."""
     cls = detector_class(name)
-    model_name = getattr(cls, "default_model", "gradcon_cae")
-    if model_name is None:
-        return cls(in_channels=in_channels, **kwargs)
-    return cls(create_model(model_name, in_channels=in_channels, **(model_kwargs or {})), **kwargs)
+    if cls.default_model is None:
+        if model is not None:
+            raise ValueError(f"detector {name!r} has no network to choose (model={model!r})")
+        return cls(in_channels=in_channels, **params)
+    return cls(create_model(model or cls.default_model, in_channels=in_channels, **(model_kwargs or {})), **params)
 
 
 def list_detectors() -> list[str]:

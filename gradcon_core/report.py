@@ -12,7 +12,7 @@ import numpy as np  # noqa: E402
 from sklearn.metrics import roc_curve  # noqa: E402
 
 METRICS = ("auroc", "aupr", "f1", "fpr95")
-# Mean AUROC published for the same protocol (DESIGN section 7).
+# Mean AUROC published for the same protocol (docs/design.md §8).
 PAPER_MEAN_AUROC = {
     ("gradcon", "mnist"): ("GradCon (Kwon et al. 2020)", 0.973),
     ("gradcon", "cifar10"): ("GradCon (Kwon et al. 2020)", 0.664),

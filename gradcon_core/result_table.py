@@ -1,4 +1,4 @@
-"""Encoded images in, result rows out (DESIGN section 6's result table), for any detector.
+"""Encoded images in, result rows out (docs/design.md §7), for any detector.
 
 Shared by the Ray Data score job and the single-process baseline, so both compute the same rows.
 A row that cannot be scored (undecodable bytes, wrong channel count, non-finite score) keeps its
@@ -27,20 +27,13 @@ SCHEMA = pa.schema([
 PASSTHROUGH = {"label": "label", "is_anomaly": "is_anomaly_true"}  # input column -> result column
 
 
-def model_channels(detector: Detector) -> int:
-    return detector.channels
-
-
 def score_pixels(detector: Detector, pixels: np.ndarray, errors: list[str | None]) -> dict[str, np.ndarray]:
     """Scores of the rows without an error; NaN elsewhere. Marks rows whose score is not finite."""
     n = len(errors)
     out = {k: np.full(n, np.nan, np.float32) for k in ("score", "recon_error", "grad_score")}
     ok = np.array([e is None for e in errors], dtype=bool)
     if ok.any():
-        if hasattr(detector, "score_components"):
-            parts = detector.score_components(pixels[ok])
-        else:
-            parts = {"score": detector.decision_function(pixels[ok])}
+        parts = detector.score_components(pixels[ok])
         for k in out.keys() & parts.keys():  # detectors may report more parts than the table has columns for
             out[k][ok] = parts[k]
     for i in np.flatnonzero(ok & ~np.isfinite(out["score"])):
@@ -58,7 +51,7 @@ def result_rows(
 ) -> pa.Table:
     """The result table for one batch of encoded images."""
     size = tuple(detector.input_size)
-    pixels, errors = decode_images(images, model_channels(detector), size)
+    pixels, errors = decode_images(images, detector.channels, size)
     scores = score_pixels(detector, pixels, errors)
     failed = np.array([e is not None for e in errors], dtype=bool)
 

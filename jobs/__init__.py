@@ -1,1 +1,1 @@
-"""Entry points: every `gradcon X` command is also `python -m jobs.X`."""
+"""Entry points: every `gradcon X` command is also `python -m jobs X`."""

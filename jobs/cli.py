@@ -29,6 +29,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gradcon {args.command}: interrupted", file=sys.stderr)
         return 130
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -15,10 +15,9 @@ import argparse
 import json
 import os
 import shutil
-import sys
 import time
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import pyarrow as pa
@@ -32,6 +31,7 @@ from gradcon_core.idx import find_idx, load_mnist
 from gradcon_core.images import encode_png
 from gradcon_core.metrics import evaluate
 from gradcon_core.report import plot_histograms, plot_roc
+from gradcon_core.settings import DetectorSettings
 from jobs import prepare, score, train
 
 BUCKET = "gradcon-demo"
@@ -39,7 +39,7 @@ QUICK = {"train_images": 2000, "test_images": 1000, "epochs": 3}
 
 
 @dataclass
-class DemoConfig:
+class DemoConfig(DetectorSettings):
     data_dir: str = "data/mnist"  # IDX files; `make data` puts MNIST here
     normal_class: int = 0
     train_images: int = 0  # 0: all of the class's training images (90% train, 10% validation)
@@ -47,9 +47,6 @@ class DemoConfig:
     epochs: int = 10
     batch_size: int = 64
     num_workers: int = 2
-    alpha: float = 0.03
-    beta: float = 0.12
-    lr: float = 1e-3
     seed: int = 0
     s3: bool = True  # False: local files instead of the local S3 server
     out: str = "runs/demo"
@@ -98,6 +95,7 @@ def run(cfg: DemoConfig) -> dict:
 
     if not 0 <= cfg.normal_class <= 9:
         raise ValueError(f"normal_class must be a digit 0-9, got {cfg.normal_class}")
+    cfg.detector_params()  # an unknown detector or setting fails here, before anything starts
     for stem in ("train-images-idx3-ubyte", "t10k-images-idx3-ubyte"):  # before starting anything
         find_idx(cfg.data_dir, stem)
     out = Path(cfg.out).resolve()
@@ -126,13 +124,13 @@ def run(cfg: DemoConfig) -> dict:
         prepare.prepare("mnist", cfg.data_dir, f"{root}/sets/mnist")
         test_set = _test_set(cfg, root, fs)
 
-        step(f"training GradCon on digit {cfg.normal_class} with {cfg.num_workers} Ray Train workers, "
+        step(f"training {cfg.detector} on digit {cfg.normal_class} with {cfg.num_workers} Ray Train workers, "
              f"{cfg.epochs} epoch(s)")
-        train_cfg = train.TrainConfig(data=f"{root}/sets/mnist", normal_class=cfg.normal_class, epochs=cfg.epochs,
-                                      batch_size=cfg.batch_size, num_workers=cfg.num_workers, alpha=cfg.alpha,
-                                      beta=cfg.beta, lr=cfg.lr, seed=cfg.seed, storage=f"{root}/runs",
-                                      name=f"demo-c{cfg.normal_class}-{time.strftime('%Y%m%d-%H%M%S')}",
-                                      max_train_images=cfg.train_images)
+        detector = {f.name: getattr(cfg, f.name) for f in fields(DetectorSettings)}
+        train_cfg = train.TrainConfig(**detector, data=f"{root}/sets/mnist", normal_class=cfg.normal_class,
+                                      epochs=cfg.epochs, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
+                                      seed=cfg.seed, storage=f"{root}/runs", max_train_images=cfg.train_images,
+                                      name=f"demo-c{cfg.normal_class}-{time.strftime('%Y%m%d-%H%M%S')}")
         _, checkpoint = train.run(train_cfg)
 
         step("scoring the test split with Ray Data")
@@ -187,8 +185,3 @@ def main(args: argparse.Namespace) -> int:
     run(cfg)
     return 0
 
-
-if __name__ == "__main__":  # python -m jobs.demo ... == gradcon demo ...
-    from jobs.cli import main as cli_main
-
-    raise SystemExit(cli_main(["demo", *sys.argv[1:]]))

@@ -31,8 +31,8 @@ from gradcon_core.config import load_config
 from gradcon_core.detector import Detector
 from gradcon_core.images import ImageError, channels_of
 from gradcon_core.imageset import IMAGE, image_bytes, list_parquet_files
-from gradcon_core.metrics import threshold_from_scores
-from gradcon_core.result_table import PASSTHROUGH, SCHEMA, model_channels, result_rows
+from gradcon_core.result_files import ResultFile, apply_contamination, is_complete
+from gradcon_core.result_table import PASSTHROUGH, result_rows
 from gradcon_core.storage import write_bytes
 
 # Ray Data's file listing and parquet reads are tasks of one CPU each: leave room for them.
@@ -72,30 +72,6 @@ class Scorer:
         return rows.append_column("path", batch.column("path"))
 
 
-class _OutputFile:
-    """One output file, visible under its final name only once complete."""
-
-    def __init__(self, fs: pafs.FileSystem, path: str, input_name: str):
-        self.fs, self.path, self.input_name = fs, path, input_name
-        # S3 objects appear only when their upload completes; local files are renamed into place.
-        self.tmp = f"{path}.partial" if isinstance(fs, pafs.LocalFileSystem) else path
-        self.writer = pq.ParquetWriter(self.tmp, SCHEMA, filesystem=fs, compression="zstd")
-        self.rows = 0
-
-    def write(self, table: pa.Table) -> None:
-        ids = table.column("id")
-        if ids.null_count:  # inputs without an id column get the stable default "<file>:<row>"
-            filled = [f"{self.input_name}:{self.rows + k}" if v is None else v for k, v in enumerate(ids.to_pylist())]
-            table = table.set_column(0, "id", pa.array(filled, pa.string()))
-        self.writer.write_table(table)
-        self.rows += table.num_rows
-
-    def close(self) -> None:
-        self.writer.close()
-        if self.tmp != self.path:
-            self.fs.move(self.tmp, self.path)
-
-
 def _check_channels(detector: Detector, fs: pafs.FileSystem, files: list[str]) -> None:
     """A whole input of the wrong kind (RGB set, grayscale model) is a mistake: say so before starting."""
     for path in files:
@@ -106,8 +82,8 @@ def _check_channels(detector: Detector, fs: pafs.FileSystem, files: list[str]) -
                 except ImageError:
                     continue
                 if found is not None:
-                    if found != model_channels(detector):
-                        raise ValueError(f"the model takes {model_channels(detector)}-channel images but "
+                    if found != detector.channels:
+                        raise ValueError(f"the model takes {detector.channels}-channel images but "
                                          f"{path} holds {found}-channel ones")
                     return
 
@@ -120,21 +96,6 @@ def _check_fits(resources: dict, cfg: ScoreConfig) -> None:
                          f"on this cluster ({cpus:g} CPUs): lower --concurrency or --cpus-per-actor")
     if cfg.concurrency * cfg.gpus_per_actor > gpus:
         raise ValueError(f"{cfg.concurrency} actor(s) x {cfg.gpus_per_actor} GPU > the cluster's {gpus:g} GPU(s)")
-
-
-def _apply_contamination(fs: pafs.FileSystem, outputs: list[str], contamination: float) -> float:
-    """Second pass over the (small) result files: threshold from this run's scores, then is_anomaly."""
-    scores = pa.concat_arrays([pq.read_table(p, columns=["score"], filesystem=fs).column("score").combine_chunks()
-                               for p in outputs])
-    threshold = threshold_from_scores(scores.drop_null().to_numpy(), contamination=contamination)
-    for p in outputs:
-        table = pq.read_table(p, filesystem=fs)
-        table = table.set_column(table.schema.get_field_index("is_anomaly"), "is_anomaly",
-                                 pc.greater(table.column("score"), threshold))
-        table = table.set_column(table.schema.get_field_index("threshold"), "threshold",
-                                 pa.array([threshold] * table.num_rows, pa.float64()))
-        pq.write_table(table, p, filesystem=fs, compression="zstd")
-    return threshold
 
 
 def _score_files(cfg: ScoreConfig, options: S3Options, files: list[str], in_fs: pafs.FileSystem,
@@ -156,13 +117,13 @@ def _score_files(cfg: ScoreConfig, options: S3Options, files: list[str], in_fs: 
         num_gpus=cfg.gpus_per_actor, compute=ray.data.ActorPoolStrategy(size=cfg.concurrency),
         fn_constructor_kwargs={"model": cfg.model, "options": options, "threshold": threshold, "model_id": model_id},
     )
-    current: _OutputFile | None = None
+    current: ResultFile | None = None
     for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
         for path in pc.unique(batch.column("path")).to_pylist():
             if current is None or current.input_name != os.path.basename(path):
                 if current:
                     current.close()
-                current = _OutputFile(out_fs, outputs[path], os.path.basename(path))
+                current = ResultFile(out_fs, outputs[path], os.path.basename(path))
             current.write(batch.filter(pc.equal(batch.column("path"), path)).drop_columns(["path"]))
     if current:
         current.close()
@@ -196,9 +157,7 @@ def run(cfg: ScoreConfig) -> dict:
     rows_in = {f: pq.ParquetFile(f, filesystem=in_fs).metadata.num_rows for f in files}
 
     def complete(f: str) -> bool:
-        if out_fs.get_file_info(outputs[f]).type != pafs.FileType.File:
-            return False
-        return pq.ParquetFile(outputs[f], filesystem=out_fs).metadata.num_rows == rows_in[f]
+        return is_complete(out_fs, outputs[f], rows_in[f])
 
     todo = [f for f in files if not complete(f)]
     _check_channels(detector, in_fs, todo or files)
@@ -211,10 +170,10 @@ def run(cfg: ScoreConfig) -> dict:
             if not complete(f):
                 if rows_in[f] != 0:
                     raise RuntimeError(f"{outputs[f]} is incomplete after scoring; run the same command again")
-                _OutputFile(out_fs, outputs[f], os.path.basename(f)).close()
+                ResultFile(out_fs, outputs[f], os.path.basename(f)).close()
 
     if cfg.contamination is not None:
-        threshold = _apply_contamination(out_fs, list(outputs.values()), cfg.contamination)
+        threshold = apply_contamination(out_fs, list(outputs.values()), cfg.contamination)
     results = pq.read_table([outputs[f] for f in files], columns=["error", "is_anomaly"], filesystem=out_fs)
     wall = time.perf_counter() - start
     scored = sum(rows_in[f] for f in todo)
@@ -241,8 +200,3 @@ def main(args: argparse.Namespace) -> int:
     run(load_config(ScoreConfig, args.config, overrides))
     return 0
 
-
-if __name__ == "__main__":  # python -m jobs.score ... == gradcon score ...
-    from jobs.cli import main as cli_main
-
-    raise SystemExit(cli_main(["score", *sys.argv[1:]]))

@@ -3,7 +3,7 @@
 gradcon submit JOB [--address http://HEAD:8265] [--no-wait] [--env NAME ...] [--pip PKG==V ...] -- JOB ARGUMENTS
   e.g.  gradcon submit score --address http://127.0.0.1:8265 -- --model s3://b/runs/r/checkpoint --input ...
 
-The entrypoint is `python -m jobs.JOB ARGUMENTS` (quoted with shlex) run on the head with this repository as
+The entrypoint is `python -m jobs JOB ARGUMENTS` (quoted with shlex) run on the head with this repository as
 its working_dir (uploaded without .venv, data, runs, results, .git and caches); the head's Python must have the
 package's dependencies (ray_cluster.yaml installs them pinned). Exit code: 0 when the job SUCCEEDED, 1 when
 it FAILED or was STOPPED (its error is printed), 2 when the cluster cannot be reached or refuses the token.
@@ -43,7 +43,7 @@ class SubmissionError(ValueError):
 
 def entrypoint(job: str, job_args: list[str]) -> str:
     """The shell command the job API runs: every argument quoted, so nothing in them reaches the shell."""
-    return shlex.join(["python", "-m", f"jobs.{job}", *job_args])
+    return shlex.join(["python", "-m", "jobs", job, *job_args])
 
 
 def runtime_env(working_dir: str, env_names: list[str], pip: list[str]) -> dict:
@@ -204,8 +204,3 @@ def main(args: argparse.Namespace) -> int:
     print(f"job {job_id} {status}: {redact(message, secrets)}", file=sys.stderr)
     return 1
 
-
-if __name__ == "__main__":  # python -m jobs.submit ... == gradcon submit ...
-    from jobs.cli import main as cli_main
-
-    raise SystemExit(cli_main(["submit", *sys.argv[1:]]))

@@ -25,7 +25,6 @@ import argparse
 import json
 import math
 import re
-import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
 
@@ -36,13 +35,17 @@ import pyarrow.parquet as pq
 import yaml
 
 from cluster.storage import S3Options, filesystem_for
-from gradcon_core.config import add_config_arguments, load_config
+from gradcon_core.config import add_config_arguments, load_config, parse_scalar
+from gradcon_core.registry import detector_class
+from gradcon_core.settings import SHORT_FORMS
 from gradcon_core.storage import read_bytes, write_bytes
+from gradcon_core.training import SELECT_BY
 from jobs import train
-from jobs.train import SELECT_BY, TrainConfig
+from jobs.train import TrainConfig
 
-TUNABLE = {"alpha", "beta", "lr", "epsilon", "gamma", "attack_steps", "attack_refresh", "batch_size", "epochs",
-           "detector", "seed", "model"}
+# Run settings a sweep may draw per trial, beside any detector setting as params.NAME (e.g. params.nu).
+TUNABLE = {*SHORT_FORMS, "batch_size", "epochs", "detector", "seed", "model"}
+PARAM_PREFIX = "params."
 DISTRIBUTIONS = ("uniform", "loguniform", "randint", "choice", "grid")
 TRIAL_DRIVER_CPU = 0.01  # Tune rejects 0; the driver only waits on its Train run
 
@@ -70,35 +73,39 @@ class TuneConfig(TrainConfig):
         if not self.search and not self.resume:
             raise ValueError("nothing to search: give --search NAME=DIST (e.g. alpha=loguniform(1e-3,1))")
         self.search = {name: parse_distribution(name, spec) for name, spec in dict(self.search).items()}
+        searched = [n[len(PARAM_PREFIX):] for n in self.search if n.startswith(PARAM_PREFIX)]
+        if searched and "detector" not in self.search:
+            known = detector_class(self.detector).param_names()
+            unknown = sorted(set(searched) - set(known))
+            if unknown:
+                raise ValueError(f"cannot search params {unknown}: detector {self.detector!r} has the settings {known}")
         if self.search_alg == "optuna" and any(spec.startswith("grid(") for spec in self.search.values()):
             raise ValueError("Optuna samples; it does not take grid(...): use choice(...) or search_alg=random")
 
     def train_config(self, **values) -> TrainConfig:
-        base = {f.name: getattr(self, f.name) for f in fields(TrainConfig)}
-        return TrainConfig(**{**base, **values})
+        """The train run of a trial: these settings with `values` (params.NAME ones into params) drawn."""
+        return TrainConfig(**with_values({f.name: getattr(self, f.name) for f in fields(TrainConfig)}, values))
+
+
+def with_values(base: dict, values: dict) -> dict:
+    """A train config's fields with a trial's values; params.NAME values go into its params."""
+    params = {k[len(PARAM_PREFIX):]: v for k, v in values.items() if k.startswith(PARAM_PREFIX)}
+    plain = {k: v for k, v in values.items() if not k.startswith(PARAM_PREFIX)}
+    return {**base, **plain, "params": {**base.get("params", {}), **params}}
 
 
 _SPEC = re.compile(r"^\s*(\w+)\s*\((.*)\)\s*$")
 
 
-def _value(text: str):
-    """A number where it reads as one (YAML alone takes "1e-7" for a string), else YAML's reading."""
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return yaml.safe_load(text)
-
-
 def parse_distribution(name: str, spec: str) -> str:
     """Check one search entry before any trial starts; returns it normalised."""
-    if name not in TUNABLE:
-        raise ValueError(f"cannot search {name!r}: tunable settings are {sorted(TUNABLE)}")
+    if name not in TUNABLE and not (name.startswith(PARAM_PREFIX) and len(name) > len(PARAM_PREFIX)):
+        raise ValueError(f"cannot search {name!r}: tunable settings are {sorted(TUNABLE)} and any detector "
+                         "setting as params.NAME")
     m = _SPEC.match(str(spec))
     if not m or m.group(1) not in DISTRIBUTIONS:
         raise ValueError(f"search {name}={spec!r}: expected one of {DISTRIBUTIONS} like loguniform(1e-3,1)")
-    kind, args = m.group(1), [_value(a) for a in m.group(2).split(",") if a.strip()]
+    kind, args = m.group(1), [parse_scalar(a) for a in m.group(2).split(",") if a.strip()]
     if kind in ("choice", "grid"):
         if not args:
             raise ValueError(f"search {name}={spec!r}: {kind} needs at least one value")
@@ -119,7 +126,7 @@ def search_space(search: dict[str, str]) -> dict:
     space = {}
     for name, spec in search.items():
         kind, raw = _SPEC.match(spec).groups()
-        args = [_value(a) for a in raw.split(",")]
+        args = [parse_scalar(a) for a in raw.split(",")]
         space[name] = {"uniform": lambda a: tune.uniform(*a), "loguniform": lambda a: tune.loguniform(*a),
                        "randint": lambda a: tune.randint(*a), "choice": tune.choice,
                        "grid": tune.grid_search}[kind](args)
@@ -132,7 +139,7 @@ def run_trial(values: dict, base: dict) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     # A stable run name: a restarted trial resumes its Train run from its last checkpoint.
-    cfg = TrainConfig(**{**base, **values, "name": f"trial-{ray.tune.get_context().get_trial_id()}"})
+    cfg = TrainConfig(**with_values(base, {**values, "name": f"trial-{ray.tune.get_context().get_trial_id()}"}))
     train.run(cfg, callbacks=[TuneReportCallback()])
 
 
@@ -274,9 +281,3 @@ def main(args: argparse.Namespace) -> int:
     cfg = load_config(TuneConfig, args.config, args.overrides, extra={"search": searched})
     run(cfg)
     return 0
-
-
-if __name__ == "__main__":  # python -m jobs.tune ... == gradcon tune ...
-    from jobs.cli import main as cli_main
-
-    raise SystemExit(cli_main(["tune", *sys.argv[1:]]))

@@ -7,6 +7,16 @@ import torch
 
 from gradcon_core.idx import load_mnist
 
+# Tests that start Ray, an S3 server or a Ray head are slow (seconds to minutes): `make test-fast` leaves them out.
+SLOW_FIXTURES = {"ray_local", "seaweed_s3", "head"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if SLOW_FIXTURES & set(item.fixturenames):
+            item.add_marker(pytest.mark.slow)
+
+
 MNIST_DIR = Path(os.environ.get("GRADCON_MNIST_DIR", Path(__file__).resolve().parents[1] / "data" / "mnist"))
 
 

@@ -9,7 +9,8 @@ import torch.multiprocessing as mp
 
 from gradcon_core import GradConDetector, create_model
 from gradcon_core.adversarial import LatentAttack, arae_loss
-from gradcon_core.objective import gradcon_step, training_generators
+from gradcon_core.objective import gradcon_step
+from gradcon_core.parallel import training_generators
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +86,7 @@ def test_bad_arae_settings_are_clear_errors():
 
 
 def _worker(rank: int, world: int, port: int, x: torch.Tensor, kwargs: dict, out: str) -> None:
-    from jobs.train import AllReduceMean
+    from gradcon_core.parallel import AllReduceMean
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
@@ -99,6 +100,7 @@ def _worker(rank: int, world: int, port: int, x: torch.Tensor, kwargs: dict, out
     torch.distributed.destroy_process_group()
 
 
+@pytest.mark.slow  # worker processes
 @pytest.mark.parametrize("refresh", ["batch", "epoch"])
 def test_two_processes_with_arae_take_the_single_process_steps(zeros, refresh, tmp_path):
     """The distributed epoch (ranks, all-reduce, sliced random starts) equals one process on the global batch."""

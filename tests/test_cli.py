@@ -6,6 +6,7 @@ import uuid
 from pathlib import Path
 
 import psutil
+import pytest
 
 from jobs.cli import main
 from tests.conftest import MNIST_DIR
@@ -22,6 +23,7 @@ def _processes_with(marker: str) -> list[str]:
     return found
 
 
+@pytest.mark.slow  # a gradcon demo subprocess
 def test_quick_demo_runs_end_to_end_through_s3_and_leaves_nothing_running(tmp_path):
     """The README's first command, reduced: local S3 + embedded Ray, 2 workers; prints an AUROC above chance."""
     marker = uuid.uuid4().hex  # inherited by every process the demo starts (Ray's, SeaweedFS)
@@ -29,7 +31,7 @@ def test_quick_demo_runs_end_to_end_through_s3_and_leaves_nothing_running(tmp_pa
     env = {**os.environ, "GRADCON_TEST_MARKER": marker}
     for key in ("RAY_ADDRESS", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
         env.pop(key, None)
-    done = subprocess.run([sys.executable, "-m", "jobs.demo", "--quick", f"data_dir={MNIST_DIR}", f"out={out}"],
+    done = subprocess.run([sys.executable, "-m", "jobs", "demo", "--quick", f"data_dir={MNIST_DIR}", f"out={out}"],
                           cwd=Path(__file__).parents[1], env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     auroc = float(re.search(r"^AUROC (\S+)", done.stdout, re.M).group(1))

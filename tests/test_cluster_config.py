@@ -164,7 +164,7 @@ def test_kuberay_manifests_carry_the_required_fields():
             else:
                 assert doc["kind"] == "ServiceAccount", name
     entrypoints = {n: d[0]["spec"]["entrypoint"] for n, d in manifests.items() if n.startswith("rayjob-")}
-    assert entrypoints["rayjob-train.yaml"].startswith("python -m jobs.train ")
-    assert entrypoints["rayjob-score.yaml"].startswith("python -m jobs.score ")
+    assert entrypoints["rayjob-train.yaml"].startswith("python -m jobs train ")
+    assert entrypoints["rayjob-score.yaml"].startswith("python -m jobs score ")
     for path in K8S.iterdir():
         assert not AWS_KEY.search(path.read_text()), f"AWS keys in {path.name}"

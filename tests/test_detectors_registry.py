@@ -187,30 +187,52 @@ def test_shallow_scores_are_scikit_learns():
 
 
 class ThreadGroup:
-    """n data-parallel workers as threads: member(r).mean_ averages in place across them (an all-reduce)."""
+    """n data-parallel workers as threads: member(r) is a GradientSync whose means are taken across them."""
 
     def __init__(self, n: int):
         self.n, self.barrier, self.flat = n, threading.Barrier(n), [None] * n
 
+    def mean(self, rank: int, t: torch.Tensor) -> torch.Tensor:
+        self.flat[rank] = t.detach().clone()
+        self.barrier.wait()
+        mean = torch.stack(self.flat).mean(0)
+        self.barrier.wait()
+        return mean
+
     def member(self, rank: int):
         group = self
 
+        class Mean(torch.autograd.Function):
+            """y = the mean over workers; each worker's input gets the mean of the workers' output gradients
+            (the differentiable all-reduce GradCon's inner gradients need)."""
+
+            @staticmethod
+            def forward(ctx, t):
+                return group.mean(rank, t)
+
+            @staticmethod
+            def backward(ctx, g):
+                return group.mean(rank, g)
+
         class Member:
+            world_size = group.n
+
             def mean_(self, tensors: list[torch.Tensor]) -> None:
-                group.flat[rank] = torch.cat([t.flatten() for t in tensors])
-                group.barrier.wait()
-                mean = torch.stack(group.flat).mean(0)
-                group.barrier.wait()
+                mean = group.mean(rank, torch.cat([t.flatten() for t in tensors]))
                 for t, part in zip(tensors, mean.split([t.numel() for t in tensors])):
                     t.copy_(part.view_as(t))
+
+            def mean_differentiable(self, t: torch.Tensor) -> torch.Tensor:
+                return Mean.apply(t)
 
         return Member()
 
 
-def test_two_workers_with_sync_take_exactly_the_global_batch_step(task):
+@pytest.mark.parametrize("name", ["cae", "gradcon"])
+def test_two_workers_with_sync_take_exactly_the_global_batch_step(task, name):
     x = torch.from_numpy(task[0][:24, None]).float() / 255
     torch.manual_seed(0)
-    single = make("cae", {})
+    single = make(name, {})
     workers, group = [copy.deepcopy(single) for _ in range(2)], ThreadGroup(2)
     for step in range(3):
         batch = x[8 * step: 8 * step + 8]
@@ -222,5 +244,5 @@ def test_two_workers_with_sync_take_exactly_the_global_batch_step(task):
         for t in threads:
             t.join()
     for w in workers:
-        for a, b in zip(w.model.parameters(), single.model.parameters()):
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        for a, b in zip(w.state_tensors().values(), single.state_tensors().values()):
+            torch.testing.assert_close(a.double(), b.double(), rtol=1e-5, atol=1e-6)

@@ -149,7 +149,7 @@ def test_an_actor_pool_that_leaves_no_cpu_for_reading_is_refused(ray_local, mode
 
 
 def test_a_really_killed_job_completes_on_rerun(ray_local, model_dir, image_set, tmp_path):
-    """SIGKILL the driver of a running `python -m jobs.score` mid-run, then run the same command again."""
+    """SIGKILL the driver of a running `python -m jobs score` mid-run, then run the same command again."""
     data, out = tmp_path / "set", tmp_path / "out"
     rows = take_rows(image_set, np.arange(500))
     table = pa.table({"id": [f"k{i:05d}" for i in range(4000)],
@@ -157,7 +157,7 @@ def test_a_really_killed_job_completes_on_rerun(ray_local, model_dir, image_set,
     write_image_set(str(data), table, rows_per_file=200)  # 20 files
     args = ["--model", model_dir, "--input", str(data), "--output", str(out), "--batch-size", "64", "--block-mb", "0.1",
             "--address", ray_local.get_runtime_context().gcs_address]
-    proc = subprocess.Popen([sys.executable, "-m", "jobs.score", *args], start_new_session=True,
+    proc = subprocess.Popen([sys.executable, "-m", "jobs", "score", *args], start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while not list(out.glob("*.parquet")) and time.monotonic() < deadline and proc.poll() is None:

@@ -98,7 +98,7 @@ def _submit(head, *args: str, extra_env: dict | None = None) -> subprocess.Compl
     url, token, env, _ = head
     env = {**env, "PYTHONPATH": str(REPO), **(extra_env or {})}
     env.pop("RAY_AUTH_MODE")  # the client finds the token (RAY_AUTH_TOKEN) and sends it by itself
-    return subprocess.run([sys.executable, "-m", "jobs.cli", "submit", *args[:1], "--address", url, *args[1:]],
+    return subprocess.run([sys.executable, "-m", "jobs", "submit", *args[:1], "--address", url, *args[1:]],
                           env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
 
 
@@ -169,7 +169,7 @@ def test_no_cluster_is_a_clear_error(monkeypatch, capsys):
 
 def test_entrypoint_quotes_arguments_and_runtime_env_ships_code_only(monkeypatch, tmp_path):
     assert entrypoint("tune", ["--search", "alpha=loguniform(1e-3,1)", "x; rm -rf /"]) == \
-        "python -m jobs.tune --search 'alpha=loguniform(1e-3,1)' 'x; rm -rf /'"
+        "python -m jobs tune --search 'alpha=loguniform(1e-3,1)' 'x; rm -rf /'"
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9000")
     env = runtime_env(str(REPO), ["AWS_ENDPOINT_URL"], ["s3fs==2026.9.0"])
     assert env["env_vars"] == {"AWS_ENDPOINT_URL": "http://127.0.0.1:9000"} and env["excludes"] == EXCLUDES

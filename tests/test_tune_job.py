@@ -82,6 +82,17 @@ def test_search_values_keep_their_types():
     assert space["batch_size"].categories == [32, 64] and space["lr"].lower == 1e-7
 
 
+def test_any_detector_setting_is_searchable_as_params():
+    cfg = TuneConfig(detector="deep_svdd", search={"params.nu": "uniform(0.01,0.2)", "lr": "choice(1e-4)"},
+                     params={"objective": "soft-boundary"})
+    trial = cfg.train_config(**{"params.nu": 0.05, "lr": 1e-4})
+    assert trial.params == {"objective": "soft-boundary", "nu": 0.05} and trial.lr == 1e-4
+    assert trial.detector_params() == {"lr": 1e-4, "objective": "soft-boundary", "nu": 0.05}
+    assert "params.nu" in search_space(cfg.search)
+    with pytest.raises(ValueError, match=r"cannot search params \['nu'\]: detector 'cae'"):
+        TuneConfig(detector="cae", search={"params.nu": "uniform(0.01,0.2)"})
+
+
 def test_optuna_samples_our_search_space():
     """Ray's OptunaSearch (with the installed Optuna) takes every distribution it can sample, seeded."""
     from ray.tune.search.optuna import OptunaSearch
@@ -102,6 +113,7 @@ def test_bad_search_on_the_command_line_exits_2_without_starting_ray(capsys):
     assert "empty range" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # a subprocess
 def test_a_sweep_killed_midway_resumes_and_finishes(ray_local, digits_set, tmp_path):
     """3 trials, one at a time (a good lr, then a hopeless one twice) under ASHA; the driver is SIGKILLed
     as the third starts, and the sweep resumed from storage."""
@@ -109,7 +121,7 @@ def test_a_sweep_killed_midway_resumes_and_finishes(ray_local, digits_set, tmp_p
     args = [f"data={digits_set}", "normal_class=0", "epochs=2", "batch_size=16", "num_workers=1",
             f"storage={storage}", f"name={name}", "metric=val_loss", "num_samples=1", "grace_period=1",
             f"address={ray_local.get_runtime_context().gcs_address}", "--search", "lr=grid(0.01,1e-7,1e-7)"]
-    driver = subprocess.Popen([sys.executable, "-m", "jobs.tune", *args], cwd=Path(__file__).parents[1],
+    driver = subprocess.Popen([sys.executable, "-m", "jobs", "tune", *args], cwd=Path(__file__).parents[1],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.time() + 400

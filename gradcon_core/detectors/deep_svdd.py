@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 
 from gradcon_core.detectors.neural import NeuralDetector
-from gradcon_core.objective import GradientSync
+from gradcon_core.parallel import GradientSync
 from gradcon_core.registry import register_detector
 
 OBJECTIVES = ("one-class", "soft-boundary")

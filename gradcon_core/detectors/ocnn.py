@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gradcon_core.detectors.neural import NeuralDetector
-from gradcon_core.objective import GradientSync
+from gradcon_core.parallel import GradientSync
 from gradcon_core.registry import register_detector
 
 
@@ -85,3 +85,7 @@ class OCNNDetector(NeuralDetector):
 
     def score_batch(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"score": self.aux.r - self.outputs(x)}
+
+    def reconstruct(self, x) -> None:
+        """Not reconstruction-based: its decoder only pretrains the encoder."""
+        return None

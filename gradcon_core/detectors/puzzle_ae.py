@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from gradcon_core.detectors.cae import recon_error
 from gradcon_core.detectors.neural import NeuralDetector
-from gradcon_core.objective import GradientSync
+from gradcon_core.parallel import GradientSync
 from gradcon_core.registry import register_detector
 
 PERMUTATIONS = torch.tensor([p for p in itertools.permutations(range(4)) if p != (0, 1, 2, 3)])  # 23 x 4

@@ -11,8 +11,6 @@ Distributed: not applicable; these fit in one process.
 """
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 import torch
 from scipy.special import logsumexp
@@ -20,9 +18,8 @@ from sklearn.neighbors import KernelDensity
 from sklearn.svm import OneClassSVM
 
 from gradcon_core.checkpoint import data_fingerprint
-from gradcon_core.detector import Detector
+from gradcon_core.detector import Detector, with_prefix
 from gradcon_core.detectors.cae import CAEDetector
-from gradcon_core.detectors.neural import FIT_INFO
 from gradcon_core.inputs import as_image_batch
 from gradcon_core.registry import create_model, register_detector
 
@@ -35,10 +32,9 @@ def squared_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 class ShallowDetector(Detector):
-    default_model = None  # no torch network of its own; create_detector passes in_channels
-
     def __init__(self, in_channels: int = 1, input_size: list[int] | None = None, features: str = "pixels",
                  max_train: int = 2000, device: str = "cpu", threshold_percentile: float = 95.0):
+        super().__init__()
         if features not in FEATURES:
             raise ValueError(f"unknown features {features!r}; choose one of {FEATURES}")
         if max_train < 2:
@@ -47,7 +43,6 @@ class ShallowDetector(Detector):
         self.features, self.max_train, self.device = features, max_train, device
         self.threshold_percentile = threshold_percentile
         self.encoder_: CAEDetector | None = None
-        self.fit_info_: dict[str, Any] = {}
 
     @property
     def channels(self) -> int:
@@ -69,11 +64,11 @@ class ShallowDetector(Detector):
         xv = as_image_batch(x_val, self.channels, self.input_size) if x_val is not None else None
         if self.features == "cae":
             torch.manual_seed(seed)
-            self.encoder_ = CAEDetector(create_model("gradcon_cae", in_channels=self.channels), device=self.device)
+            self.encoder_ = self._new_encoder()
             self.encoder_.fit(x, epochs=epochs, batch_size=batch_size, seed=seed, x_val=xv)
         rows = np.random.default_rng(seed).permutation(len(x))[: self.max_train]
         self.fit_features(self._features(x[np.sort(rows)]))
-        self.fit_info_ = {"epochs": epochs, "batch_size": batch_size, "seed": seed, "best_epoch": epochs - 1,
+        self.fit_info_ = {"epochs": epochs, "epoch": epochs - 1, "batch_size": batch_size, "seed": seed,
                           "data_fingerprint": data_fingerprint(x)}
         self.set_threshold(scores=self.decision_function(xv if xv is not None else x),
                            percentile=self.threshold_percentile)
@@ -85,8 +80,8 @@ class ShallowDetector(Detector):
         return np.concatenate([self.score_features(f) for f in np.array_split(feats, -(-len(feats) // 512))]
                               ).astype(np.float32)
 
-    def score_components(self, x) -> dict[str, np.ndarray]:
-        return {"score": self.decision_function(x)}
+    def _new_encoder(self) -> CAEDetector:
+        return CAEDetector(create_model("gradcon_cae", in_channels=self.channels), device=self.device)
 
     # Subclasses: fit on and score a float64 feature matrix, and name the tensors that hold the fit.
     def fit_features(self, feats: np.ndarray) -> None:
@@ -101,38 +96,22 @@ class ShallowDetector(Detector):
     def load_fitted(self, tensors: dict[str, torch.Tensor]) -> None:
         raise NotImplementedError
 
-    def params(self) -> dict[str, Any]:
-        return {}
-
     def state_tensors(self) -> dict[str, torch.Tensor]:
         tensors = dict(self.fitted_tensors())
         if self.encoder_ is not None:
             tensors.update({f"encoder.{k}": v for k, v in self.encoder_.model.state_dict().items()})
         return tensors
 
-    def config(self) -> dict[str, Any]:
-        return {"in_channels": self.in_channels, "input_size": list(self.input_size), "features": self.features,
-                "max_train": self.max_train, "threshold_percentile": self.threshold_percentile, **self.params(),
-                **self.fit_info_}
-
-    @classmethod
-    def from_state(cls, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> ShallowDetector:
-        keys = ("in_channels", "input_size", "features", "max_train", "threshold_percentile", *cls.param_keys)
-        det = cls(**{k: config[k] for k in keys})
-        if det.features == "cae":
-            det.encoder_ = CAEDetector(create_model("gradcon_cae", in_channels=det.channels), device=det.device)
-            det.encoder_.model.load_state_dict({k[len("encoder."):]: v for k, v in tensors.items()
-                                                if k.startswith("encoder.")})
-        det.load_fitted(tensors)
-        det.fit_info_ = {k: config[k] for k in FIT_INFO if k in config}
-        return det
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        if self.features == "cae":
+            self.encoder_ = self._new_encoder()
+            self.encoder_.model.load_state_dict(with_prefix(tensors, "encoder."))
+        self.load_fitted(tensors)
 
 
 @register_detector("ocsvm")
 class OCSVMDetector(ShallowDetector):
     """One-class SVM, RBF kernel; score = -decision_function (gamma=None: scikit-learn's "scale")."""
-
-    param_keys = ("nu", "gamma")
 
     def __init__(self, in_channels: int = 1, input_size: list[int] | None = None, features: str = "pixels",
                  max_train: int = 2000, nu: float = 0.1, gamma: float | None = None, device: str = "cpu",
@@ -141,9 +120,6 @@ class OCSVMDetector(ShallowDetector):
             raise ValueError(f"nu must lie in (0, 1], got {nu}")
         super().__init__(in_channels, input_size, features, max_train, device, threshold_percentile)
         self.nu, self.gamma = nu, gamma
-
-    def params(self) -> dict[str, Any]:
-        return {"nu": self.nu, "gamma": self.gamma}
 
     def fit_features(self, feats: np.ndarray) -> None:
         gamma = self.gamma or 1.0 / (feats.shape[1] * feats.var())
@@ -175,8 +151,6 @@ class KDEDetector(ShallowDetector):
     underflows in hundreds of dimensions at such bandwidths (errors of thousands of nats on MNIST).
     """
 
-    param_keys = ("bandwidth",)
-
     def __init__(self, in_channels: int = 1, input_size: list[int] | None = None, features: str = "pixels",
                  max_train: int = 2000, bandwidth: float | None = None, device: str = "cpu",
                  threshold_percentile: float = 95.0):
@@ -184,9 +158,6 @@ class KDEDetector(ShallowDetector):
             raise ValueError(f"need bandwidth > 0, got {bandwidth}")
         super().__init__(in_channels, input_size, features, max_train, device, threshold_percentile)
         self.bandwidth = bandwidth
-
-    def params(self) -> dict[str, Any]:
-        return {"bandwidth": self.bandwidth}
 
     def fit_features(self, feats: np.ndarray) -> None:
         n, d = feats.shape

@@ -15,7 +15,8 @@ import torch.nn.functional as F
 
 from gradcon_core.detectors.cae import recon_error
 from gradcon_core.detectors.neural import NeuralDetector
-from gradcon_core.objective import GradientSync, ReferenceGradients, constraint_layers, gradient_loss
+from gradcon_core.objective import ReferenceGradients, constrained_update, gradient_constraint
+from gradcon_core.parallel import GradientSync
 from gradcon_core.registry import register_detector
 from gradcon_core.scoring import score_components
 
@@ -89,26 +90,16 @@ class VAEGradDetector(VAEDetector):
 
     def constrained_losses(self, x: torch.Tensor, create_graph: bool, sync: GradientSync | None = None,
                            scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(J, recon, kl, L_grad); L_grad = 0 until the reference has a first gradient (as GradCon)."""
+        """(J, recon, kl, L_grad): GradCon's constraint on the gradient of the reconstruction term."""
         loss, recon, kl = self.losses(x)
-        if self.alpha == 0 or int(self.aux.count) == 0:
+        if self.alpha == 0:
             return scale * loss, recon, kl, recon.new_zeros(())
-        weights = [layer.weight for layer in constraint_layers(self.model)]
-        grads = torch.autograd.grad(scale * recon, weights, create_graph=create_graph)
-        if sync is not None:
-            grads = [sync.mean_differentiable(g) for g in grads]
-        grad_loss = gradient_loss(list(grads), self.aux.tensors)
+        grad_loss = gradient_constraint(scale * recon, self.model, self.aux, create_graph=create_graph, sync=sync)
         return scale * loss + self.alpha * grad_loss, recon, kl, grad_loss
 
     def train_step(self, x: torch.Tensor, sync: GradientSync | None = None, scale: float = 1.0) -> dict[str, float]:
-        optimizer = self.optimizers[0]
-        optimizer.zero_grad(set_to_none=True)
         loss, recon, kl, grad_loss = self.constrained_losses(x, True, sync, scale)
-        loss.backward()
-        self.sync_grads(optimizer, sync)
-        # GradCon's order: the reference takes the (all-reduced) gradient of J before the step.
-        self.aux.update([layer.weight.grad for layer in constraint_layers(self.model)])
-        optimizer.step()
+        constrained_update(self.model, self.aux, self.optimizers[0], loss, sync)
         recon, kl, grad_loss = float(recon.detach()), float(kl.detach()), float(grad_loss.detach())
         return {"loss": recon + self.kl_weight * kl + self.alpha * grad_loss, "recon": recon, "kl": kl,
                 "grad_loss": grad_loss}

@@ -1,0 +1,96 @@
+"""Data-parallel plumbing that is not GradCon math: how N workers agree on gradients and split batches.
+
+Contract (docs/design.md §4): every global batch of B images is cut into N
+near-equal slices, worker r takes slice r (n_r images) and weights its per-sample-mean loss by
+N * n_r / B; gradients are then mean-all-reduced across workers. The mean over workers of the
+weighted gradients is the gradient of the global batch mean, so N workers take exactly the step one
+process takes on the global batch. A worker left without images still joins every collective, with
+weight 0. Needs only torch.distributed (never Ray): the Ray Train job and plain torch.multiprocessing
+tests use the same code.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+
+class GradientSync(Protocol):
+    """How data-parallel workers agree on gradients; None everywhere means one process."""
+
+    world_size: int
+
+    def mean_differentiable(self, t: torch.Tensor) -> torch.Tensor: ...
+
+    def mean_(self, tensors: list[torch.Tensor]) -> None: ...
+
+
+class AllReduceMean:
+    """GradientSync over torch.distributed (an initialised process group): the mean over workers."""
+
+    def __init__(self, world_size: int):
+        self.world_size = world_size
+
+    def mean_differentiable(self, t: torch.Tensor) -> torch.Tensor:
+        # Its backward is an all-reduce of the gradients, which the inner-gradient constraint needs.
+        from torch.distributed.nn.functional import all_reduce
+
+        return all_reduce(t) / self.world_size
+
+    def mean_(self, tensors: list[torch.Tensor]) -> None:
+        # One all-reduce of all tensors flattened together: per-tensor calls cost 2x DDP's step time.
+        flat = torch.cat([t.flatten() for t in tensors])
+        torch.distributed.all_reduce(flat)
+        flat.div_(self.world_size)
+        for t, part in zip(tensors, flat.split([t.numel() for t in tensors])):
+            t.copy_(part.view_as(t))
+
+
+def training_generators(seed: int) -> tuple[torch.Generator, torch.Generator]:
+    """The data order and the noise of training (ARAE's random starts), seeded: with the initial weights,
+    all the randomness of a run, shared by the single-process fit and every data-parallel worker."""
+    return torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed + 1)
+
+
+@dataclass
+class LocalBatch:
+    """One worker's part of one global batch."""
+
+    rows: torch.Tensor  # row numbers into the epoch's images (one row, with weight 0, for a worker left empty)
+    scale: float  # N * n_r / B: the weight of this worker's per-sample-mean loss
+    own: int  # images this worker really holds (0: it joins the collectives with weight 0)
+    global_size: int  # B
+    offset: int  # where this worker's slice starts within the global batch
+
+
+def local_batches(order: torch.Tensor, batch_size: int, rank: int = 0, world_size: int = 1) -> list[LocalBatch]:
+    """Worker rank's parts of the global batches of batch_size cut from `order` (an epoch's permutation)."""
+    out = []
+    for batch in order.split(batch_size):
+        parts = batch.tensor_split(world_size)
+        mine, offset = parts[rank], sum(len(p) for p in parts[:rank])
+        if len(mine):
+            out.append(LocalBatch(mine, len(mine) * world_size / len(batch), len(mine), len(batch), offset))
+        else:
+            out.append(LocalBatch(batch[:1], 0.0, 0, len(batch), offset))
+    return out
+
+
+def all_reduce_gradients(optimizer: torch.optim.Optimizer, sync: GradientSync | None) -> None:
+    """Mean-all-reduce the gradients of all the optimizer's parameters (zeros where one got none, so that
+    every worker passes the same list)."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    if sync is not None:
+        sync.mean_([p.grad for p in params])
+
+
+def average_buffers(module: torch.nn.Module, sync: GradientSync | None) -> None:
+    """Average a module's float buffers across workers (BatchNorm statistics), as DDP's broadcast would
+    keep them equal: every rank then holds the state rank 0 saves."""
+    buffers = [b for b in module.buffers() if b.is_floating_point()]
+    if sync is not None and buffers:
+        sync.mean_(buffers)
