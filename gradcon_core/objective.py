@@ -44,6 +44,13 @@ class ReferenceGradients(nn.Module):
         for i, shape in enumerate(shapes):
             self.register_buffer(f"ref_{i}", torch.zeros(shape))
         self.register_buffer("count", torch.zeros((), dtype=torch.int64))
+        # count > 0, mirrored on the host so that a training step need not wait on the GPU to ask it.
+        self.started = False
+        self.register_load_state_dict_post_hook(ReferenceGradients._mirror_count)
+
+    @staticmethod
+    def _mirror_count(module: ReferenceGradients, _incompatible_keys) -> None:
+        module.started = bool(module.count)
 
     @classmethod
     def for_model(cls, model: nn.Module) -> ReferenceGradients:
@@ -57,6 +64,7 @@ class ReferenceGradients(nn.Module):
     def update(self, grads: list[torch.Tensor]) -> None:
         # Incremental form of the running mean (sum/count): same value, no unbounded sum.
         self.count += 1
+        self.started = True
         for ref, g in zip(self.tensors, grads, strict=True):
             ref.add_((g - ref) / self.count)
 
@@ -69,11 +77,15 @@ def gradient_loss(grads: list[torch.Tensor], refs: list[torch.Tensor]) -> torch.
 
 @dataclass
 class StepStats:
-    """A step's values on this worker's images, unweighted: J = recon + alpha * grad_loss."""
+    """A step's values on this worker's images, unweighted: J = recon + alpha * grad_loss.
 
-    loss: float
-    recon: float
-    grad_loss: float
+    0-dim tensors on the model's device, detached: reading them (float()) waits for the device, so a
+    training loop sums them there and reads once per epoch.
+    """
+
+    loss: torch.Tensor
+    recon: torch.Tensor
+    grad_loss: torch.Tensor
 
 
 def gradient_constraint(
@@ -85,7 +97,7 @@ def gradient_constraint(
     With a sync, the inner gradients are mean-all-reduced (differentiably) before the cosine: the cosine of
     the global batch's gradient, not the mean of the workers' cosines.
     """
-    if int(reference.count) == 0:
+    if not reference.started:
         # First iteration: no history of training gradients yet, so no constraint.
         return loss.new_zeros(())
     weights = [layer.weight for layer in constraint_layers(model)]
@@ -150,8 +162,8 @@ def gradcon_step(
     loss, recon, grad_loss = gradcon_losses(model, reference, x, alpha, create_graph=True, sync=sync, scale=scale,
                                             x_adv=x_adv, gamma=gamma)
     constrained_update(model, reference, optimizer, loss, sync)
-    recon = float(recon.detach()) / scale if scale else 0.0  # unweighted, as one process reports it
-    grad_loss = float(grad_loss.detach())
+    recon = recon.detach() / scale if scale else torch.zeros_like(recon)  # unweighted, as one process reports it
+    grad_loss = grad_loss.detach()
     return StepStats(recon + alpha * grad_loss, recon, grad_loss)
 
 

@@ -93,3 +93,17 @@ def test_reference_is_a_cumulative_mean_of_total_loss_gradients():
 def test_references_are_buffers_in_the_state_dict():
     reference = ReferenceGradients.for_model(create_model("gradcon_cae"))
     assert set(reference.state_dict()) == {"ref_0", "ref_1", "ref_2", "ref_3", "count"}
+
+
+def test_a_step_waits_on_nothing_and_a_loaded_reference_keeps_its_history():
+    torch.manual_seed(0)
+    model = create_model("gradcon_cae")
+    reference = ReferenceGradients.for_model(model)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    stats = gradcon_step(model, reference, opt, torch.rand(8, 1, 28, 28), ALPHA)
+    # Values stay tensors (a GPU loop sums them on the device); the first-step test reads a host mirror.
+    assert all(isinstance(v, torch.Tensor) and not v.requires_grad for v in vars(stats).values())
+    fresh = ReferenceGradients.for_model(model)
+    assert not fresh.started and reference.started
+    fresh.load_state_dict(reference.state_dict())
+    assert fresh.started  # so a resumed run applies the constraint from its first step

@@ -75,7 +75,7 @@ class GradConDetector(NeuralDetector):
                    x_adv: torch.Tensor | None = None) -> dict[str, float]:
         s = gradcon_step(self.model, self.aux, self.optimizer, x, self.alpha, sync, scale, x_adv=x_adv,
                          gamma=self.gamma)
-        return {"loss": s.loss, "recon": s.recon, "grad_loss": s.grad_loss}
+        return {"loss": s.loss, "recon": s.recon, "grad_loss": s.grad_loss}  # tensors: summed on the device
 
     def begin_epoch(self, x: torch.Tensor, batches: list[LocalBatch], noise: torch.Generator) -> None:
         if not (self.attack.enabled and self.attack.refresh == "epoch"):
@@ -85,7 +85,7 @@ class GradConDetector(NeuralDetector):
         start = self.attack.random_start(x.shape, noise)
         rows = torch.cat([b.rows[: b.own] for b in batches])
         self._x_adv = x.clone()
-        self._x_adv[rows] = self.attack.craft(self.model, x[rows].to(self.device), start[rows]).cpu()
+        self._x_adv[rows] = self.attack.craft(self.model, x[rows].to(self.device), start[rows.cpu()]).to(x.device)
 
     def train_batch(self, x: torch.Tensor, batch: LocalBatch, noise: torch.Generator,
                     sync: GradientSync | None) -> dict[str, float]:

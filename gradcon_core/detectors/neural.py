@@ -167,15 +167,28 @@ class NeuralDetector(Detector):
         sync: GradientSync | None = None,
     ) -> dict[str, float]:
         """One epoch in global batches of batch_size, this worker taking its slice of each; returns this
-        worker's share of the sums over images of the steps' values (summed over workers: the global sums)."""
+        worker's share of the sums over images of the steps' values (summed over workers: the global sums).
+
+        Nothing in a step waits for the device: the images move to it once per epoch (when they fit in a
+        quarter of its free memory), the batches are index tensors there, and the steps' values (tensors
+        from train_step, where it returns them) are summed there and read once, at the end.
+        """
         self.model.train()
-        batches = local_batches(torch.randperm(len(x), generator=order), batch_size, rank, world_size)
+        x = self._on_device(x)
+        order_here = torch.randperm(len(x), generator=order).to(x.device)
+        batches = local_batches(order_here, batch_size, rank, world_size)
         self.begin_epoch(x, batches, noise)
-        sums: dict[str, float] = {}
+        sums: dict = {}
         for batch in batches:
             for k, v in self.train_batch(x[batch.rows].to(self.device), batch, noise, sync).items():
                 sums[k] = sums.get(k, 0.0) + v * batch.own
-        return sums
+        return {k: float(v) for k, v in sums.items()}
+
+    def _on_device(self, x: torch.Tensor) -> torch.Tensor:
+        if self.device.type != "cuda":
+            return x
+        free, _ = torch.cuda.mem_get_info(self.device)
+        return x.to(self.device) if x.numel() * x.element_size() < free / 4 else x
 
     @torch.no_grad()
     def score_components(self, x) -> dict[str, np.ndarray]:
