@@ -49,6 +49,7 @@ import io
 import os
 import struct
 import warnings
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -222,16 +223,19 @@ def _decode_png(data: bytes) -> _Decoded:
         raise ImageError("undecodable image (PNG without a header)")
     width, height, _, color_type = struct.unpack_from(">IIBB", data, 16)
     _check_pixels(width, height)
+    intact, orientation = _png_chunks(data)
+    if not intact:
+        return _decode_pillow(data)  # Pillow decides, and words the error
     try:
         pixels = pyspng.load(data)  # palette -> RGB, 16-bit -> uint16 (grey as grey+alpha)
     except RuntimeError:
-        return _decode_pillow(data)  # Pillow decides, and words the error, for what libspng refuses
+        return _decode_pillow(data)
     if pixels.ndim == 2:
         pixels = pixels[..., None]
     pixels = pixels[..., :1] if color_type in (0, 4) else pixels[..., :3]
     if pixels.dtype == np.uint16:
         pixels = _to_8_bits(pixels)
-    return _Decoded(pixels, palette=color_type == 3, orientation=_png_orientation(data))
+    return _Decoded(pixels, palette=color_type == 3, orientation=orientation)
 
 
 def _decode_jpeg(data: bytes) -> _Decoded:
@@ -336,18 +340,22 @@ def _exif_orientation(tiff: bytes) -> int:
     return 1
 
 
-def _png_orientation(data: bytes) -> int:
-    if data.find(b"eXIf") < 0:  # most PNGs: no chunk walk at all
-        return 1
-    pos = len(_PNG_SIGNATURE)
-    while pos + 8 <= len(data):
+def _png_chunks(data: bytes) -> tuple[bool, int]:
+    """(every chunk's CRC matches and IEND is there, EXIF orientation). libspng as pyspng drives it ignores
+    CRCs and zlib checksums, so a corrupted file would decode to garbage where Pillow refuses it: such a file
+    goes to Pillow."""
+    pos, orientation = len(_PNG_SIGNATURE), 1
+    while pos + 12 <= len(data):
         length, kind = struct.unpack_from(">I4s", data, pos)
+        end = pos + 8 + length
+        if end + 4 > len(data) or zlib.crc32(data[pos + 4:end]) != struct.unpack_from(">I", data, end)[0]:
+            return False, orientation
         if kind == b"eXIf":
-            return _exif_orientation(data[pos + 8:pos + 8 + length])
-        if kind == b"IEND":
-            break
-        pos += 12 + length
-    return 1
+            orientation = _exif_orientation(data[pos + 8:end])
+        elif kind == b"IEND":
+            return True, orientation
+        pos = end + 4
+    return False, orientation
 
 
 def _jpeg_header(data: bytes) -> _JpegHeader | None:

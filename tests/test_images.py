@@ -137,6 +137,30 @@ def test_truncated_files_are_errors_for_every_decoder():
     assert not pixels.any()
 
 
+@pytest.mark.parametrize("name", ["png_rgb", "png_palette_colour", "png_grey16", "png_interlaced_grey", "jpeg_rgb",
+                                  "jpeg_progressive", "jpeg_grey"])
+def test_corrupted_files_fail_or_decode_exactly_as_pillow_decodes_them(name):
+    """A fast decoder that is more lenient than Pillow (libspng ignores checksums) must not decode garbage."""
+    rng = np.random.default_rng(sum(map(ord, name)))
+    channels = 1 if "grey" in name else 3
+    outcomes = set()
+    for _ in range(40):
+        data = bytearray(CORPUS[name])
+        data[rng.integers(len(data))] ^= 1 << int(rng.integers(8))
+        try:
+            reference = pillow_policy(bytes(data))
+        except Exception:
+            reference = None
+        pixels, errors = decode_images([bytes(data)], channels, (24, 36) if reference is None else reference.shape[:2])
+        if reference is None:
+            assert errors[0] is not None
+        else:
+            assert errors[0] is None
+            np.testing.assert_array_equal(pixels[0], reference)
+        outcomes.add(reference is None)
+    assert outcomes == {True, False} or name.startswith("png")  # JPEG decodes many corruptions, PNG refuses most
+
+
 # ---- the module docstring's rules, one test each ----
 
 def test_rule_1_other_sizes_are_stretched_to_the_model_with_lanczos():
@@ -148,12 +172,17 @@ def test_rule_1_other_sizes_are_stretched_to_the_model_with_lanczos():
 
 @pytest.mark.parametrize("orientation", range(1, 9))
 def test_rule_2_exif_orientation_is_applied_like_pillows_exif_transpose(orientation):
-    shown = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(save(RGB, "PNG", exif=exif(orientation))))))
+    transpose = {1: None, 2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+                 4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270,
+                 7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90}[orientation]
     for fmt in ("PNG", "JPEG", "TIFF", "WEBP"):
         data = save(RGB, fmt, exif=exif(orientation), **({"lossless": True} if fmt == "WEBP" else {}))
-        reference = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB"))
-        np.testing.assert_array_equal(decode_image(data, 3, reference.shape[:2]), reference, err_msg=fmt)
-        assert reference.shape == shown.shape  # the rotation itself, not only its agreement with Pillow
+        stored = Image.open(io.BytesIO(data)).convert("RGB") if fmt == "JPEG" else RGB  # the rest are lossless
+        upright = np.asarray(stored if transpose is None else stored.transpose(transpose))
+        assert upright.shape[:2] == ((36, 24) if orientation >= 5 else (24, 36))
+        np.testing.assert_array_equal(upright, np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(data)))
+                                                          .convert("RGB")), err_msg=fmt)
+        np.testing.assert_array_equal(decode_image(data, 3, upright.shape[:2]), upright, err_msg=fmt)
 
 
 def test_rule_3_grey_is_one_channel_colour_three_alpha_dropped_cmyk_as_pillow():
