@@ -148,11 +148,13 @@ def decode_images(
 ) -> tuple[np.ndarray, list[str | None]]:
     """Many images -> (uint8 [N,H,W,C], per-image error or None). Failed rows are left black.
 
-    With a CUDA `device`, the JPEG rows are decoded there in batches (nvJPEG; its IDCT differs from
-    libjpeg-turbo's by a few grey levels) and everything else on the CPU; a batch that fails is decoded again
-    row by row on the CPU, so the output and the per-row errors are those of the CPU path. device="cpu" runs
-    the same batched path with torchvision on the CPU.
+    With a CUDA `device`, the 8-bit greyscale/YCbCr JPEG rows are decoded there in batches by nvJPEG (whose
+    IDCT may differ from libjpeg-turbo's by a few levels) and everything else on the CPU; a batch that fails is
+    decoded again row by row on the CPU. The output (on the host) and the per-row errors are those of the CPU
+    path. device="cpu" runs the same batched path with torchvision on the CPU (pixel-identical to the CPU path).
     """
+    if device is not None and torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"JPEG decoding on {device} asked for, but CUDA is not available")
     out = np.zeros((len(blobs), *size, channels), dtype=np.uint8)
     errors: list[str | None] = [None] * len(blobs)
     batched: list[tuple[int, _JpegHeader]] = []
@@ -404,10 +406,13 @@ def _torchvision_jpeg(data: bytes) -> np.ndarray:
 
 
 def _batchable_jpeg(data: bytes | None, channels: int) -> _JpegHeader | None:
-    """The header of a JPEG the batched path decodes exactly as the CPU path would, else None."""
-    if not data or not bytes(data[:3]) == _JPEG_START:
+    """The header of a JPEG the batched path takes (8-bit, its channels the model's), else None (the CPU path)."""
+    if not data or bytes(data[:3]) != _JPEG_START:
         return None
-    header = _jpeg_header(bytes(data))
+    try:
+        header = _jpeg_header(bytes(data))
+    except Exception:  # unreadable header: the CPU path words the error
+        return None
     if header is None or not header.fast or header.components != channels:
         return None
     _check_pixels(header.width, header.height)
@@ -416,8 +421,6 @@ def _batchable_jpeg(data: bytes | None, channels: int) -> _JpegHeader | None:
 
 def _decode_jpeg_batches(blobs: list, rows: list[tuple[int, _JpegHeader]], device: torch.device, channels: int,
                          size: tuple[int, int], out: np.ndarray, errors: list[str | None]) -> None:
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"JPEG decoding on {device} asked for, but CUDA is not available")
     tv = _torchvision_io()
     mode = tv.ImageReadMode.GRAY if channels == 1 else tv.ImageReadMode.RGB
     for batch in _pixel_budget_batches(rows):
