@@ -176,7 +176,7 @@ def run(cfg: TuneConfig):
     base = asdict(cfg.train_config(storage=f"{cfg.storage.rstrip('/')}/{name}/trials", resume=None, name=None,
                                    select_by=cfg.metric, val_anomalies=cfg.val_anomalies or -1))
     if not ray.is_initialized():
-        init_ray(cfg.address)
+        init_ray(cfg.address, min_cpus=cfg.num_workers + 2 + TRIAL_DRIVER_CPU)  # one trial (_concurrency)
     trainable = tune.with_resources(tune.with_parameters(run_trial, base=base), {"CPU": TRIAL_DRIVER_CPU})
     is_s3 = str(cfg.storage).startswith("s3://")
     if cfg.resume:
