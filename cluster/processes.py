@@ -49,12 +49,17 @@ def stop(processes: Iterable[psutil.Process], grace_s: float = 10.0) -> list[psu
 
 def start_reaper() -> subprocess.Popen:
     """A reaper for this process: close its stdin (or die) and it stops whatever this process left running."""
+    # Its own session: a Ctrl-C or killpg of ours spares it. No stdout/stderr: it must not hold a pipe that
+    # whoever reads our output waits on.
     return subprocess.Popen([sys.executable, os.path.abspath(__file__), str(os.getpid())], stdin=subprocess.PIPE,
-                            start_new_session=True)  # not in our process group: a Ctrl-C or killpg spares it
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
 
 
 def _reap(parent_pid: int) -> None:
-    parent = psutil.Process(parent_pid)
+    try:
+        parent = psutil.Process(parent_pid)
+    except psutil.NoSuchProcess:  # gone before we started: what it left is beyond our sight
+        return
     me = psutil.Process()
     seen: dict[int, psutil.Process] = {}
     while True:

@@ -22,6 +22,7 @@ GCS_PORT_VARIABLE = "RAY_GCS_SERVER_PORT"
 # Ray's switch for "a local Ray without a cluster" (its default on macOS and Windows): the node's address is
 # then 127.0.0.1, and every server Ray starts listens on loopback only.
 CLUSTER_VARIABLE = ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR
+LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
 
 
 @dataclass
@@ -95,7 +96,11 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, min_cpus: 
         return
     address = address or os.environ.get(ADDRESS_VARIABLE)
     if address and address != "local":
-        ray.init(address=address)
+        # Joining an embedded Ray of this machine (127.0.0.1:PORT) takes the same loopback node, or Ray would
+        # knock at the machine's network address, where nothing listens.
+        host = address.rsplit(":", 1)[0].strip("[]")
+        with _loopback_node() if host in LOOPBACK_HOSTS else contextlib.nullcontext():
+            ray.init(address=address)
         return
     if _embedded is not None:  # a previous embedded Ray, shut down without stop_ray
         stop_ray()

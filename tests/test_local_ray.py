@@ -131,6 +131,20 @@ def test_embedded_ray_listens_on_loopback_only(ray_local):
 
 
 @pytest.mark.slow
+def test_another_process_joins_the_embedded_ray_by_its_address(ray_local):
+    """address=127.0.0.1:PORT (what the sweep test's driver and Ray's own processes use) still reaches the
+    loopback-only GCS: Ray would otherwise swap 127.0.0.1 for the machine's network address."""
+    address = ray_local.get_runtime_context().gcs_address
+    assert address.startswith("127.0.0.1:")
+    code = ("import sys, ray; from cluster.ray_init import init_ray; init_ray(sys.argv[1]); "
+            "print(ray.cluster_resources()['CPU'])")
+    joined = subprocess.run([sys.executable, "-c", code, address], cwd=REPO, env=_env(), capture_output=True,
+                            text=True, timeout=120)
+    assert joined.returncode == 0, joined.stderr[-2000:]
+    assert float(joined.stdout.split()[-1]) == ray_local.cluster_resources()["CPU"]
+
+
+@pytest.mark.slow
 def test_a_killed_driver_leaves_no_ray_process_behind():
     """SIGKILL the process that started an embedded Ray: within seconds nothing it started is left."""
     driver = Watched([sys.executable, "-c", IDLE_DRIVER], stdout=subprocess.PIPE, text=True)
