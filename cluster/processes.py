@@ -21,6 +21,7 @@ from collections.abc import Iterable
 import psutil
 
 POLL_S = 2.0  # how often the reaper notes the command's descendants (a process tree walk: ~10 ms)
+DISMISS = b"done"  # what a command that stopped its processes itself writes to its reaper before closing
 
 
 def descendants(roots: Iterable[psutil.Process]) -> list[psutil.Process]:
@@ -48,7 +49,8 @@ def stop(processes: Iterable[psutil.Process], grace_s: float = 10.0) -> list[psu
 
 
 def start_reaper() -> subprocess.Popen:
-    """A reaper for this process: close its stdin (or die) and it stops whatever this process left running."""
+    """A reaper for this process: if this process dies (its end of the reaper's stdin closes without DISMISS),
+    the reaper stops every descendant of it that it has seen and that is still running."""
     # Its own session: a Ctrl-C or killpg of ours spares it. No stdout/stderr: it must not hold a pipe that
     # whoever reads our output waits on.
     return subprocess.Popen([sys.executable, os.path.abspath(__file__), str(os.getpid())], stdin=subprocess.PIPE,
@@ -67,7 +69,10 @@ def _reap(parent_pid: int) -> None:
         # never mistaken for one of ours.
         seen.update({p.pid: p for p in descendants([parent]) if p.pid not in (parent_pid, me.pid)})
         ready, _, _ = select.select([sys.stdin], [], [], POLL_S)
-        if ready and not os.read(sys.stdin.fileno(), 4096):  # EOF: the parent closed the pipe or died
+        message = os.read(sys.stdin.fileno(), 4096) if ready else None
+        if message and DISMISS in message:
+            return
+        if message == b"":  # EOF without being dismissed: the parent died
             break
     stop(descendants(seen.values()), grace_s=1.0)
 

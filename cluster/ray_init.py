@@ -15,7 +15,7 @@ import psutil
 import ray
 import ray._private.ray_constants as ray_constants
 
-from cluster.processes import descendants, start_reaper, stop
+from cluster.processes import DISMISS, descendants, start_reaper, stop
 
 ADDRESS_VARIABLE = "RAY_ADDRESS"
 GCS_PORT_VARIABLE = "RAY_GCS_SERVER_PORT"
@@ -129,8 +129,7 @@ def stop_ray(grace_s: float = 10.0) -> None:
     ray.shutdown()
     if embedded:
         stop(started, grace_s)
-        embedded.reaper.stdin.close()  # nothing left to reap: it exits
-        embedded.reaper.wait()
+        embedded.reaper.communicate(DISMISS)  # Ray is stopped; this process's other children are its own affair
 
 
 def data_context() -> ray.data.DataContext:

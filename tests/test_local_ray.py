@@ -38,6 +38,18 @@ print("ready", flush=True)
 time.sleep(600)
 """
 
+OTHER_CHILD_DRIVER = """
+import subprocess, sys, time
+from cluster.ray_init import init_ray, stop_ray
+other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+init_ray(num_cpus=1)
+time.sleep(3)  # long enough for the reaper to have seen `other`
+stop_ray()
+time.sleep(2)
+print("other alive" if other.poll() is None else "other stopped", flush=True)
+other.kill()
+"""
+
 
 def _env() -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "AWS_"))}
@@ -160,6 +172,15 @@ def test_a_killed_driver_leaves_no_ray_process_behind():
         assert driver.left_running() == []
     finally:
         driver.kill_all()
+
+
+@pytest.mark.slow
+def test_stopping_ray_leaves_the_commands_other_children_alone():
+    """stop_ray stops Ray's processes only: the command's other children (a local S3 server) are its own."""
+    done = subprocess.run([sys.executable, "-c", OTHER_CHILD_DRIVER], cwd=REPO, env=_env(), capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[-2:] == ["other", "alive"]
 
 
 @pytest.mark.slow
