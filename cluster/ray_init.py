@@ -1,14 +1,37 @@
-"""Connect to a Ray cluster, or start an embedded local one (the laptop default)."""
+"""Connect to a Ray cluster, or start an embedded local one (the laptop default), and stop it completely."""
 from __future__ import annotations
 
+import atexit
+import contextlib
+import math
 import os
 import socket
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
+import psutil
 import ray
+import ray._private.ray_constants as ray_constants
+
+from cluster.processes import DISMISS, descendants, start_reaper, stop
 
 ADDRESS_VARIABLE = "RAY_ADDRESS"
 GCS_PORT_VARIABLE = "RAY_GCS_SERVER_PORT"
+# Ray's switch for "a local Ray without a cluster" (its default on macOS and Windows): the node's address is
+# then 127.0.0.1, and every server Ray starts listens on loopback only.
+CLUSTER_VARIABLE = ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR
+LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
+
+
+@dataclass
+class _Embedded:
+    processes: list[psutil.Process]  # the processes ray.init started (GCS, raylet, dashboard, ...)
+    reaper: subprocess.Popen  # cluster/processes.py, watching this process
+
+
+_embedded: _Embedded | None = None
 
 
 def _free_port() -> int:
@@ -17,36 +40,96 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs: Any) -> None:
+@contextlib.contextmanager
+def _environment(values: dict[str, str]) -> Iterator[None]:
+    """These variables set while Ray starts its processes (which inherit them), restored afterwards: this
+    process's later init_ray calls must not join a cluster that has since stopped."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@contextlib.contextmanager
+def _loopback_node() -> Iterator[None]:
+    """Ray on Linux replaces a node address of 127.0.0.1 by the machine's network address, and then binds its
+    gRPC servers (GCS, raylet, workers), its agents and its Prometheus /metrics on all interfaces. With
+    ENABLE_RAY_CLUSTER off (read by ray.init in this process; the variable carries it to Ray's processes) the
+    node keeps 127.0.0.1 and they listen on loopback only. tests/test_local_ray.py lists the sockets."""
+    saved = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        with _environment({CLUSTER_VARIABLE: "0"}):
+            yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved
+
+
+def embedded_cpus(min_cpus: float = 0) -> int:
+    """Logical CPUs of an embedded Ray: the machine's, or min_cpus where a job needs more.
+
+    A job sized for its own machine (the README's 2-worker train on a 2-core laptop needs 2 CPUs for its
+    workers and 2 for Ray Data's reads) then runs time-sliced instead of being refused; a real cluster
+    keeps its own count and the jobs' honest checks.
+    """
+    from ray._private.utils import get_num_cpus  # what Ray itself would detect (cgroup limits included)
+
+    return max(int(get_num_cpus()), math.ceil(min_cpus))
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None, min_cpus: float = 0, **kwargs: Any) -> None:
     """address (or RAY_ADDRESS) joins that cluster; neither starts a fresh local Ray for this process.
 
-    Token authentication is left as Ray sets it; only the embedded instance takes num_cpus and kwargs
-    (ray.init's, e.g. object_store_memory).
+    The embedded Ray listens on 127.0.0.1 only, has num_cpus logical CPUs (default: embedded_cpus(min_cpus)),
+    is stopped, and waited for, when this process exits (stop_ray), and its processes are stopped by a
+    reaper if this process is killed. Token authentication is left as Ray sets it; only the embedded instance
+    takes num_cpus, min_cpus and kwargs (ray.init's, e.g. object_store_memory).
     """
+    global _embedded
     if ray.is_initialized():
         return
     address = address or os.environ.get(ADDRESS_VARIABLE)
     if address and address != "local":
-        ray.init(address=address)
+        # Joining an embedded Ray of this machine (127.0.0.1:PORT) takes the same loopback node, or Ray would
+        # knock at the machine's network address, where nothing listens.
+        host = address.rsplit(":", 1)[0].strip("[]")
+        with _loopback_node() if host in LOOPBACK_HOSTS else contextlib.nullcontext():
+            ray.init(address=address)
         return
+    if _embedded is not None:  # a previous embedded Ray, shut down without stop_ray
+        stop_ray()
     # The embedded instance's GCS port is chosen here and its address put in the environment its processes
     # inherit. Ray Train's placement-group cleaner asks the State API (served by the dashboard, on 127.0.0.1
     # only) whether a stopped run's controller is gone; without the dashboard every trial that Tune stops
     # keeps its workers' CPUs, and without RAY_ADDRESS the cleaner cannot tell which of two Ray instances on
     # one machine is its own ("Found multiple active Ray instances") when another gradcon job runs beside.
     port = _free_port()
-    saved = {k: os.environ.get(k) for k in (ADDRESS_VARIABLE, GCS_PORT_VARIABLE)}
-    os.environ[GCS_PORT_VARIABLE] = str(port)
-    os.environ[ADDRESS_VARIABLE] = f"127.0.0.1:{port}"  # ignored by ray.init(address="local") itself
-    try:
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
-                 _node_ip_address="127.0.0.1", **kwargs)
-    finally:  # this process's later init_ray calls must not join a cluster that has since stopped
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+    me = psutil.Process()
+    before = {p.pid for p in me.children()}
+    with _loopback_node(), _environment({GCS_PORT_VARIABLE: str(port), ADDRESS_VARIABLE: f"127.0.0.1:{port}"}):
+        ray.init(address="local", num_cpus=num_cpus or embedded_cpus(min_cpus), include_dashboard=True,
+                 dashboard_host="127.0.0.1", **kwargs)
+    _embedded = _Embedded([p for p in me.children() if p.pid not in before], start_reaper())
+    atexit.unregister(stop_ray)
+    atexit.register(stop_ray)  # runs before Ray's own atexit shutdown (registered earlier)
+
+
+def stop_ray(grace_s: float = 10.0) -> None:
+    """ray.shutdown(); for an embedded Ray, also wait until every process it started has exited (stopping
+    those that linger), so that a command leaves nothing running when it returns."""
+    global _embedded
+    embedded, _embedded = _embedded, None
+    started = descendants(embedded.processes) if embedded else []  # before the raylet's children are orphaned
+    ray.shutdown()
+    if embedded:
+        stop(started, grace_s)
+        embedded.reaper.communicate(DISMISS)  # Ray is stopped; this process's other children are its own affair
 
 
 def data_context() -> ray.data.DataContext:

@@ -39,7 +39,39 @@ class S3Options:
         return text.replace(self.secret_key, "***") if self.secret_key else text
 
 
-def s3_filesystem(options: S3Options, allow_bucket_creation: bool = False) -> pafs.S3FileSystem:
+class _S3FileSystem(pafs.S3FileSystem):
+    """pyarrow's S3 filesystem, pickled without its credentials.
+
+    Ray pickles storage filesystems into what it writes (Tune: tuner.pkl and every trial's state, in the
+    sweep's storage), and pyarrow's own pickle carries the secret key. Unpickled (in a trial, a Train worker,
+    a resumed sweep), this one takes its credentials from that process's environment (the AWS_* variables,
+    else the instance role), as every job on a cluster node does.
+    """
+
+    def __init__(self, options: S3Options, allow_bucket_creation: bool = False):
+        kwargs: dict = {"region": options.region or "us-east-1", "allow_bucket_creation": allow_bucket_creation}
+        if options.access_key:
+            kwargs.update(access_key=options.access_key, secret_key=options.secret_key)
+        if options.endpoint:
+            url = urlparse(options.endpoint if "://" in options.endpoint else f"http://{options.endpoint}")
+            kwargs.update(endpoint_override=url.netloc, scheme=url.scheme)
+        super().__init__(**kwargs)
+        self._public = (options.endpoint, options.region, allow_bucket_creation)
+
+    def __reduce__(self):
+        return _s3_from_environment, self._public
+
+
+def _s3_from_environment(endpoint: str | None, region: str | None, allow_bucket_creation: bool) -> _S3FileSystem:
+    return _S3FileSystem(S3Options.from_env(endpoint=endpoint, region=region), allow_bucket_creation)
+
+
+def s3_filesystem(options: S3Options, allow_bucket_creation: bool = False,
+                  credentials_in_pickles: bool = True) -> pafs.S3FileSystem:
+    """credentials_in_pickles=False for a filesystem that Ray may pickle into storage (Tune's); the processes
+    that unpickle it then need the credentials in their environment."""
+    if not credentials_in_pickles:
+        return _S3FileSystem(options, allow_bucket_creation)
     kwargs: dict = {"access_key": options.access_key, "secret_key": options.secret_key,
                     "region": options.region or "us-east-1", "allow_bucket_creation": allow_bucket_creation}
     if options.endpoint:
@@ -50,10 +82,12 @@ def s3_filesystem(options: S3Options, allow_bucket_creation: bool = False) -> pa
     return pafs.S3FileSystem(**kwargs)
 
 
-def filesystem_for(uri: str, options: S3Options | None = None) -> tuple[pafs.FileSystem, str]:
+def filesystem_for(uri: str, options: S3Options | None = None,
+                   credentials_in_pickles: bool = True) -> tuple[pafs.FileSystem, str]:
     """(filesystem, path in it) for a local path, file:// or s3:// URL."""
     if str(uri).startswith("s3://"):
-        return s3_filesystem(options or S3Options.from_env()), str(uri)[len("s3://"):].rstrip("/")
+        fs = s3_filesystem(options or S3Options.from_env(), credentials_in_pickles=credentials_in_pickles)
+        return fs, str(uri)[len("s3://"):].rstrip("/")
     return resolve(uri)
 
 

@@ -88,10 +88,8 @@ def _copy_out(uri: str, dest: Path) -> None:
 
 
 def run(cfg: DemoConfig) -> dict:
-    import ray
-
     from cluster.local_s3 import LocalS3
-    from cluster.ray_init import init_ray
+    from cluster.ray_init import init_ray, stop_ray
 
     if not 0 <= cfg.normal_class <= 9:
         raise ValueError(f"normal_class must be a digit 0-9, got {cfg.normal_class}")
@@ -118,7 +116,7 @@ def run(cfg: DemoConfig) -> dict:
         # Ray Data's per-operator bars flood a terminal shared by parallel datasets: the steps show progress.
         os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
         init_ray(num_cpus=cfg.num_workers + 2)  # workers + Ray Data's list and read tasks
-        stack.callback(ray.shutdown)
+        stack.callback(stop_ray)  # returns once every Ray process has exited
 
         step(f"preparing MNIST as image sets under {root}/sets/")
         prepare.prepare("mnist", cfg.data_dir, f"{root}/sets/mnist")

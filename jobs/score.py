@@ -105,7 +105,7 @@ def _score_files(cfg: ScoreConfig, options: S3Options, files: list[str], in_fs: 
 
     from cluster.ray_init import init_ray
 
-    init_ray(cfg.address)
+    init_ray(cfg.address, min_cpus=cfg.concurrency * cfg.cpus_per_actor + READ_CPUS)  # embedded: sized for _check_fits
     _check_fits(ray.cluster_resources(), cfg)
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True

@@ -1,6 +1,7 @@
 """Submit a job (train, tune, score, eval, ...) to a Ray cluster's job API, follow its logs, exit with its status.
 
-gradcon submit JOB [--address http://HEAD:8265] [--no-wait] [--env NAME ...] [--pip PKG==V ...] -- JOB ARGUMENTS
+gradcon submit JOB [--address http://HEAD:8265] [--no-wait] [--env NAME ...] [--allow-secret-env] [--pip PKG==V ...]
+               -- JOB ARGUMENTS
   e.g.  gradcon submit score --address http://127.0.0.1:8265 -- --model s3://b/runs/r/checkpoint --input ...
 
 The entrypoint is `python -m jobs JOB ARGUMENTS` (quoted with shlex) run on the head with this repository as
@@ -11,9 +12,10 @@ With --no-wait only the job id is printed (exit 0).
 
 Token authentication: when RAY_AUTH_MODE is unset and a token is at hand (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH
 or ~/.ray/auth_token), it is sent, as `ray start` does; RAY_AUTH_MODE=disabled is respected. The token is
-never printed. --env NAME forwards a variable from this environment by name (e.g. AWS_ENDPOINT_URL): its
-value is stored in the job's runtime_env, which anyone with access to the dashboard can read, so on a cloud
-cluster credentials should come from the instance role (or a Kubernetes secret), not be forwarded.
+never printed. --env NAME forwards a variable from this environment by name (e.g. AWS_ENDPOINT_URL). Ray keeps
+a runtime_env in plaintext (its job table, which anyone with access to the job API reads, and the head's
+runtime-env agent log), so a secret-looking name (SECRET, TOKEN, PASSWORD, CREDENTIAL, PRIVATE, KEY) is refused
+unless --allow-secret-env: credentials belong to the cluster (instance profile, IRSA, a Kubernetes Secret).
 """
 from __future__ import annotations
 
@@ -21,20 +23,27 @@ import argparse
 import asyncio
 import contextlib
 import os
-import re
 import shlex
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import yaml
+
+from cluster.redact import is_secret_name, redact, secret_values
+
 JOBS = ("prepare", "train", "tune", "score", "eval", "demo")
 REPO = Path(__file__).resolve().parents[1]
 # gitignore-style, relative to the working_dir: the upload is the code only.
 EXCLUDES = ["/.venv", "/data", "/runs", "/results", "/.git", "/.ci", "__pycache__", ".pytest_cache",
             ".ruff_cache", "*.egg-info", "*.pyc"]
-SECRET_NAME = re.compile(r"SECRET|TOKEN|PASSWORD|CREDENTIAL|PRIVATE|(^|_)KEY($|_)", re.IGNORECASE)
 AUTH_MODE = "RAY_AUTH_MODE"
+# The jobs' settings that name local paths (key=value or --key VALUE), and the output settings whose defaults are
+# relative (train/tune `runs`, eval `results`, demo `runs/demo`): on the cluster they would be written inside the
+# job's temporary copy of this repository and lost with it.
+PATH_SETTINGS = {"data", "storage", "out", "data_dir", "model", "input", "output", "source"}
+OUTPUT_SETTING = {"train": "storage", "tune": "storage", "eval": "out", "demo": "out"}
 
 
 class SubmissionError(ValueError):
@@ -46,15 +55,70 @@ def entrypoint(job: str, job_args: list[str]) -> str:
     return shlex.join(["python", "-m", "jobs", job, *job_args])
 
 
-def runtime_env(working_dir: str, env_names: list[str], pip: list[str]) -> dict:
+# Where Ray 2.60 keeps a job's runtime_env, env_vars included, in plaintext (tests/test_submit.py checks them).
+RUNTIME_ENV_KEPT = ("the head's job table (the job API's list_jobs, `ray job list`, the dashboard's Jobs page: "
+                    "anyone with access to the job API reads it) and the head's session_*/logs/runtime_env_agent.log")
+CLUSTER_CREDENTIALS = ("give the cluster its own credentials instead: the nodes' IAM instance profile "
+                       "(ray_cluster.yaml), an IRSA service account or a Kubernetes Secret in the pods' environment "
+                       "(cluster/k8s/), or the environment of `ray start` on each node")
+
+
+def _path_arguments(job_args: list[str]) -> Iterator[tuple[str, str, str]]:
+    """(setting, value, as written) for every path setting among a job's arguments."""
+    for k, arg in enumerate(job_args):
+        if arg.startswith("--"):
+            name, _, value = arg[2:].partition("=")
+            if not value and k + 1 < len(job_args):
+                value, arg = job_args[k + 1], f"{arg} {job_args[k + 1]}"
+        else:
+            name, _, value = arg.partition("=")
+        if name.replace("-", "_") in PATH_SETTINGS and value:
+            yield name.replace("-", "_"), value, arg
+
+
+def _config_file_settings(job_args: list[str], working_dir: str) -> dict:
+    """The settings of the job's --config FILE, read here (the job reads the uploaded copy); {} if unreadable."""
+    if "--config" not in job_args or job_args.index("--config") + 1 >= len(job_args):
+        return {}
+    name = job_args[job_args.index("--config") + 1]
+    for path in (Path(name), Path(working_dir) / name):
+        with contextlib.suppress(OSError, yaml.YAMLError):
+            settings = yaml.safe_load(path.read_text())
+            return settings if isinstance(settings, dict) else {}
+    return {}
+
+
+def check_paths(job: str, job_args: list[str], working_dir: str) -> None:
+    """Refuse relative local paths: on the cluster they resolve inside the job's temporary working_dir, where
+    inputs are missing and outputs are lost when Ray deletes it."""
+    given = {name: (value, arg) for name, value, arg in _path_arguments(job_args)}
+    for name, value in _config_file_settings(job_args, working_dir).items():
+        if name in PATH_SETTINGS and isinstance(value, str):
+            given.setdefault(name, (value, f"{name}: {value} (in --config)"))
+    hint = ("use an absolute path on storage every node shares (the same on the cluster as here) or an s3:// URL; "
+            "on the cluster a relative path resolves inside the job's temporary copy of this repository")
+    for value, arg in given.values():
+        if "://" not in value and not os.path.isabs(value):
+            raise SubmissionError(f"{arg}: a relative path: {hint}")
+    output = OUTPUT_SETTING.get(job)
+    if output and output not in given:
+        raise SubmissionError(f"{job}: {output} is not given and its default is a relative path: set {output}=... "
+                              f"(absolute path or s3:// URL): {hint}")
+
+
+def runtime_env(working_dir: str, env_names: list[str], pip: list[str], allow_secrets: bool = False) -> dict:
     env_vars = {}
     for name in env_names:
         if name not in os.environ:
             raise SubmissionError(f"--env {name}: {name} is not set in this environment")
+        if is_secret_name(name) and not allow_secrets:
+            raise SubmissionError(f"--env {name}: refused: it looks like a secret, and Ray would keep its value in "
+                                  f"plaintext in {RUNTIME_ENV_KEPT}; {CLUSTER_CREDENTIALS}. To send it anyway: "
+                                  "--allow-secret-env")
+        if is_secret_name(name):
+            print(f"warning: {name} goes to the cluster in the job's runtime_env: Ray keeps its value in plaintext "
+                  f"in {RUNTIME_ENV_KEPT}", file=sys.stderr)
         env_vars[name] = os.environ[name]
-        if SECRET_NAME.search(name):
-            print(f"warning: forwarding {name}: its value is visible to anyone who can read this job's runtime_env "
-                  "on the dashboard; on a cluster prefer the instance role", file=sys.stderr)
     unpinned = [p for p in pip if "==" not in p and "@" not in p]
     if unpinned:
         raise SubmissionError(f"--pip {' '.join(unpinned)}: pin a version (NAME==VERSION or NAME @ URL@COMMIT)")
@@ -64,18 +128,6 @@ def runtime_env(working_dir: str, env_names: list[str], pip: list[str]) -> dict:
     if pip:
         env["pip"] = pip
     return env
-
-
-def secret_values(env_names: list[str]) -> list[str]:
-    """Values that must never be printed: the token and every secret-looking variable in this environment."""
-    names = {n for n in os.environ if SECRET_NAME.search(n)} | set(env_names)
-    return sorted({os.environ[n] for n in names if n in os.environ and len(os.environ[n]) >= 6}, key=len, reverse=True)
-
-
-def redact(text: str, secrets: list[str]) -> str:
-    for value in secrets:
-        text = text.replace(value, "***")
-    return text
 
 
 def _send_token_if_available() -> None:
@@ -146,7 +198,10 @@ def _options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-wait", action="store_true", help="print the job id and return")
     parser.add_argument("--working-dir", default=str(REPO), help="uploaded as the job's working_dir (this repo)")
     parser.add_argument("--env", action="append", default=[], metavar="NAME",
-                        help="forward this environment variable by name (not for credentials on a cloud cluster)")
+                        help="forward this environment variable by name (not credentials: see --allow-secret-env)")
+    parser.add_argument("--allow-secret-env", action="store_true",
+                        help="let --env send secret-looking variables, which Ray keeps in plaintext in its job "
+                             "table and the head's logs")
     parser.add_argument("--pip", action="append", default=[], metavar="PKG==VERSION",
                         help="extra pinned pip requirement for the job's runtime_env")
     parser.add_argument("--submission-id", help="job id to use (default: one Ray makes)")
@@ -177,8 +232,9 @@ def _split(args: argparse.Namespace) -> tuple[argparse.Namespace, str, list[str]
 
 def main(args: argparse.Namespace) -> int:
     args, job, job_args = _split(args)
+    check_paths(job, job_args, args.working_dir)
     secrets = secret_values(args.env)
-    env = runtime_env(args.working_dir, args.env, args.pip)
+    env = runtime_env(args.working_dir, args.env, args.pip, args.allow_secret_env)
     client = connect(args.address)
     command = entrypoint(job, job_args)
     try:

@@ -185,7 +185,7 @@ def run(cfg: TrainConfig, callbacks: list | None = None):
         raise ValueError(f"{cfg.detector} is fitted in one process (scikit-learn): use num_workers=1")
 
     if not ray.is_initialized():
-        init_ray(cfg.address)
+        init_ray(cfg.address, min_cpus=cfg.num_workers + 2)  # an embedded Ray is sized for the check below
     data_context()
     cpus = ray.cluster_resources().get("CPU", 0)
     # Ray Data's listing and read tasks need a CPU each while the workers hold theirs, or the read waits forever.

@@ -24,7 +24,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import re
+import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
 
@@ -61,6 +63,7 @@ class TuneConfig(TrainConfig):
     reduction_factor: int = 2
     max_concurrent_trials: int = 0  # 0: as many as the cluster fits
     tune_seed: int = 0  # seeds the search algorithm (each trial's training seed is `seed`, or searched)
+    trust_storage: bool = False  # resume state your key did not sign (cluster/sweep_state.py): only your own
 
     def __post_init__(self):
         if self.metric not in SELECT_BY:
@@ -161,6 +164,29 @@ def _concurrency(cfg: TuneConfig) -> int:
     return fits
 
 
+def _absolute(path: str) -> str:
+    return path if "://" in path else os.path.abspath(path)
+
+
+def resumed_config(cfg: TuneConfig, saved: dict) -> TuneConfig:
+    """The sweep's saved settings, with today's cluster and storage (where the sweep was found), local paths
+    made absolute: the trials run in working directories of their own."""
+    today = {"resume": cfg.resume, "address": cfg.address, "s3_endpoint": cfg.s3_endpoint,
+             "trust_storage": cfg.trust_storage, "storage": _absolute(cfg.storage)}
+    resumed = TuneConfig(**{**saved, **today})
+    resumed.data = _absolute(saved["data"])
+    if "://" not in saved["data"] and not os.path.exists(resumed.data):
+        raise FileNotFoundError(f"the sweep's data {saved['data']!r} is not at {resumed.data}: resume from the "
+                                "directory the sweep was started in")
+    return resumed
+
+
+def sweep_storage(cfg: TuneConfig) -> tuple[pafs.FileSystem, str]:
+    """The sweep's storage. Tune pickles this filesystem into the sweep's own files (tuner.pkl, every trial's
+    state): on S3 it is pickled without credentials, which trials take from their environment as train does."""
+    return filesystem_for(cfg.storage, S3Options.from_env(endpoint=cfg.s3_endpoint), credentials_in_pickles=False)
+
+
 def run(cfg: TuneConfig):
     """Run (or resume) the sweep; returns Tune's ResultGrid and the summary written next to it."""
     import ray
@@ -169,24 +195,27 @@ def run(cfg: TuneConfig):
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     from cluster.ray_init import init_ray
+    from cluster.sweep_state import SignState, sign, verify
 
-    options = S3Options.from_env(endpoint=cfg.s3_endpoint)
-    store_fs, store_path = filesystem_for(cfg.storage, options)
+    store_fs, store_path = sweep_storage(cfg)
     name = cfg.resume or cfg.name or f"tune-c{cfg.normal_class}-{time.strftime('%Y%m%d-%H%M%S')}"
     sweep = f"{store_path}/{name}"
     if cfg.resume:  # the sweep's own settings, as saved when it started
         saved = f"{sweep}/tune_config.yaml"
         if store_fs.get_file_info(saved).type == pafs.FileType.NotFound:
             raise FileNotFoundError(f"no sweep named {cfg.resume!r} under {cfg.storage} to resume")
-        where = {"resume": cfg.resume, "address": cfg.address, "s3_endpoint": cfg.s3_endpoint}  # today's cluster
-        cfg = TuneConfig(**{**yaml.safe_load(read_bytes(store_fs, saved)), **where})
+        cfg = resumed_config(cfg, yaml.safe_load(read_bytes(store_fs, saved)))
+        if cfg.trust_storage:  # the user vouches for the storage: sign what is there with their key
+            print(f"trust_storage=true: signing the state of sweep {name} as it is now", file=sys.stderr)
+            sign(store_fs, sweep)
     base = asdict(cfg.train_config(storage=f"{cfg.storage.rstrip('/')}/{name}/trials", resume=None, name=None,
                                    select_by=cfg.metric, val_anomalies=cfg.val_anomalies or -1))
     if not ray.is_initialized():
-        init_ray(cfg.address)
+        init_ray(cfg.address, min_cpus=cfg.num_workers + 2 + TRIAL_DRIVER_CPU)  # one trial (_concurrency)
     trainable = tune.with_resources(tune.with_parameters(run_trial, base=base), {"CPU": TRIAL_DRIVER_CPU})
     is_s3 = str(cfg.storage).startswith("s3://")
     if cfg.resume:
+        verify(store_fs, sweep, f"sweep {name}")  # just before Tune unpickles anything
         tuner = tune.Tuner.restore(sweep, trainable, resume_unfinished=True, restart_errored=True,
                                    storage_filesystem=store_fs)
     else:
@@ -208,8 +237,10 @@ def run(cfg: TuneConfig):
                                         max_concurrent_trials=limit),
             run_config=tune.RunConfig(name=name, storage_path=store_path,
                                       storage_filesystem=store_fs if is_s3 else None,
-                                      failure_config=tune.FailureConfig(max_failures=cfg.max_failures)),
+                                      failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
+                                      callbacks=[SignState()]),
         )
+        sign(store_fs, sweep, ["tuner.pkl"])  # written by the Tuner just now
         write_bytes(store_fs, f"{sweep}/tune_config.yaml", yaml.safe_dump(asdict(cfg), sort_keys=False).encode())
     grid = tuner.fit()
     summary = write_results(grid, cfg, name, store_fs, sweep)

@@ -89,8 +89,8 @@ def ray_local():
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a throwaway local cluster; token auth stays on elsewhere
     import ray
 
-    from cluster.ray_init import init_ray
+    from cluster.ray_init import init_ray, stop_ray
 
     init_ray("local", num_cpus=4, object_store_memory=300 * 2**20, log_to_driver=False)
     yield ray
-    ray.shutdown()
+    stop_ray()

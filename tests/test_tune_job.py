@@ -1,9 +1,14 @@
-"""The Tune job: searches validation metrics only, stops poor trials early, survives a killed driver."""
+"""The Tune job: searches validation metrics only, stops poor trials early, survives a killed driver, and
+resumes only state its own user's sweep signed."""
 import os
+import pickle
+import re
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +24,38 @@ from gradcon_core.imageset import write_image_set
 from jobs.cli import main as cli_main
 from jobs.train import TrainConfig, training_rows
 from jobs.tune import TuneConfig, run, search_space
+
+
+@pytest.fixture(autouse=True)
+def state_key(monkeypatch):
+    """This user's key for signing sweep state (tests never create one under ~/.config)."""
+    monkeypatch.setenv("GRADCON_STATE_KEY", "test-key-" + "0" * 32)
+
+
+class _RunsCode:
+    """A pickle that runs code when loaded: it creates the file `marker`."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return Path.touch, (self.marker,)
+
+
+def _code_running_tuner_pkl(sweep: Path, marker: Path) -> str:
+    (sweep / "tuner.pkl").write_bytes(pickle.dumps(_RunsCode(marker)))
+    return "tuner.pkl"
+
+
+def _newer_searcher_state(sweep: Path, marker: Path) -> str:
+    (sweep / "basic-variant-state-9999-12-31_23-59-59.json").write_bytes(pickle.dumps(_RunsCode(marker)))
+    return "basic-variant-state-9999-12-31_23-59-59.json"
+
+
+def _edited_experiment_state(sweep: Path, marker: Path) -> str:
+    state = sorted(sweep.glob("experiment_state-*.json"))[-1]
+    state.write_text(state.read_text() + " ")  # still valid JSON, no longer what was signed
+    return state.name
 
 
 @pytest.fixture(scope="module")
@@ -134,6 +171,18 @@ def test_a_sweep_killed_midway_resumes_and_finishes(ray_local, digits_set, tmp_p
         driver.wait()
     assert not (storage / name / "summary.json").exists()
 
+    # Tune unpickles tuner.pkl, the experiment and searcher states: a copy of the sweep with any of them
+    # replaced, added or edited is refused, naming the file, before anything is unpickled.
+    marker = tmp_path / "code-ran"
+    for tamper in (_code_running_tuner_pkl, _newer_searcher_state, _edited_experiment_state):
+        copy = storage / tamper.__name__
+        shutil.copytree(storage / name, copy)
+        culprit = tamper(copy, marker)
+        with pytest.raises(ValueError, match=re.escape(culprit)):
+            run(TuneConfig(storage=str(storage), resume=copy.name, address=None))
+        shutil.rmtree(copy)
+    assert not marker.exists()
+
     grid, summary = run(TuneConfig(storage=str(storage), resume=name, address=None))
     table = {r["lr"]: r for r in pq.read_table(storage / name / "trials.parquet").to_pylist()}
     rows = pq.read_table(storage / name / "trials.parquet").to_pylist()
@@ -170,3 +219,54 @@ def test_concurrent_trials_leave_room_for_their_reads(monkeypatch, resources, wo
             _concurrency(cfg)
     else:
         assert _concurrency(cfg) == expected
+
+
+def test_resume_never_unpickles_state_it_cannot_trust(ray_local, digits_set, tmp_path):
+    """A sweep folder whose tuner.pkl runs code when loaded (anyone who can write the storage could put it
+    there): `resume` refuses it, naming the file and what to do, and the code never runs."""
+    storage = tmp_path / "sweeps"
+    (storage / "evil").mkdir(parents=True)
+    saved = TuneConfig(data=digits_set, storage=str(storage), name="evil", search={"lr": "choice(0.01)"})
+    (storage / "evil" / "tune_config.yaml").write_text(yaml.safe_dump(asdict(saved)))
+    marker = tmp_path / "code-ran"
+    _code_running_tuner_pkl(storage / "evil", marker)
+    with pytest.raises(ValueError, match="tuner.pkl.*trust_storage=true"):
+        run(TuneConfig(storage=str(storage), resume="evil"))
+    assert not marker.exists()
+
+
+def test_a_resumed_sweep_sends_absolute_paths_to_ray(digits_set, tmp_path, monkeypatch):
+    """Trials run in their own working directories: the sweep's saved relative paths (and today's relative
+    `storage`, where the sweep was found) reach them as absolute paths, or the resume stops, naming the path."""
+    from jobs.tune import resumed_config
+
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(digits_set, tmp_path / "set")
+    saved = asdict(TuneConfig(data="set", storage="elsewhere", search={"lr": "choice(0.01)"}))
+    cfg = resumed_config(TuneConfig(storage="sweeps", resume="s", trust_storage=True), saved)
+    assert (cfg.data, cfg.storage, cfg.resume, cfg.trust_storage) == (str(tmp_path / "set"),
+                                                                      str(tmp_path / "sweeps"), "s", True)
+    assert cfg.search == {"lr": "choice(0.01)"}
+    monkeypatch.chdir(tmp_path / "sweeps" if (tmp_path / "sweeps").exists() else tmp_path / "set")
+    with pytest.raises(FileNotFoundError, match="the sweep's data 'set'"):
+        resumed_config(TuneConfig(storage=str(tmp_path / "sweeps"), resume="s"), saved)
+
+
+def test_a_sweep_on_s3_keeps_the_credentials_out_of_its_storage(s3_server, monkeypatch):
+    """Tune pickles the storage filesystem into tuner.pkl (and into every trial's state): the S3 secret key must
+    not travel with it. Unpickled, the filesystem takes credentials from its process's environment."""
+    from ray import tune
+
+    from jobs.tune import sweep_storage
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_server.access_key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_server.secret_key)
+    fs, path = sweep_storage(TuneConfig(storage="s3://gradcon-test/sweeps", s3_endpoint=s3_server.endpoint,
+                                        search={"lr": "choice(0.01)"}))
+    tune.Tuner(lambda config: None, run_config=tune.RunConfig(name="creds", storage_path=path, storage_filesystem=fs))
+    with fs.open_input_stream(f"{path}/creds/tuner.pkl") as f:
+        tuner_pkl = f.read()
+    assert s3_server.secret_key.encode() not in tuner_pkl and s3_server.secret_key.encode() not in pickle.dumps(fs)
+    restored = pickle.loads(pickle.dumps(fs))  # as a trial or a Train worker receives it
+    with restored.open_input_stream(f"{path}/creds/tuner.pkl") as f:
+        assert f.read() == tuner_pkl
