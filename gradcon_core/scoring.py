@@ -24,35 +24,56 @@ from gradcon_core.objective import COS_EPS, constraint_layers
 METHODS = ("fast", "vmap")
 
 
+def _unfolded_output_grads(layer: nn.Module, grad_out: torch.Tensor) -> torch.Tensor:
+    """u [N, K, T]: per image, the output-gradient factor of the weight gradient g_i = x_i u_i^T."""
+    if isinstance(layer, nn.Linear):
+        return grad_out.reshape(grad_out.shape[0], -1, grad_out.shape[-1]).transpose(1, 2)
+    # ConvTranspose2d(x; W) is the input-gradient of Conv2d(.; W), so its weight gradient is the
+    # Conv2d weight gradient with the roles swapped: "input" = grad_out, "output gradient" = x.
+    # Unfold the batch as one image of N*C channels: CUDA's unfold launches a kernel per image.
+    n, c, h, w = grad_out.shape
+    u = F.unfold(grad_out.reshape(1, n * c, h, w), layer.kernel_size, layer.dilation, layer.padding, layer.stride)
+    return u.view(n, -1, u.shape[-1])
+
+
+def _per_image_weight_grads(layer: nn.Module, inp: torch.Tensor, x: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
+    """g [N, C_in, K]: every image's own weight gradient (x: the input as [N, C_in, T])."""
+    if isinstance(layer, nn.ConvTranspose2d) and inp.device.type == "cpu":
+        # The same Conv2d weight gradient, as one grouped convolution (group i = image i): on a CPU,
+        # MKL-DNN's kernel is 2-6x faster than unfold + bmm at 28-128 pixels (the unfold dominates).
+        n, c, h, w = grad_out.shape
+        cin = inp.shape[1]
+        g = torch.nn.grad.conv2d_weight(grad_out.reshape(1, n * c, h, w), (n * cin, c, *layer.kernel_size),
+                                        inp.reshape(1, n * cin, *inp.shape[2:]), layer.stride, layer.padding,
+                                        layer.dilation, groups=n)
+        return g.view(n, cin, -1)
+    return torch.bmm(x, _unfolded_output_grads(layer, grad_out).transpose(1, 2))
+
+
 def _layer_cosines(layer: nn.Module, inp: torch.Tensor, grad_out: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     """cos(dL_i/dW, ref) for every image i, from the layer's input and output gradient alone.
 
     Needs only <g_i, ref> and ||g_i||. A per-image gradient is a sum over T output positions of
     outer products x_t u_t^T, so ||g_i||^2 = <X^T X, U^T U> (the "ghost norm": two T x T Gram
-    matrices) and <g_i, R> = sum_t x_t^T R u_t. Where T is small against the weight this never
-    builds g_i; elsewhere building it with one batched matmul is cheaper.
+    matrices) and <g_i, R> = sum_t x_t^T R u_t. Where g_i is larger than its factors (few positions
+    T against the weight: the deep, narrow end of a decoder) this never builds g_i; elsewhere
+    building it is cheaper.
     """
+    if isinstance(layer, nn.ConvTranspose2d) and layer.groups != 1:
+        raise NotImplementedError("fast scoring supports ConvTranspose2d with groups=1")
     if isinstance(layer, nn.Linear):
         x = inp.reshape(inp.shape[0], -1, inp.shape[-1]).transpose(1, 2)  # [N, C_in, T]
-        u = grad_out.reshape(grad_out.shape[0], -1, grad_out.shape[-1]).transpose(1, 2)  # [N, C_out, T]
         r = ref.t()  # [C_in, C_out]
     else:
-        # ConvTranspose2d(x; W) is the input-gradient of Conv2d(.; W), so its weight gradient is the
-        # Conv2d weight gradient with the roles swapped: "input" = grad_out, "output gradient" = x.
-        if layer.groups != 1:
-            raise NotImplementedError("fast scoring supports ConvTranspose2d with groups=1")
-        n, c, h, w = grad_out.shape
         x = inp.flatten(2)  # [N, C_in, T]
-        # Unfold the batch as one image of N*C channels: CUDA's unfold launches a kernel per image.
-        u = F.unfold(grad_out.reshape(1, n * c, h, w), layer.kernel_size, layer.dilation, layer.padding, layer.stride)
-        u = u.view(n, -1, u.shape[-1])  # [N, K, T]
         r = ref.reshape(x.shape[1], -1)  # [C_in, K]
-    cin, k, t = x.shape[1], u.shape[1], x.shape[2]
+    cin, k, t = x.shape[1], r.shape[1], x.shape[2]
     if cin * k <= t * (cin + k):
-        g = torch.bmm(x, u.transpose(1, 2))  # [N, C_in, K]
+        g = _per_image_weight_grads(layer, inp, x, grad_out)
         dot = g.flatten(1) @ r.flatten()
         sq = g.pow(2).flatten(1).sum(1)
     else:
+        u = _unfolded_output_grads(layer, grad_out)  # [N, K, T]
         sq = (torch.bmm(x.transpose(1, 2), x) * torch.bmm(u.transpose(1, 2), u)).flatten(1).sum(1)
         ru = (u.transpose(1, 2).reshape(-1, k) @ r.t()).view(-1, t, cin)  # one GEMM for the whole batch
         dot = (x.transpose(1, 2) * ru).flatten(1).sum(1)
