@@ -7,12 +7,17 @@ a batch-size-1 loop, here for N images in one pass. Two equivalent ways:
   of the constrained layers only (no weight gradients, nothing below the first decoder layer).
   Since the loss is a sum of per-image terms, dL/dy at each layer output is exactly the
   per-image output gradient; a per-image weight gradient is then a small batched matmul of
-  the layer input with the unfolded output gradient, which is all the cosine needs.
+  the layer input with the unfolded output gradient (on a CPU, one grouped convolution), or
+  never built at all (the ghost norm), which is all the cosine needs.
 - "vmap": torch.func.vmap(grad(...)) over functional_call, the textbook per-sample gradient.
 
 Scoring needs autograd: never call it under torch.inference_mode().
+score_batch_size picks how many images to score at once from the memory they need.
 """
 from __future__ import annotations
+
+import os
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -36,7 +41,9 @@ def _unfolded_output_grads(layer: nn.Module, grad_out: torch.Tensor) -> torch.Te
     return u.view(n, -1, u.shape[-1])
 
 
-def _per_image_weight_grads(layer: nn.Module, inp: torch.Tensor, x: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
+def _per_image_weight_grads(
+    layer: nn.Module, inp: torch.Tensor, x: torch.Tensor, grad_out: torch.Tensor
+) -> torch.Tensor:
     """g [N, C_in, K]: every image's own weight gradient (x: the input as [N, C_in, T])."""
     if isinstance(layer, nn.ConvTranspose2d) and inp.device.type == "cpu":
         # The same Conv2d weight gradient, as one grouped convolution (group i = image i): on a CPU,
@@ -145,3 +152,84 @@ def score_components(
         recon, cos = fn(model, layers, refs, x)
     grad_score = -cos.mean(dim=1)
     return {"score": recon + beta * grad_score, "recon_error": recon, "grad_score": grad_score}
+
+
+CPU_WORKING_SET = 256 * 2**20  # bytes; larger CPU batches no longer score faster (benchmarks/score_speed.py)
+CPU_MEMORY_FRACTION = 0.25  # of the memory available to this process
+CUDA_MEMORY_FRACTION = 0.5  # of the device's free memory
+MAX_BATCH = 4096  # a GPU is saturated well before this at 28x28
+SAFETY = 1.5  # allocator slack, and what the estimate leaves out (the loss, the scores, copies)
+
+
+def available_memory() -> int:
+    """Bytes this process can still allocate: the system's MemAvailable, within a cgroup v2 limit (a pod)."""
+    available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    meminfo = Path("/proc/meminfo")
+    if meminfo.exists():
+        fields = dict(line.split(":", 1) for line in meminfo.read_text().splitlines() if ":" in line)
+        if "MemAvailable" in fields:
+            available = int(fields["MemAvailable"].split()[0]) * 1024
+    limit, current = Path("/sys/fs/cgroup/memory.max"), Path("/sys/fs/cgroup/memory.current")
+    if limit.exists() and current.exists() and limit.read_text().strip().isdigit():
+        available = min(available, int(limit.read_text()) - int(current.read_text()))
+    return max(available, 0)
+
+
+def scoring_bytes_per_image(model: nn.Module, method: str = "fast") -> int:
+    """Estimated peak memory of scoring one more image: the activations autograd keeps, the output
+    gradients of the constrained layers, the largest transient of the backward pass and of the
+    per-layer cosine work (the per-image gradient, or the ghost norm's Gram matrices), times SAFETY.
+    Measured by one forward of one blank image on the model's device."""
+    if method not in METHODS:
+        raise ValueError(f"unknown scoring method {method!r}; choose one of {METHODS}")
+    param = next(model.parameters())
+    layers = constraint_layers(model)
+    outputs: list[int] = []
+    layer_io: dict[nn.Module, tuple[torch.Size, torch.Size]] = {}
+
+    def record(module, inputs, output):
+        outputs.append(output.numel())
+        if module in layers:
+            layer_io[module] = (inputs[0].shape, output.shape)
+
+    leaves = [m for m in model.modules() if not list(m.children())]
+    handles = [m.register_forward_hook(record) for m in leaves]
+    x = torch.zeros(1, model.in_channels, *model.input_size, device=param.device, dtype=param.dtype)
+    training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()  # a blank image must not move BatchNorm statistics
+            model(x)
+    finally:
+        model.train(training)
+        for h in handles:
+            h.remove()
+    kept = x.numel() + sum(outputs) + sum(out.numel() for _, out in layer_io.values())
+    transient = 2 * max(outputs)
+    for layer in layers:
+        inp, _ = layer_io[layer]
+        cin = inp[-1] if isinstance(layer, nn.Linear) else inp[1]
+        t, k = inp.numel() // cin, layer.weight.numel() // cin
+        if method == "vmap":
+            kept += layer.weight.numel()  # vmap holds every layer's per-image gradient at once
+        elif cin * k <= t * (cin + k):
+            transient = max(transient, 2 * cin * k + k * t)  # g, g**2 and the unfolded output gradient
+        else:
+            transient = max(transient, k * t + 3 * t * t + 2 * t * cin)  # u, the Gram matrices, R u
+    return int(SAFETY * (kept + transient) * param.element_size())
+
+
+def score_batch_size(model: nn.Module, device: torch.device | str | None = None, budget_bytes: int | None = None,
+                     method: str = "fast") -> int:
+    """Images per scoring batch: as many as fit the memory budget, at most MAX_BATCH.
+
+    Default budget: on CUDA, half the device's free memory; on a CPU, a quarter of the available
+    memory, at most CPU_WORKING_SET (beyond it batches are no faster, only larger).
+    """
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    if budget_bytes is None:
+        if device.type == "cuda":
+            budget_bytes = int(CUDA_MEMORY_FRACTION * torch.cuda.mem_get_info(device)[0])
+        else:
+            budget_bytes = min(int(CPU_MEMORY_FRACTION * available_memory()), CPU_WORKING_SET)
+    return max(1, min(MAX_BATCH, budget_bytes // scoring_bytes_per_image(model, method)))
