@@ -1,9 +1,11 @@
 """Shared helpers for the benchmarks: timing that is fair on CPU and CUDA, and a machine description."""
 from __future__ import annotations
 
+import os
 import platform
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -31,3 +33,26 @@ def machine(device: torch.device) -> str:
         return f"{torch.cuda.get_device_name(device)} (torch {torch.__version__})"
     cpu = platform.processor() or platform.machine()
     return f"{cpu}, {torch.get_num_threads()} threads (torch {torch.__version__})"
+
+
+def peak_memory(fn: Callable[[], None], device: torch.device) -> int | None:
+    """Bytes fn takes at its peak beyond what was in use before it: allocated tensors on CUDA, resident
+    memory on a Linux CPU (the kernel's high-water mark, reset first); None where it cannot be measured."""
+    if device.type == "cuda":
+        sync(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        sync(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    status, reset = Path("/proc/self/status"), Path("/proc/self/clear_refs")
+    if not status.exists() or not os.access(reset, os.W_OK):
+        return None
+
+    def read(key: str) -> int:
+        return next(int(line.split()[1]) * 1024 for line in status.read_text().splitlines() if line.startswith(key))
+
+    before = read("VmRSS:")
+    reset.write_text("5")
+    fn()
+    return read("VmHWM:") - before

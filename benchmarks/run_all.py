@@ -35,6 +35,8 @@ def plan(gpu: bool, quick: bool) -> dict[str, list[str]]:
         "score_speed": device + (["--images", "512", "--loop-images", "64"] if quick else []),
         "train_speed": device + (["--steps", "10"] if quick else []),
         "decode_speed": device + (["--images", "400", "--repeats", "2"] if quick else []),
+        "resolution": device + (["--images", "256", "--steps", "3", "--train-batch", "16"] if quick else []),
+        "model_sizes": [],
         "score_pipeline": (["--rows", "4000", "--files", "4"] if quick else [])
         + (["--gpus-per-actor", "1"] if gpu else []),
         "train_scaling": ["--epochs", "1", "--steps", "10"] if quick else [],

@@ -22,7 +22,8 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
     args = inspect.signature(_MODELS[name]).bind(**kwargs)
     args.apply_defaults()
     model = _MODELS[name](**args.arguments)
-    model.spec = {"name": name, **args.arguments}  # how to build it again: written into checkpoints
+    # How to build it again, written into checkpoints as YAML (which has lists, not tuples: image_size=(H, W)).
+    model.spec = {"name": name, **{k: list(v) if isinstance(v, tuple) else v for k, v in args.arguments.items()}}
     return model
 
 

@@ -62,7 +62,7 @@ def test_save_load_round_trip_gives_identical_scores(fitted, tmp_path):
     assert state == {"epoch": 3, "step": 10}
     config = read_config(path)
     assert config["detector"] == "gradcon" and config["alpha"] == 0.03 and config["beta"] == 0.12
-    assert config["model"] == {"name": "gradcon_cae", "in_channels": 1}
+    assert config["model"] == {"name": "gradcon_cae", "in_channels": 1, "image_size": 28}
     assert len(checkpoint_id(path)) == 16
 
 

@@ -1,6 +1,7 @@
 """ARAE's dense autoencoder (Salehi et al.): 784-512-256-128 with sigmoids everywhere, Glorot-normal init.
 
-1,132,944 parameters at one 28x28 channel, as in the official Keras model. The encoder flattens and
+1,132,944 parameters at one 28x28 channel, as in the official Keras model. At another size the hidden
+layers stay 512-256-128 and the outer ones follow the pixel count C*H*W. The encoder flattens and
 the decoder unflattens, so it takes and returns images like every other model here.
 """
 from __future__ import annotations
@@ -8,6 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from gradcon_core.models.sizes import ImageSize, as_hw
 from gradcon_core.registry import register_model
 
 
@@ -19,11 +21,9 @@ def _dense(sizes: list[int]) -> list[nn.Module]:
 
 
 class AraeMLP(nn.Module):
-    input_size = (28, 28)
-
-    def __init__(self, in_channels: int = 1):
+    def __init__(self, in_channels: int = 1, image_size: ImageSize = 28):
         super().__init__()
-        self.in_channels = in_channels
+        self.in_channels, self.input_size = in_channels, as_hw(image_size)
         pixels = in_channels * self.input_size[0] * self.input_size[1]
         self.encoder = nn.Sequential(nn.Flatten(), *_dense([pixels, 512, 256, 128]))
         self.decoder = nn.Sequential(*_dense([128, 256, 512, pixels]), nn.Unflatten(1, (in_channels, *self.input_size)))
@@ -37,5 +37,5 @@ class AraeMLP(nn.Module):
 
 
 @register_model
-def arae_mlp(in_channels: int = 1) -> AraeMLP:
-    return AraeMLP(in_channels)
+def arae_mlp(in_channels: int = 1, image_size: ImageSize = 28) -> AraeMLP:
+    return AraeMLP(in_channels, image_size)

@@ -1,8 +1,9 @@
 """GradCon's convolutional autoencoder with a dense bottleneck: a latent vector a prior can act on.
 
-The CAE's latent is a 64x3x3 ReLU map (non-negative), which no Gaussian prior fits; the VAE, AAE and
-WAE need an unconstrained vector z. Encoder = GradCon's conv stack + Linear(576, z) (2z for the VAE:
-mean and log-variance); decoder = Linear(z, 576) + ReLU + GradCon's ConvTranspose2d stack.
+The CAE's latent is a ReLU map (non-negative; 64x3x3 at 28x28), which no Gaussian prior fits; the VAE,
+AAE and WAE need an unconstrained vector z. Encoder = GradCon's conv stack at the image size +
+Linear(F, z) (2z for the VAE: mean and log-variance); decoder = Linear(z, F) + ReLU + GradCon's
+ConvTranspose2d stack, where F is the size of the CAE's latent map (576 at 28x28).
 """
 from __future__ import annotations
 
@@ -10,22 +11,20 @@ import torch
 import torch.nn as nn
 
 from gradcon_core.models.gradcon_cae import GradConCAE
+from gradcon_core.models.sizes import ImageSize
 from gradcon_core.registry import register_model
-
-FEATURE_MAP = (64, 3, 3)  # GradCon's encoder output at 28x28
-FEATURES = 64 * 3 * 3
 
 
 class LatentAE(nn.Module):
-    input_size = (28, 28)
-
-    def __init__(self, in_channels: int = 1, z_dim: int = 16, variational: bool = False):
+    def __init__(self, in_channels: int = 1, z_dim: int = 16, variational: bool = False, image_size: ImageSize = 28):
         super().__init__()
         self.in_channels, self.z_dim, self.variational = in_channels, z_dim, variational
-        cae = GradConCAE(in_channels)
-        head = nn.Linear(FEATURES, 2 * z_dim if variational else z_dim)
+        cae = GradConCAE(in_channels, image_size)
+        self.input_size, features = cae.input_size, cae.latent_shape.numel()
+        head = nn.Linear(features, 2 * z_dim if variational else z_dim)
         self.encoder = nn.Sequential(*cae.encoder, nn.Flatten(), head)
-        self.decoder = nn.Sequential(nn.Linear(z_dim, FEATURES), nn.ReLU(), nn.Unflatten(1, FEATURE_MAP), *cae.decoder)
+        self.decoder = nn.Sequential(nn.Linear(z_dim, features), nn.ReLU(), nn.Unflatten(1, cae.latent_shape),
+                                     *cae.decoder)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """z (deterministic), or the posterior mean for the VAE."""
@@ -55,18 +54,18 @@ class LatentDiscriminator(nn.Module):
 
 
 @register_model
-def latent_ae(in_channels: int = 1, z_dim: int = 16) -> LatentAE:
-    return LatentAE(in_channels, z_dim)
+def latent_ae(in_channels: int = 1, z_dim: int = 16, image_size: ImageSize = 28) -> LatentAE:
+    return LatentAE(in_channels, z_dim, image_size=image_size)
 
 
 @register_model
-def conv_vae(in_channels: int = 1, z_dim: int = 16) -> LatentAE:
-    return LatentAE(in_channels, z_dim, variational=True)
+def conv_vae(in_channels: int = 1, z_dim: int = 16, image_size: ImageSize = 28) -> LatentAE:
+    return LatentAE(in_channels, z_dim, variational=True, image_size=image_size)
 
 
 @register_model
-def aae_net(in_channels: int = 1, z_dim: int = 8, hidden: int = 64) -> LatentAE:
+def aae_net(in_channels: int = 1, z_dim: int = 8, hidden: int = 64, image_size: ImageSize = 28) -> LatentAE:
     """The latent autoencoder with its discriminator as a submodule, so one state_dict holds both."""
-    model = LatentAE(in_channels, z_dim)
+    model = LatentAE(in_channels, z_dim, image_size=image_size)
     model.discriminator = LatentDiscriminator(z_dim, hidden)
     return model

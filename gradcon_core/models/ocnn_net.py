@@ -9,19 +9,17 @@ import torch
 import torch.nn as nn
 
 from gradcon_core.models.gradcon_cae import GradConCAE
-from gradcon_core.models.latent_ae import FEATURES
+from gradcon_core.models.sizes import ImageSize
 from gradcon_core.registry import register_model
 
 
 class OCNNNet(nn.Module):
-    input_size = (28, 28)
-
-    def __init__(self, in_channels: int = 1, hidden: int = 32):
+    def __init__(self, in_channels: int = 1, hidden: int = 32, image_size: ImageSize = 28):
         super().__init__()
         self.in_channels, self.hidden = in_channels, hidden
-        cae = GradConCAE(in_channels)
-        self.encoder, self.decoder = cae.encoder, cae.decoder
-        self.V = nn.Linear(FEATURES, hidden, bias=False)
+        cae = GradConCAE(in_channels, image_size)
+        self.input_size, self.encoder, self.decoder = cae.input_size, cae.encoder, cae.decoder
+        self.V = nn.Linear(cae.latent_shape.numel(), hidden, bias=False)
         self.w = nn.Linear(hidden, 1, bias=False)
 
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
@@ -35,5 +33,5 @@ class OCNNNet(nn.Module):
 
 
 @register_model
-def ocnn_net(in_channels: int = 1, hidden: int = 32) -> OCNNNet:
-    return OCNNNet(in_channels, hidden)
+def ocnn_net(in_channels: int = 1, hidden: int = 32, image_size: ImageSize = 28) -> OCNNNet:
+    return OCNNNet(in_channels, hidden, image_size)
