@@ -35,6 +35,11 @@ class Detector:
     def decision_function(self, x) -> np.ndarray:
         raise NotImplementedError
 
+    def reconstruct(self, x) -> np.ndarray | None:
+        """The detector's reconstruction of images x: float32 [N,C,H,W] in [0,1], or None for a detector
+        that does not reconstruct (the report then shows the images without reconstruction and error map)."""
+        return None
+
     def set_threshold(
         self, x=None, *, scores=None, contamination: float | None = None, percentile: float | None = None
     ) -> float:

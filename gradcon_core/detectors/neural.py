@@ -203,6 +203,20 @@ class NeuralDetector(Detector):
     def decision_function(self, x) -> np.ndarray:
         return self.score_components(x)["score"]
 
+    @torch.no_grad()
+    def reconstruct(self, x) -> np.ndarray | None:
+        """The network's output for x, batched; None when the network is not an autoencoder (Deep SVDD's
+        and OC-NN's outputs are codes and scores, not images of x's shape)."""
+        x = self._batch(x)
+        self.model.eval()
+        parts = []
+        for xb in x.split(self.score_batch_size):
+            out = self.model(xb.to(self.device))
+            if out.shape != xb.shape:
+                return None
+            parts.append(out.float().cpu().numpy())
+        return np.concatenate(parts)
+
     # --- persistence ---------------------------------------------------------------------------
     @classmethod
     def param_names(cls) -> list[str]:
