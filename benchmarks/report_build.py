@@ -3,10 +3,11 @@
 python benchmarks/report_build.py [--rows 10000 1000000] [--top-k 24] [--normal-sample 12] [--quick]
 
 Synthetic but shaped like the real thing: an image set of N PNG-encoded MNIST test digits (ids unique,
-the 10,000 digits cycled; no dictionary encoding, so the file is as large as N distinct images) and the
-result table gradcon score would write for it (one file per 200k rows, log-normal scores, 10% labelled
-anomalies, 0.1% error rows). Each build runs in a fresh process, so its peak resident memory (ru_maxrss)
-is its own; the line also gives that process's memory before the build. --quick: 2,000 and 20,000 rows.
+the 10,000 digits cycled; no dictionary encoding, so the file is as large as N distinct images) in files
+of 20k rows as gradcon prepare writes them, and the result table gradcon score would write for it (one
+file per input file; log-normal scores, 10% labelled anomalies, 0.1% error rows). Each build runs in a
+fresh process, so its peak resident memory (ru_maxrss) is its own; the line also gives that process's
+memory before the build. --quick: 2,000 and 20,000 rows.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from gradcon_core.idx import load_mnist  # noqa: E402
 from gradcon_core.images import encode_png  # noqa: E402
 from gradcon_core.result_table import SCHEMA  # noqa: E402
 
-ROWS_PER_FILE = 200_000
+ROWS_PER_FILE = 20_000  # as gradcon prepare writes image sets, and score one result file per input file
 
 
 def make_data(root: Path, rows: int, mnist_dir: str) -> tuple[Path, Path]:

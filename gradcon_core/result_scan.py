@@ -111,7 +111,8 @@ def scan_results(
             raise ValueError(f"{path} is not a result table: it has no 'id' and 'score' columns "
                              f"(columns: {reader.schema_arrow.names})")
     total = sum(r.metadata.num_rows for r in readers)
-    scan, top, normal = ResultScan(), RunningSelection(top_k), RunningSelection(normal_sample)
+    # The sample leaves out rows the top-K shows (few anomalies, or no threshold): k extra candidates make up for them.
+    scan, top, normal = ResultScan(), RunningSelection(top_k), RunningSelection(normal_sample + top_k)
     rng = np.random.default_rng(seed)  # one draw per row, in table order: the sample depends on seed and rows only
     scores, labels = [], []
     last_report = time.monotonic()
@@ -140,10 +141,9 @@ def scan_results(
                 last_report = time.monotonic()
     scan.scores = np.concatenate(scores) if scores else scan.scores
     scan.labels = np.concatenate(labels) if labels else scan.labels
-    scan.top, scan.normal = top.rows, normal.rows
-    if not scan.normal_by_threshold:
-        # No threshold: a "normal" sample of any scored rows would overlap the top-K; keep the two apart.
-        scan.normal = scan.normal.filter(pc.invert(pc.is_in(scan.normal.column("id"), scan.top.column("id"))))
+    scan.top = top.rows
+    scan.normal = normal.rows.filter(pc.invert(pc.is_in(normal.rows.column("id"), top.rows.column("id"))))
+    scan.normal = scan.normal.slice(0, normal_sample)
     return scan
 
 

@@ -19,6 +19,7 @@ from PIL import Image
 from gradcon_core.html_report import build_report, read_images
 from gradcon_core.images import encode_png
 from gradcon_core.imageset import write_image_set
+from gradcon_core.metrics import evaluate
 from gradcon_core.registry import create_detector
 from gradcon_core.result_scan import ROW_SCHEMA, RunningSelection, scan_results
 from gradcon_core.result_table import SCHEMA, result_rows
@@ -128,6 +129,14 @@ def test_html_parses_and_every_image_exists(report):
     assert 0.5 < result.metrics["auroc"] <= 1 and 0 < result.metrics["aupr"] <= 1
 
 
+def test_metrics_are_those_of_evaluate(report, results):
+    result, _ = report
+    table = pq.read_table(results).filter(pc.is_valid(pc.field("is_anomaly_true")) & pc.is_valid(pc.field("score")))
+    truth = table.column("is_anomaly_true").to_numpy(zero_copy_only=False)
+    expected = evaluate(table.column("score").to_numpy(), truth, result.scan.threshold)
+    assert result.metrics == pytest.approx(expected, rel=1e-12, abs=1e-15)
+
+
 def test_top_k_are_the_k_highest_scores(report, results):
     result, _ = report
     table = pq.read_table(results, columns=["id", "score"])
@@ -203,6 +212,21 @@ def test_table_without_labels_has_no_curves(detector, image_set, tmp_path):
     assert "no ground truth" in (tmp_path / "report/index.html").read_text()
     # No model: the images at their own size, no reconstruction or heat map.
     assert all(set(c.files) == {"input"} for c in result.top if c.files)
+
+
+def test_without_a_threshold_the_normal_sample_is_any_scored_row_outside_the_top(detector, image_set, tmp_path):
+    results = write_results(detector, image_set[1], tmp_path / "scores", ghosts=False)
+    for path in results.glob("*.parquet"):
+        table = pq.read_table(path)
+        for name in ("is_anomaly", "threshold"):
+            i = table.schema.get_field_index(name)
+            table = table.set_column(i, name, pa.nulls(table.num_rows, table.schema.field(i).type))
+        pq.write_table(table, path)
+    result = build_report(str(results), str(tmp_path / "report"), top_k=20, normal_sample=8)
+    assert not result.scan.normal_by_threshold and result.scan.threshold is None
+    assert not {c.row["id"] for c in result.top} & {c.row["id"] for c in result.normal}
+    assert len(result.normal) == 8
+    assert "no threshold" in (tmp_path / "report/index.html").read_text()
 
 
 def test_empty_table(tmp_path):
