@@ -1,10 +1,10 @@
 """A static HTML report of a result table: one folder (index.html, plots/, images/) that opens from disk.
 
 No server, no internet: the CSS is inline and every picture is a PNG file beside the HTML. The result
-table is streamed once (gradcon_core.result_scan); the image set is read only for the rows shown, with a
-pushed-down filter on `id`. With a detector that reconstructs, each shown image sits beside its
-reconstruction and a per-pixel squared-error heat map (at the model's input size, one colour scale for
-the whole report).
+table is streamed once (gradcon_core.result_scan); of the image set, only the `id` columns are read in
+full, and the images only from the row groups that hold a row shown. With a detector that reconstructs,
+each shown image sits beside its reconstruction and a per-pixel squared-error heat map (at the model's
+input size, one colour scale for the whole report).
 """
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ import pyarrow as pa  # noqa: E402
 import pyarrow.compute as pc  # noqa: E402
 import pyarrow.fs as pafs  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
+from PIL import Image  # noqa: E402
 from sklearn.metrics import auc, precision_recall_curve, roc_curve  # noqa: E402
 
 from gradcon_core.detector import Detector  # noqa: E402
@@ -113,8 +114,6 @@ def _png_of(pixels: np.ndarray) -> bytes:
 
 def _native(blob: bytes) -> np.ndarray:
     """An image at its own size and channels (no model to decode it for)."""
-    from PIL import Image
-
     if not blob:
         raise ImageError("empty image bytes")
     channels = channels_of(blob)  # raises ImageError for bytes Pillow cannot read
@@ -401,7 +400,7 @@ def _page(scan: ResultScan, metrics: dict[str, float], plots: list[str], notes: 
     count_rows = "".join(f'<tr><th>{esc(k)}</th><td class="n">{esc(_fmt(v))}</td></tr>' for k, v in counts)
     if missing:
         notes.append(f"{len(missing)} of the ids shown are not in the image set (first: "
-                     f"{esc(', '.join(missing[:MISSING_SHOWN]))}); they are listed without a picture.")
+                     f"{', '.join(missing[:MISSING_SHOWN])}); they are listed without a picture.")
     if not has_images:
         notes.append("No image set given (--images): the galleries list rows without pictures.")
     plot_html = "".join(f'<img src="plots/{name}.png" alt="{name}">' for name in plots)
@@ -421,7 +420,7 @@ def _page(scan: ResultScan, metrics: dict[str, float], plots: list[str], notes: 
                   f'0 to {scale:.4g} (one scale for every heat map).</p>')
     normal_title = ("A random sample of rows below the threshold" if scan.normal_by_threshold
                     else "A random sample of scored rows (the table has no threshold)")
-    note_html = "".join(f'<p class="note">{n}</p>' for n in notes)
+    note_html = "".join(f'<p class="note">{esc(n)}</p>' for n in notes)
     made = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>gradcon report</title>

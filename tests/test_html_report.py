@@ -229,6 +229,20 @@ def test_without_a_threshold_the_normal_sample_is_any_scored_row_outside_the_top
     assert "no threshold" in (tmp_path / "report/index.html").read_text()
 
 
+def test_text_from_the_table_is_escaped(tmp_path):
+    hostile = ["<script>alert(1)</script>", '<img src="x.png">', "plain"]
+    columns = {f.name: pa.nulls(3, f.type) for f in SCHEMA}
+    columns.update(id=pa.array(hostile), score=pa.array([0.5, None, 0.1], pa.float32()),
+                   error=pa.array([None, "<b>bad</b> (detail)", None]), model_id=pa.array(["<i>a</i>", None, "b"]))
+    (tmp_path / "scores").mkdir()
+    pq.write_table(pa.table(columns, schema=SCHEMA), tmp_path / "scores/part-00000.parquet")
+    build_report(str(tmp_path / "scores"), str(tmp_path / "report"), top_k=3, normal_sample=3)
+    page = parse(tmp_path / "report/index.html")
+    assert not {"script", "i"} & set(page.tags) and "x.png" not in page.refs  # the page itself uses <b>
+    text = "".join(page.text)
+    assert all(h in text for h in hostile) and "<b>bad</b>" in text and "<i>a</i>" in text
+
+
 def test_empty_table(tmp_path):
     (tmp_path / "scores").mkdir()
     pq.write_table(SCHEMA.empty_table(), tmp_path / "scores/part-00000.parquet")
