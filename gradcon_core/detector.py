@@ -61,7 +61,8 @@ class Detector:
         return {"score": self.decision_function(x)}
 
     def reconstruct(self, x) -> np.ndarray | None:
-        """float32 [N, C, H, W] in [0, 1]: what a reconstruction-based detector makes of x; None otherwise."""
+        """The detector's reconstruction of images x: float32 [N,C,H,W] in [0,1], or None for a detector
+        that does not reconstruct (the report then shows the images without reconstruction and error map)."""
         return None
 
     def set_threshold(

@@ -6,11 +6,11 @@ import logging
 import sys
 
 from cluster.storage import StorageError
-from jobs import demo, prepare, score, submit, train, tune
+from jobs import demo, prepare, report, score, submit, train, tune
 from jobs import eval as eval_job
 
 COMMANDS = {"prepare": prepare, "train": train, "tune": tune, "score": score, "eval": eval_job, "demo": demo,
-            "submit": submit}
+            "submit": submit, "report": report}
 
 
 def main(argv: list[str] | None = None) -> int:

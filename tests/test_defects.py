@@ -23,6 +23,8 @@ from gradcon_core.detectors.gradcon import GradConDetector
 from gradcon_core.images import decode_images
 from gradcon_core.metrics import auroc
 
+TRAIN, CLASS, EPOCHS = 100, "metal", 10  # budget still to be set: see the GradCon test
+
 
 def table(**kwargs) -> pa.Table:
     return pa.concat_tables(defect_tables(**kwargs))
