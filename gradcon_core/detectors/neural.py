@@ -10,9 +10,9 @@ of B across N workers; every loss is multiplied by scale = N * n_r / B before ba
 before each optimizer.step() sync.mean_ all-reduces (mean) the gradients of all of that optimizer's
 parameters (zeros where a parameter got none, so every worker passes the same list). For a loss that
 is a per-sample mean this makes the N workers take exactly the global-batch step. Each detector's
-docstring says where that is not exact. State that is not a gradient (Deep SVDD's radius, OC-NN's r)
+docstring says where that is not exact. State that is not a gradient (Deep SVDD's radius)
 is all-reduced the same way, so every worker keeps identical state. A trainer calls
-prepare(x_local, sync) once before the first step (Deep SVDD's centre, OC-NN's pretraining), then
+prepare(x_local, sync) once before the first step (Deep SVDD's centre), then
 train_epoch, and checkpoints state_tensors() with each optimizer's state_dict().
 """
 from __future__ import annotations
