@@ -27,6 +27,7 @@ import torch.nn as nn
 from gradcon_core.detector import Detector, with_prefix
 from gradcon_core.inputs import as_image_batch
 from gradcon_core.parallel import GradientSync, LocalBatch, all_reduce_gradients, local_batches
+from gradcon_core.scoring import score_batch_size
 from gradcon_core.training import EpochReport, TrainingData, train_epochs
 
 log = logging.getLogger("gradcon")
@@ -118,9 +119,15 @@ class NeuralDetector(Detector):
         self.device = resolve_device(device)
         self.model.to(self.device)
         self.aux.to(self.device)
-        self.score_batch_size = self._score_batch_size or (
-            4096 if self.device.type == "cuda" else self.cpu_score_batch_size)
+        self.score_batch_size = self._score_batch_size or self.default_score_batch_size()
         return self
+
+    def default_score_batch_size(self) -> int:
+        """As many images as fit the scoring memory budget (scoring.score_batch_size: the estimate grows with
+        the image size, so 256x256x3 gets a small batch where 28x28 gets thousands); on a CPU no more than
+        cpu_score_batch_size, beyond which per-image work falls out of cache."""
+        by_memory = score_batch_size(self.model, self.device)
+        return by_memory if self.device.type == "cuda" else min(by_memory, self.cpu_score_batch_size)
 
     @property
     def channels(self) -> int:
