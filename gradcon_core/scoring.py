@@ -183,7 +183,8 @@ def scoring_bytes_per_image(model: nn.Module, method: str = "fast") -> int:
     if method not in METHODS:
         raise ValueError(f"unknown scoring method {method!r}; choose one of {METHODS}")
     param = next(model.parameters())
-    layers = constraint_layers(model)
+    # A network without a decoder (Deep SVDD's) has no per-layer gradient work: its activations are the cost.
+    layers = constraint_layers(model) if getattr(model, "decoder", None) is not None else []
     outputs: list[int] = []
     layer_io: dict[nn.Module, tuple[torch.Size, torch.Size]] = {}
 
