@@ -254,10 +254,17 @@ def run(cfg: TuneConfig):
     with tracker:
         grid = tuner.fit()
         summary = write_results(grid, cfg, name, store_fs, sweep)
-        for result in grid:  # a trial ASHA stopped was ended mid-run, its MLflow run with it: end that here
-            trial_id = (result.metrics or {}).get("trial_id")
-            if trial_id:
-                tracker.child(f"trial-{trial_id}").finish("FAILED" if result.error else "FINISHED")
+        # Tune ends a trial at its last report (or ASHA's stop), before its train run logs its end: done here.
+        for row in pq.read_table(f"{sweep}/trials.parquet", filesystem=store_fs).to_pylist():
+            if row["trial_id"] is None:  # failed before its first report: its train run marked itself FAILED
+                continue
+            trial = tracker.child(f"trial-{row['trial_id']}")
+            trial.log_metrics({k: row[k] for k in (f"best_{cfg.metric}", f"last_{cfg.metric}", "iterations")
+                               if row[k] is not None})
+            trial.set_tags({"stopped_early": row["stopped_early"]})
+            if row["best_checkpoint"]:
+                trial.set_checkpoint(f"{'s3://' if is_s3 else ''}{row['best_checkpoint']}")
+            trial.finish("FAILED" if row["status"] == "error" else "FINISHED")
         tracker.log_metrics({f"best_{cfg.metric}": summary["best_value"], "trials": summary["trials"],
                              "stopped_early": summary["stopped_early"], "errored": summary["errored"]})
         for artifact in ("trials.csv", "summary.json", "best_config.yaml"):

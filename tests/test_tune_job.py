@@ -226,6 +226,10 @@ def test_a_sweep_killed_midway_resumes_and_finishes(ray_local, digits_set, tmp_p
         seen = [m.value for m in history if m.step < row["iterations"]]
         assert min(seen) == pytest.approx(row["best_val_loss"])
         assert float(child.data.params["lr"]) == row["lr"] and child.info.status == "FINISHED"
+        assert child.data.metrics["best_val_loss"] == pytest.approx(row["best_val_loss"])
+        assert child.data.metrics["iterations"] == row["iterations"]
+        assert child.data.tags[CHECKPOINT_TAG] == row["best_checkpoint"]
+        assert child.data.tags["stopped_early"] == str(row["stopped_early"])
 
 
 @pytest.mark.parametrize(("resources", "workers", "use_gpu", "expected"), [
