@@ -11,6 +11,14 @@ from typing import Any, TypeVar
 import yaml
 
 T = TypeVar("T")
+# Settings every long job has, which also have flags of their own (--tracking mlflow, --quiet).
+FLAGS = ("tracking", "quiet")
+
+
+@dataclasses.dataclass
+class JobSettings:
+    tracking: str = "none"  # or mlflow: MLflow at MLFLOW_TRACKING_URI, default runs/mlflow.db (gradcon[mlflow])
+    quiet: bool = False  # no progress lines
 
 
 def parse_scalar(text: str) -> Any:
@@ -96,7 +104,20 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
     """`--config FILE` and positional `key=value` overrides for a job whose settings are `cls`."""
     parser.add_argument("--config", help=f"YAML file with {cls.__name__} fields")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="override a config field")
+    add_flags(parser, cls)
+
+
+def add_flags(parser: argparse.ArgumentParser, cls: type) -> None:
+    """--tracking NAME and --quiet, for a job whose settings include JobSettings."""
+    if issubclass(cls, JobSettings):
+        parser.add_argument("--tracking", choices=("none", "mlflow"), help="experiment tracking (default none)")
+        parser.add_argument("--quiet", action="store_const", const="true", help="no progress lines")
+
+
+def flag_overrides(args: argparse.Namespace) -> list[str]:
+    """The flags of add_flags as key=value overrides (they win over the YAML file and key=value)."""
+    return [f"{k}={getattr(args, k)}" for k in FLAGS if getattr(args, k, None) is not None]
 
 
 def config_from_arguments(args: argparse.Namespace, cls: type[T]) -> T:
-    return load_config(cls, args.config, args.overrides)
+    return load_config(cls, args.config, [*args.overrides, *flag_overrides(args)])

@@ -22,6 +22,7 @@ their working directory is not the driver's.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import numbers
 import os
@@ -37,6 +38,7 @@ RUN_KEY_TAG = "gradcon.run_key"  # name (under a parent: parent id / name): how 
 CHECKPOINT_TAG = "checkpoint_uri"
 HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "10", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2"}
 BATCH = 100  # MLflow's limit on params per log_batch call
+ATTEMPT_SETTINGS = ("resume", "address", "trust_storage")
 INSTALL_HINT = "install it with: pip install 'gradcon[mlflow]'"
 
 
@@ -54,6 +56,12 @@ def require(tracking: str) -> None:
             import mlflow  # noqa: F401
         except ImportError:
             raise ValueError(f"tracking=mlflow needs the mlflow package: {INSTALL_HINT}") from None
+
+
+def config_params(config: Any) -> dict[str, Any]:
+    """A job's dataclass config as run params, less what only says how this attempt was started (a resumed
+    run's params stay those it started with)."""
+    return {k: v for k, v in dataclasses.asdict(config).items() if k not in ATTEMPT_SETTINGS}
 
 
 def flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -81,6 +89,9 @@ class Tracker:
 
     def log_artifact(self, path: str | Path, folder: str | None = None) -> None:
         """A local file or folder (plots, config) under the run's artifacts, in `folder` if given."""
+
+    def log_text(self, text: str, name: str) -> None:
+        """Text as an artifact file `name` (a config or table that may live on S3, not on this disk)."""
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         pass
@@ -205,6 +216,9 @@ class MlflowTracker(Tracker):
             self._safely(f"logging {path}", lambda: self.client.log_artifacts(self.run_id, str(path), folder))
         else:
             self._safely(f"logging {path}", lambda: self.client.log_artifact(self.run_id, str(path), folder))
+
+    def log_text(self, text: str, name: str) -> None:
+        self._safely(f"logging {name}", lambda: self.client.log_text(self.run_id, text, name))
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         from mlflow.entities import RunTag

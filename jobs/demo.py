@@ -5,8 +5,9 @@ gradcon demo [--quick] [--no-s3] [--config FILE] [key=value ...]
 Starts an embedded Ray and a real S3 server on 127.0.0.1 (SeaweedFS, random credentials), writes
 MNIST into the bucket as an image set, trains GradCon on one digit with 2 data-parallel workers
 (checkpoints in the bucket), scores the test split from the bucket into a result table in the
-bucket, and evaluates it. Everything it started is stopped at the end, on failure or on Ctrl-C;
-the result table, the checkpoint and the plots are also copied under `out` to outlive the server.
+bucket, evaluates it and writes an HTML report of it (gradcon report). Everything it started is
+stopped at the end, on failure or on Ctrl-C; the result table, the checkpoint, the plots and the
+report are also kept under `out` to outlive the server.
 --no-s3 runs the same on local files; --quick is a reduced run (2,000 training images, 3 epochs, 1,000 test images).
 """
 from __future__ import annotations
@@ -32,7 +33,7 @@ from gradcon_core.images import encode_png
 from gradcon_core.metrics import evaluate
 from gradcon_core.report import plot_histograms, plot_roc
 from gradcon_core.settings import DetectorSettings
-from jobs import prepare, score, train
+from jobs import prepare, report, score, train
 
 BUCKET = "gradcon-demo"
 QUICK = {"train_images": 2000, "test_images": 1000, "epochs": 3}
@@ -99,7 +100,7 @@ def run(cfg: DemoConfig) -> dict:
     out = Path(cfg.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
-    step = Steps(6)
+    step = Steps(7)
     with ExitStack() as stack:  # stops the S3 server and Ray however this ends (error, Ctrl-C)
         if cfg.s3:
             step("starting a local S3 server (SeaweedFS on 127.0.0.1, random credentials)")
@@ -151,12 +152,17 @@ def run(cfg: DemoConfig) -> dict:
                        result_table=scores_uri)
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
 
+        step("writing the HTML report (gallery of the most anomalous test images, with their error maps)")
+        index = report.run(report.ReportConfig(results=str(out / "results"), out=str(out / "report"),
+                                               images=test_set, model=str(out / "checkpoint")))
+
     step("done; " + ("the S3 server and Ray are" if cfg.s3 else "Ray is") + " stopped")
     print(f"\nAUROC {metrics['auroc']:.4f}  AUPR {metrics['aupr']:.4f}  F1 {metrics['f1']:.4f}  "
           f"FPR@95TPR {metrics['fpr95']:.4f}  on {len(scores)} test images (digit {cfg.normal_class} normal)")
     print(f"result table: {scores_uri}  (copied to {out / 'results'})")
     print(f"checkpoint:   {checkpoint}  (copied to {out / 'checkpoint'})")
     print(f"plots:        {out / 'roc.png'}, {out / 'histograms.png'}\nmetrics:      {out / 'metrics.json'}")
+    print(f"report:       {index}  (open it in a browser)")
     where = "s3://BUCKET" if cfg.s3 else str(out / "store")
     print(f"""
 Each step alone (add AWS_ENDPOINT_URL / credentials for your S3, or use local paths):
@@ -164,7 +170,8 @@ Each step alone (add AWS_ENDPOINT_URL / credentials for your S3, or use local pa
   gradcon train data={where}/sets/mnist normal_class={cfg.normal_class} num_workers={cfg.num_workers} \
 epochs={cfg.epochs} storage={where}/runs
   gradcon score --model <the checkpoint train prints> --input {where}/sets/mnist-test --output {where}/scores/RUN
-  gradcon eval data={where}/sets/mnist classes={cfg.normal_class}""")
+  gradcon eval data={where}/sets/mnist classes={cfg.normal_class}
+  gradcon report --results {where}/scores/RUN --images {where}/sets/mnist-test --model <checkpoint> --out DIR""")
     return metrics
 
 

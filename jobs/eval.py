@@ -12,6 +12,7 @@ selections.json, skipped_rows.csv (undecodable rows, by id) and config.yaml. Run
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,15 +20,17 @@ from pathlib import Path
 import numpy as np
 
 from cluster.storage import S3Options, filesystem_for
-from gradcon_core.config import add_config_arguments, config_from_arguments, save_config
+from gradcon_core.config import JobSettings, add_config_arguments, config_from_arguments, save_config
 from gradcon_core.evaluation import RunResult, evaluate_class, write_outputs
 from gradcon_core.imageset import read_columns
+from gradcon_core.progress import Progress
 from gradcon_core.protocols import PROTOCOLS
 from gradcon_core.settings import DetectorSettings
+from gradcon_core.tracking import config_params, require, start_run
 
 
 @dataclass
-class EvalConfig(DetectorSettings):
+class EvalConfig(DetectorSettings, JobSettings):
     data: str = "data/sets/mnist"  # image set made by `gradcon prepare` (local or s3://)
     dataset: str = "mnist"  # mnist, fashion-mnist or cifar10: picks the paper's number and FMNIST's split rule
     protocol: str = "gradcon"  # gradcon (balanced test) or full (whole test split)
@@ -46,6 +49,7 @@ def run(cfg: EvalConfig) -> list[dict]:
     if cfg.protocol not in PROTOCOLS:
         raise ValueError(f"unknown protocol {cfg.protocol!r}; choose one of {PROTOCOLS}")
     cfg.detector_params()  # an unknown detector or setting fails here, before any work
+    require(cfg.tracking)
     fs, _ = filesystem_for(cfg.data, S3Options.from_env(endpoint=cfg.s3_endpoint))
     meta = read_columns(cfg.data, ["label", "split"], filesystem=fs)
     labels, splits = meta.column("label").to_numpy(), meta.column("split").to_numpy(zero_copy_only=False)
@@ -57,8 +61,21 @@ def run(cfg: EvalConfig) -> list[dict]:
     name = cfg.name or f"{cfg.dataset}-{cfg.protocol}-{time.strftime('%Y%m%d-%H%M%S')}"
     out = Path(cfg.out) / name
     save_config(cfg, out / "config.yaml")
+    with start_run(cfg.tracking, name) as tracker:
+        tracker.log_params(config_params(cfg))
+        runs = _evaluate(cfg, fs, labels, splits, classes, tracker.log_metrics)
+        _write(cfg, out, runs)
+        tracker.log_metrics({f"mean_{k}": float(np.mean([r.metrics[k] for r in runs])) for k in ("auroc", "aupr")})
+        tracker.log_artifact(out)  # tables, plots, config
+    return [r.metrics for r in runs]
 
+
+def _evaluate(cfg: EvalConfig, fs, labels: np.ndarray, splits: np.ndarray, classes: list[int],
+              log_metrics) -> list[RunResult]:
+    """Every class x seed, in turn; each run's metrics logged as class_C.seed_S.NAME."""
     runs: list[RunResult] = []
+    progress = Progress(len(classes) * len(cfg.seeds), unit="runs", label="eval", quiet=cfg.quiet, every_s=0,
+                        stream=sys.stdout)  # a line after each run, beside its result
     for c in classes:
         for seed in cfg.seeds:
             run = evaluate_class(cfg.data, fs, cfg, labels, splits, c, seed, protocol=cfg.protocol,
@@ -68,14 +85,19 @@ def run(cfg: EvalConfig) -> list[dict]:
             m = run.metrics
             print(f"class {c} seed {seed}: AUROC {m['auroc']:.4f}  AUPR {m['aupr']:.4f}  "
                   f"({m['train_images']} train, {m['test_images']} test, {m['seconds']} s)", flush=True)
+            log_metrics({f"class_{c}.seed_{seed}.{k}": v for k, v in m.items()})
+            progress.update()
+    progress.close()
+    return runs
 
+
+def _write(cfg: EvalConfig, out: Path, runs: list[RunResult]) -> None:
     method = "GradCon" if cfg.detector == "gradcon" else cfg.detector
     title = f"{method} on {cfg.dataset}, {cfg.protocol} protocol, {cfg.epochs} epochs, seeds {cfg.seeds}"
     md = write_outputs(out, runs, title=title, protocol=cfg.protocol, dataset=cfg.dataset,
                        paper=cfg.detector == "gradcon")
     print(md)
     print(f"results in {out}/ (table.md, table.csv, results.csv, roc.png, histograms.png)")
-    return [r.metrics for r in runs]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

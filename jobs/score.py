@@ -27,20 +27,22 @@ import pyarrow.parquet as pq
 from cluster.storage import S3Options, check_readable, filesystem_for
 from gradcon_core import load_detector
 from gradcon_core.checkpoint import checkpoint_id
-from gradcon_core.config import load_config
+from gradcon_core.config import FLAGS, JobSettings, add_flags, load_config
 from gradcon_core.detector import Detector
 from gradcon_core.images import ImageError, channels_of
 from gradcon_core.imageset import IMAGE, image_bytes, list_parquet_files
+from gradcon_core.progress import Progress
 from gradcon_core.result_files import ResultFile, apply_contamination, is_complete
 from gradcon_core.result_table import PASSTHROUGH, result_rows
 from gradcon_core.storage import write_bytes
+from gradcon_core.tracking import config_params, require, start_run
 
 # Ray Data's file listing and parquet reads are tasks of one CPU each: leave room for them.
 READ_CPUS = 1.0
 
 
 @dataclass
-class ScoreConfig:
+class ScoreConfig(JobSettings):
     model: str = ""  # checkpoint directory (local or s3://)
     input: str = ""  # image set: a parquet file or a prefix of many
     output: str = ""  # result table prefix (local or s3://)
@@ -99,7 +101,8 @@ def _check_fits(resources: dict, cfg: ScoreConfig) -> None:
 
 
 def _score_files(cfg: ScoreConfig, options: S3Options, files: list[str], in_fs: pafs.FileSystem,
-                 out_fs: pafs.FileSystem, outputs: dict[str, str], threshold: float | None, model_id: str) -> None:
+                 out_fs: pafs.FileSystem, outputs: dict[str, str], threshold: float | None, model_id: str,
+                 progress: Progress) -> None:
     """The Ray Data pipeline over `files`; result rows come back in order and go to one writer at a time."""
     import ray
 
@@ -125,6 +128,7 @@ def _score_files(cfg: ScoreConfig, options: S3Options, files: list[str], in_fs: 
                     current.close()
                 current = ResultFile(out_fs, outputs[path], os.path.basename(path))
             current.write(batch.filter(pc.equal(batch.column("path"), path)).drop_columns(["path"]))
+        progress.update(batch.num_rows)
     if current:
         current.close()
 
@@ -134,6 +138,7 @@ def run(cfg: ScoreConfig) -> dict:
         raise ValueError("score needs --model, --input and --output")
     if cfg.threshold is not None and cfg.contamination is not None:
         raise ValueError("give --threshold or --contamination, not both")
+    require(cfg.tracking)
     start = time.perf_counter()
     options = S3Options.from_env(endpoint=cfg.s3_endpoint)
     check_readable(cfg.model, options)
@@ -165,7 +170,8 @@ def run(cfg: ScoreConfig) -> dict:
           f"({len(files) - len(todo)} already complete) with model {model_id}", file=sys.stderr)
 
     if todo:
-        _score_files(cfg, options, todo, in_fs, out_fs, outputs, threshold, model_id)
+        with Progress(sum(rows_in[f] for f in todo), unit="rows", label="scoring", quiet=cfg.quiet) as progress:
+            _score_files(cfg, options, todo, in_fs, out_fs, outputs, threshold, model_id, progress)
         for f in todo:  # empty inputs produce no batches: still one (empty) output each
             if not complete(f):
                 if rows_in[f] != 0:
@@ -182,6 +188,12 @@ def run(cfg: ScoreConfig) -> dict:
                "scored_now": scored, "seconds": round(wall, 2), "images_per_s": round(scored / wall, 1),
                "model_id": model_id, "output": cfg.output}
     write_bytes(out_fs, f"{out_root}/_summary.json", json.dumps(summary, indent=1).encode())
+    # Tracked once the table is complete (a re-run of the same output continues the same MLflow run).
+    with start_run(cfg.tracking, f"score-{os.path.basename(out_root.rstrip('/'))}") as tracker:
+        tracker.log_params(config_params(cfg))
+        tracker.log_metrics(summary)
+        tracker.log_text(json.dumps(summary, indent=1), "_summary.json")
+        tracker.set_checkpoint(cfg.model)
     print(f"rows {summary['rows']}  errors {summary['errors']}  anomalies {summary['anomalies']}  "
           f"threshold {threshold:.6g}  wall {wall:.1f} s  {summary['images_per_s']} images/s")
     print(f"results: {cfg.output}")
@@ -190,7 +202,10 @@ def run(cfg: ScoreConfig) -> dict:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML file with ScoreConfig fields (flags override it)")
+    add_flags(parser, ScoreConfig)
     for name, default in asdict(ScoreConfig()).items():
+        if name in FLAGS:
+            continue
         flag = "--" + name.replace("_", "-")
         parser.add_argument(flag, dest=name, default=None, help=f"default: {default!r}")
 

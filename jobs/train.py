@@ -35,18 +35,21 @@ import yaml
 
 from cluster.storage import S3Options, filesystem_for
 from gradcon_core.checkpoint import load_checkpoint, load_training_state
-from gradcon_core.config import add_config_arguments, config_from_arguments
+from gradcon_core.config import JobSettings, add_config_arguments, config_from_arguments
 from gradcon_core.images import channels_of, decode_images
 from gradcon_core.imageset import IMAGE, image_bytes, list_parquet_files, read_columns, take_rows
 from gradcon_core.parallel import AllReduceMean
 from gradcon_core.protocols import Selection, select
 from gradcon_core.settings import DetectorSettings
 from gradcon_core.storage import write_bytes
+from gradcon_core.tracking import Tracker, config_params, require, start_run, tracking_uri
 from gradcon_core.training import SELECT_BY, EpochReport, TrainingData, train_epochs
+
+RAY_METRICS = ("time_this_iter_s", "time_total_s")  # Ray's bookkeeping beside the epoch's metrics
 
 
 @dataclass
-class TrainConfig(DetectorSettings):
+class TrainConfig(DetectorSettings, JobSettings):
     data: str = "data/sets/mnist"  # image set made by `gradcon prepare` (needs its `id` column)
     normal_class: int = 0
     protocol: str = "gradcon"
@@ -102,12 +105,15 @@ def train_loop_per_worker(config: dict) -> list[str]:
             det.load_state_tensors(load_checkpoint(d)[0])
             resume = load_training_state(d)
     last = (cfg.epochs if det.iterative else 1) - 1
+    # Rank 0 logs each epoch into the driver's MLflow run, found by name: a restarted worker continues it.
+    tracker = start_run("mlflow", **config["tracking"]) if rank == 0 and config["tracking"] else Tracker()
 
     def report(r: EpochReport) -> None:
         if cfg.fail_at_epoch == r.epoch and restored is None and rank == 0:
             raise RuntimeError(f"fault drill: rank 0 fails at epoch {r.epoch}")
         metrics = {**r.metrics, "epoch": r.epoch, "resumed": restored is not None}
-        if rank == 0:  # progress on the driver's console (Ray forwards worker output)
+        tracker.log_metrics(r.metrics, step=r.epoch)
+        if rank == 0 and not cfg.quiet:  # progress on the driver's console (Ray forwards worker output)
             print(f"epoch {r.epoch + 1}/{last + 1}  " + "  ".join(f"{k} {v:.4g}" for k, v in r.metrics.items()),
                   flush=True)
         if not (r.improved or (r.epoch + 1) % cfg.checkpoint_every == 0 or r.epoch == last):
@@ -153,10 +159,11 @@ def training_rows(cfg: TrainConfig, data_path: str, data_fs: pafs.FileSystem) ->
     return sel, {"train": ids[sel.train].tolist(), "val": ids[sel.val].tolist(), "anomalies": ids[anomalies].tolist()}
 
 
-def run(cfg: TrainConfig, callbacks: list | None = None):
+def run(cfg: TrainConfig, callbacks: list | None = None, tracking_parent: dict | None = None):
     """Train; returns Ray's Result and the URI of the best checkpoint (by cfg.select_by).
 
-    callbacks go to the Train run (Tune passes its report callback here).
+    callbacks go to the Train run (Tune passes its report callback here); tracking_parent ({"uri", "run_id"}):
+    the MLflow run this one is a child of (a sweep's).
     """
     import ray
     import ray.train
@@ -168,6 +175,7 @@ def run(cfg: TrainConfig, callbacks: list | None = None):
     if cfg.batch_size < 1 or cfg.num_workers < 1 or cfg.epochs < 1:
         raise ValueError("batch_size, num_workers and epochs must be >= 1")
     cfg.detector_params()  # an unknown detector or setting fails here, before anything is read
+    require(cfg.tracking)
     if cfg.select_by not in SELECT_BY:
         raise ValueError(f"select_by must be one of {sorted(SELECT_BY)}, got {cfg.select_by!r}")
     if cfg.select_by == "val_auroc" and cfg.val_anomalies == 0:
@@ -208,10 +216,15 @@ def run(cfg: TrainConfig, callbacks: list | None = None):
     # Ray Train resumes a run whose name already has checkpoints in storage.
     name = cfg.resume or cfg.name or f"gradcon-c{cfg.normal_class}-{time.strftime('%Y%m%d-%H%M%S')}"
     is_s3 = str(cfg.storage).startswith("s3://")
+    parent = tracking_parent or {}
+    tracker = start_run(cfg.tracking, name, uri=parent.get("uri") or tracking_uri(),
+                        parent_run_id=parent.get("run_id"))
+    tracker.log_params(config_params(cfg))
+    worker_tracking = tracker.run_id and {"name": name, "uri": tracker.uri, "parent_run_id": parent.get("run_id")}
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": asdict(cfg), "train_ids": train_ids, "val_ids": val_ids,
-                           "anomaly_ids": anomaly_ids, "channels": channels},
+                           "anomaly_ids": anomaly_ids, "channels": channels, "tracking": worker_tracking},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu),
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
         datasets={"train": rows_with(train_ids), "val": rows_with(val_ids + anomaly_ids)},
@@ -220,12 +233,18 @@ def run(cfg: TrainConfig, callbacks: list | None = None):
                              failure_config=FailureConfig(max_failures=cfg.max_failures), callbacks=callbacks,
                              checkpoint_config=CheckpointConfig(num_to_keep=None)),
     )
-    write_bytes(store_fs, f"{store_path}/{name}/config.yaml", yaml.safe_dump(asdict(cfg), sort_keys=False).encode())
-    result = trainer.fit()
-    best = (result.get_best_checkpoint(metric=cfg.select_by, mode=SELECT_BY[cfg.select_by])
-            if result.best_checkpoints else result.checkpoint)
-    uri = f"s3://{best.path}" if is_s3 else best.path
-    write_bytes(store_fs, f"{store_path}/{name}/best_checkpoint", uri.encode())
+    config_yaml = yaml.safe_dump(asdict(cfg), sort_keys=False)
+    write_bytes(store_fs, f"{store_path}/{name}/config.yaml", config_yaml.encode())
+    with tracker:  # FAILED in MLflow when the run fails
+        tracker.log_text(config_yaml, "config.yaml")
+        result = trainer.fit()
+        best = (result.get_best_checkpoint(metric=cfg.select_by, mode=SELECT_BY[cfg.select_by])
+                if result.best_checkpoints else result.checkpoint)
+        uri = f"s3://{best.path}" if is_s3 else best.path
+        write_bytes(store_fs, f"{store_path}/{name}/best_checkpoint", uri.encode())
+        tracker.log_metrics({f"final_{k}": v for k, v in result.metrics.items()
+                             if isinstance(v, float) and k not in RAY_METRICS})
+        tracker.set_checkpoint(uri)
     print(f"run {name}: final val J {result.metrics['val_loss']:.6g}; best checkpoint: {uri}")
     return result, uri
 

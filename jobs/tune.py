@@ -37,10 +37,11 @@ import pyarrow.parquet as pq
 import yaml
 
 from cluster.storage import S3Options, filesystem_for
-from gradcon_core.config import add_config_arguments, load_config, parse_scalar
+from gradcon_core.config import add_config_arguments, flag_overrides, load_config, parse_scalar
 from gradcon_core.registry import detector_class
 from gradcon_core.settings import SHORT_FORMS
 from gradcon_core.storage import read_bytes, write_bytes
+from gradcon_core.tracking import config_params, require, start_run, tracking_uri
 from gradcon_core.training import SELECT_BY
 from jobs import train
 from jobs.train import TrainConfig
@@ -136,14 +137,15 @@ def search_space(search: dict[str, str]) -> dict:
     return space
 
 
-def run_trial(values: dict, base: dict) -> None:
-    """One trial: the train job with these values, its epoch reports forwarded to Tune."""
+def run_trial(values: dict, base: dict, tracking_parent: dict | None = None) -> None:
+    """One trial: the train job with these values, its epoch reports forwarded to Tune (and, tracked, logged
+    as a child of the sweep's MLflow run, tracking_parent)."""
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
     # A stable run name: a restarted trial resumes its Train run from its last checkpoint.
     cfg = TrainConfig(**with_values(base, {**values, "name": f"trial-{ray.tune.get_context().get_trial_id()}"}))
-    train.run(cfg, callbacks=[TuneReportCallback()])
+    train.run(cfg, callbacks=[TuneReportCallback()], tracking_parent=tracking_parent)
 
 
 def _concurrency(cfg: TuneConfig) -> int:
@@ -208,11 +210,18 @@ def run(cfg: TuneConfig):
         if cfg.trust_storage:  # the user vouches for the storage: sign what is there with their key
             print(f"trust_storage=true: signing the state of sweep {name} as it is now", file=sys.stderr)
             sign(store_fs, sweep)
+    require(cfg.tracking)
+    # One MLflow run for the sweep, found again by name when it resumes; each trial's train run is its child.
+    tracker = start_run(cfg.tracking, name, uri=tracking_uri())
+    tracker.log_params(config_params(cfg))
+    parent = tracker.run_id and {"uri": tracker.uri, "run_id": tracker.run_id}
     base = asdict(cfg.train_config(storage=f"{cfg.storage.rstrip('/')}/{name}/trials", resume=None, name=None,
-                                   select_by=cfg.metric, val_anomalies=cfg.val_anomalies or -1))
+                                   select_by=cfg.metric, val_anomalies=cfg.val_anomalies or -1,
+                                   tracking=cfg.tracking if parent else "none"))
     if not ray.is_initialized():
         init_ray(cfg.address, min_cpus=cfg.num_workers + 2 + TRIAL_DRIVER_CPU)  # one trial (_concurrency)
-    trainable = tune.with_resources(tune.with_parameters(run_trial, base=base), {"CPU": TRIAL_DRIVER_CPU})
+    trainable = tune.with_resources(tune.with_parameters(run_trial, base=base, tracking_parent=parent),
+                                    {"CPU": TRIAL_DRIVER_CPU})
     is_s3 = str(cfg.storage).startswith("s3://")
     if cfg.resume:
         verify(store_fs, sweep, f"sweep {name}")  # just before Tune unpickles anything
@@ -242,8 +251,25 @@ def run(cfg: TuneConfig):
         )
         sign(store_fs, sweep, ["tuner.pkl"])  # written by the Tuner just now
         write_bytes(store_fs, f"{sweep}/tune_config.yaml", yaml.safe_dump(asdict(cfg), sort_keys=False).encode())
-    grid = tuner.fit()
-    summary = write_results(grid, cfg, name, store_fs, sweep)
+    with tracker:
+        grid = tuner.fit()
+        summary = write_results(grid, cfg, name, store_fs, sweep)
+        # Tune ends a trial at its last report (or ASHA's stop), before its train run logs its end: done here.
+        for row in pq.read_table(f"{sweep}/trials.parquet", filesystem=store_fs).to_pylist():
+            if row["trial_id"] is None:  # failed before its first report: its train run marked itself FAILED
+                continue
+            trial = tracker.child(f"trial-{row['trial_id']}")
+            trial.log_metrics({k: row[k] for k in (f"best_{cfg.metric}", f"last_{cfg.metric}", "iterations")
+                               if row[k] is not None})
+            trial.set_tags({"stopped_early": row["stopped_early"]})
+            if row["best_checkpoint"]:
+                trial.set_checkpoint(f"{'s3://' if is_s3 else ''}{row['best_checkpoint']}")
+            trial.finish("FAILED" if row["status"] == "error" else "FINISHED")
+        tracker.log_metrics({f"best_{cfg.metric}": summary["best_value"], "trials": summary["trials"],
+                             "stopped_early": summary["stopped_early"], "errored": summary["errored"]})
+        for artifact in ("trials.csv", "summary.json", "best_config.yaml"):
+            tracker.log_text(read_bytes(store_fs, f"{sweep}/{artifact}").decode(), artifact)
+        tracker.set_checkpoint(summary["best_checkpoint"])
     print(f"sweep {name}: {summary['trials']} trials ({summary['stopped_early']} stopped early by "
           f"{cfg.scheduler}, {summary['errored']} errored); best {cfg.metric} = {summary['best_value']:.6g} "
           f"with {summary['best_values']}\n  best config: {summary['best_config']}\n  best checkpoint: "
@@ -309,6 +335,6 @@ def main(args: argparse.Namespace) -> int:
             raise ValueError(f"--search {item!r} is not of the form NAME=DIST")
         key, spec = item.split("=", 1)
         searched[key.strip()] = spec
-    cfg = load_config(TuneConfig, args.config, args.overrides, extra={"search": searched})
+    cfg = load_config(TuneConfig, args.config, [*args.overrides, *flag_overrides(args)], extra={"search": searched})
     run(cfg)
     return 0

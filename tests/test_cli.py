@@ -36,9 +36,12 @@ def test_quick_demo_runs_end_to_end_through_s3_and_leaves_nothing_running(tmp_pa
     assert done.returncode == 0, done.stderr[-3000:]
     auroc = float(re.search(r"^AUROC (\S+)", done.stdout, re.M).group(1))
     assert 0.5 < auroc <= 1, done.stdout
-    assert "s3://gradcon-demo/scores/" in done.stdout and "[6/6]" in done.stdout
+    assert "s3://gradcon-demo/scores/" in done.stdout and "[7/7]" in done.stdout
     assert (out / "roc.png").stat().st_size > 0 and list((out / "results").glob("*.parquet"))
     assert (out / "checkpoint" / "model.safetensors").exists()
+    assert f"report:       {out / 'report' / 'index.html'}" in done.stdout  # the demo ends with its report
+    html = (out / "report" / "index.html").read_text()
+    assert "<img" in html and all((out / "report" / src).is_file() for src in re.findall(r'<img src="([^"]+)"', html))
     assert _processes_with(marker) == []
 
 

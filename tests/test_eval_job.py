@@ -3,13 +3,15 @@ import csv
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
+from mlflow.tracking import MlflowClient
 
 from gradcon_core.imageset import read_columns, write_image_set
 from jobs.cli import main
 from jobs.prepare import prepare
 
 
-def test_eval_writes_tables_and_plots_and_reports_corrupt_rows(small_mnist_idx, tmp_path, capsys):
+def test_eval_writes_tables_and_plots_and_reports_corrupt_rows(small_mnist_idx, tmp_path, capsys, monkeypatch):
     data = tmp_path / "set"
     prepare("mnist", str(small_mnist_idx), str(data))
     # Corrupt one training image of class 1 (by id) and check it is reported and skipped.
@@ -23,7 +25,10 @@ def test_eval_writes_tables_and_plots_and_reports_corrupt_rows(small_mnist_idx, 
     write_image_set(str(data), table)
     victim_id = read_columns(str(data), ["label"]).column("id")[victim].as_py()
 
-    code = main(["eval", f"data={data}", "classes=0,1", "seeds=0,1", "epochs=1", f"out={tmp_path}", "name=run"])
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    code = main(["eval", f"data={data}", "classes=0,1", "seeds=0,1", "epochs=1", f"out={tmp_path}", "name=run",
+                 "--tracking", "mlflow"])
     assert code == 0
     out = tmp_path / "run"
     for name in ("table.md", "table.csv", "results.csv", "roc.png", "histograms.png", "config.yaml",
@@ -36,7 +41,18 @@ def test_eval_writes_tables_and_plots_and_reports_corrupt_rows(small_mnist_idx, 
     assert {r["id"] for r in skipped} == {victim_id} and skipped[0]["part"] in ("train", "val")
     md = (out / "table.md").read_text()
     assert "| **mean** |" in md and "0.9730" in md
-    assert victim_id in capsys.readouterr().err
+    printed = capsys.readouterr()
+    assert victim_id in printed.err
+    assert "eval: 1/4 runs (25%)" in printed.out and "eval: 4/4 runs (100%)" in printed.out  # progress
+
+    client = MlflowClient(tracking_uri=store)
+    (tracked,) = client.search_runs([client.get_experiment_by_name("gradcon").experiment_id],
+                                    filter_string="attributes.run_name = 'run'")
+    assert tracked.info.status == "FINISHED" and tracked.data.params["classes"] == "0,1"
+    for r in rows:
+        assert tracked.data.metrics[f"class_{r['class']}.seed_{r['seed']}.auroc"] == pytest.approx(float(r["auroc"]))
+    assert tracked.data.metrics["mean_auroc"] == pytest.approx(np.mean([float(r["auroc"]) for r in rows]))
+    assert {"table.md", "roc.png", "config.yaml"} <= {a.path for a in client.list_artifacts(tracked.info.run_id)}
 
 
 def test_eval_rejects_unknown_classes(small_mnist_idx, tmp_path, capsys):

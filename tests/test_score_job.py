@@ -12,6 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from cluster.storage import S3Options, StorageError, filesystem_for
@@ -19,6 +20,7 @@ from gradcon_core import GradConDetector, create_model, load_detector
 from gradcon_core.images import encode_png
 from gradcon_core.imageset import read_columns, take_rows, write_image_set
 from gradcon_core.result_table import SCHEMA
+from gradcon_core.tracking import CHECKPOINT_TAG
 from jobs.prepare import prepare
 from jobs.score import ScoreConfig, run
 
@@ -46,8 +48,9 @@ def _read(prefix, fs=None):
     return pq.read_table(files, filesystem=fs), files
 
 
-def test_job_scores_equal_the_detector_and_nothing_is_lost(ray_local, model_dir, image_set, tmp_path):
+def test_job_scores_equal_the_detector_and_nothing_is_lost(ray_local, model_dir, image_set, tmp_path, capsys):
     summary = run(ScoreConfig(model=model_dir, input=image_set, output=str(tmp_path / "out"), batch_size=64))
+    assert "scoring: 500/500 rows (100%)" in capsys.readouterr().err  # progress, as a line in a log
     table, files = _read(str(tmp_path / "out"))
     assert [f.rsplit("/", 1)[1] for f in files] == ["part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
     assert table.schema == SCHEMA and table.num_rows == summary["rows"] == 500 and summary["errors"] == 0
@@ -102,8 +105,19 @@ def test_rerun_completes_a_killed_job_without_duplicates(ray_local, model_dir, i
     assert len(set(table.column("id").to_pylist())) == table.num_rows == 500
 
 
-def test_contamination_sets_the_threshold_from_this_runs_scores(ray_local, model_dir, image_set, tmp_path):
-    run(ScoreConfig(model=model_dir, input=image_set, output=str(tmp_path / "out"), contamination=0.1))
+def test_contamination_sets_the_threshold_from_this_runs_scores(ray_local, model_dir, image_set, tmp_path,
+                                                                capsys, monkeypatch):
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    summary = run(ScoreConfig(model=model_dir, input=image_set, output=str(tmp_path / "out"), contamination=0.1,
+                              tracking="mlflow", quiet=True))
+    assert "scoring:" not in capsys.readouterr().err
+    client = MlflowClient(tracking_uri=store)
+    (tracked,) = client.search_runs([client.get_experiment_by_name("gradcon").experiment_id])
+    assert tracked.info.run_name == "score-out" and tracked.data.tags[CHECKPOINT_TAG] == model_dir
+    assert tracked.data.metrics["rows"] == summary["rows"] == 500
+    assert tracked.data.metrics["threshold"] == pytest.approx(summary["threshold"])
+    assert [a.path for a in client.list_artifacts(tracked.info.run_id)] == ["_summary.json"]
     table, _ = _read(str(tmp_path / "out"))
     scores = table.column("score").to_numpy()
     assert table.column("threshold")[0].as_py() == pytest.approx(np.quantile(scores, 0.9))

@@ -161,3 +161,24 @@ def test_settings_are_checked_where_the_job_starts():
         require("wandb")
     with pytest.raises(ValueError, match="unknown tracking"):
         start_run("wandb", "x")
+
+
+def test_text_artifacts_and_config_params(store):
+    from dataclasses import dataclass
+
+    from gradcon_core.tracking import config_params
+
+    @dataclass
+    class Config:
+        epochs: int = 3
+        resume: str | None = "run-a"  # how this attempt started, not what the run is
+        address: str | None = "10.0.0.1:6379"
+
+    tracker = start_run("mlflow", "text-artifacts")
+    tracker.log_params(config_params(Config()))
+    tracker.log_text("epochs: 3\n", "config.yaml")  # e.g. a config that lives on S3, not on this disk
+    tracker.finish()
+    assert client().get_run(tracker.run_id).data.params == {"epochs": "3"}
+    assert [a.path for a in client().list_artifacts(tracker.run_id)] == ["config.yaml"]
+    local = client().download_artifacts(tracker.run_id, "config.yaml", str(store))
+    assert Path(local).read_text() == "epochs: 3\n"

@@ -7,6 +7,7 @@ import pyarrow.parquet  # noqa: F401  (pa.parquet)
 import pytest
 import torch
 import yaml
+from mlflow.tracking import MlflowClient
 
 from cluster.storage import filesystem_for
 from gradcon_core import GradConDetector, create_model, load_detector
@@ -14,6 +15,7 @@ from gradcon_core.checkpoint import load_checkpoint
 from gradcon_core.images import decode_images, encode_png
 from gradcon_core.imageset import take_rows, write_image_set
 from gradcon_core.protocols import select
+from gradcon_core.tracking import CHECKPOINT_TAG
 from jobs.train import TrainConfig, run
 
 
@@ -75,14 +77,30 @@ def test_two_workers_equal_one_worker_and_the_single_process_fit(ray_local, zero
     assert again.metrics["epoch"] == 1 and _tensors(again.checkpoint).keys() == a.keys()
 
 
-def test_a_failed_worker_resumes_from_its_checkpoint_on_s3(ray_local, zeros_set, s3_server, monkeypatch):
+def test_a_failed_worker_resumes_from_its_checkpoint_on_s3(ray_local, zeros_set, s3_server, monkeypatch, tmp_path):
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_server.access_key)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_server.secret_key)
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
     cfg = TrainConfig(data=zeros_set, normal_class=0, epochs=3, batch_size=32, num_workers=2, fail_at_epoch=1,
-                      max_failures=1, storage="s3://gradcon-test/runs", name="drill", s3_endpoint=s3_server.endpoint)
+                      max_failures=1, storage="s3://gradcon-test/runs", name="drill", s3_endpoint=s3_server.endpoint,
+                      tracking="mlflow")
     result, uri = run(cfg)
     assert uri.startswith("s3://gradcon-test/runs/drill/checkpoint_")
     assert result.metrics["epoch"] == 2 and result.metrics["resumed"]  # the drill did fail, and it resumed
+
+    # Tracked: one MLflow run, continued by the restarted worker; an epoch's metrics once each, as reported.
+    client = MlflowClient(tracking_uri=store)
+    (tracked,) = client.search_runs([client.get_experiment_by_name("gradcon").experiment_id],
+                                    filter_string="attributes.run_name = 'drill'")
+    assert tracked.info.status == "FINISHED" and tracked.data.tags[CHECKPOINT_TAG] == uri
+    assert tracked.data.params["epochs"] == "3" and tracked.data.params["normal_class"] == "0"
+    history = client.get_metric_history(tracked.info.run_id, "val_loss")
+    assert [m.step for m in history] == [0, 1, 2]  # epoch 1 failed before its report; after the restart, 1 and 2
+    assert history[-1].value == pytest.approx(result.metrics["val_loss"])
+    assert tracked.data.metrics["final_val_loss"] == pytest.approx(result.metrics["val_loss"])
+    assert {"loss", "val_loss", "images_per_s"} <= set(tracked.data.metrics)
+    assert [a.path for a in client.list_artifacts(tracked.info.run_id)] == ["config.yaml"]
     fs, _ = filesystem_for(uri, s3_server)
     det = load_detector(uri, filesystem=fs)
     assert int(det.reference.count) > 0 and det.threshold_ is not None

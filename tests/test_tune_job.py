@@ -17,10 +17,12 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from mlflow.tracking import MlflowClient
 
 from gradcon_core import load_detector
 from gradcon_core.images import encode_png
 from gradcon_core.imageset import write_image_set
+from gradcon_core.tracking import CHECKPOINT_TAG
 from jobs.cli import main as cli_main
 from jobs.train import TrainConfig, training_rows
 from jobs.tune import TuneConfig, run, search_space
@@ -151,13 +153,16 @@ def test_bad_search_on_the_command_line_exits_2_without_starting_ray(capsys):
 
 
 @pytest.mark.slow  # a subprocess
-def test_a_sweep_killed_midway_resumes_and_finishes(ray_local, digits_set, tmp_path):
+def test_a_sweep_killed_midway_resumes_and_finishes(ray_local, digits_set, tmp_path, monkeypatch):
     """3 trials, one at a time (a good lr, then a hopeless one twice) under ASHA; the driver is SIGKILLed
-    as the third starts, and the sweep resumed from storage."""
+    as the third starts, and the sweep resumed from storage. Tracked in MLflow all along."""
     storage, name = tmp_path / "sweeps", "sweep"
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)  # the driver's subprocess and the resumed sweep
     args = [f"data={digits_set}", "normal_class=0", "epochs=2", "batch_size=16", "num_workers=1",
             f"storage={storage}", f"name={name}", "metric=val_loss", "num_samples=1", "grace_period=1",
-            f"address={ray_local.get_runtime_context().gcs_address}", "--search", "lr=grid(0.01,1e-7,1e-7)"]
+            f"address={ray_local.get_runtime_context().gcs_address}", "--tracking", "mlflow",
+            "--search", "lr=grid(0.01,1e-7,1e-7)"]
     driver = subprocess.Popen([sys.executable, "-m", "jobs", "tune", *args], cwd=Path(__file__).parents[1],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
@@ -199,6 +204,32 @@ def test_a_sweep_killed_midway_resumes_and_finishes(ray_local, digits_set, tmp_p
     assert best["lr"] == 0.01 and best["data"] == digits_set and TrainConfig(**best).select_by == "val_loss"
     det = load_detector(summary["best_checkpoint"])
     assert det.threshold_ is not None and (storage / name / "trials.csv").exists()
+
+    # MLflow: one run for the sweep (resumed, not doubled), each trial a child named by its trial id, with
+    # the epochs and objective trials.parquet has.
+    client = MlflowClient(tracking_uri=store)
+    experiment = client.get_experiment_by_name("gradcon").experiment_id
+    (sweep,) = client.search_runs([experiment], filter_string=f"attributes.run_name = '{name}'")
+    assert sweep.info.status == "FINISHED" and sweep.data.tags[CHECKPOINT_TAG] == summary["best_checkpoint"]
+    assert sweep.data.metrics["best_val_loss"] == pytest.approx(summary["best_value"])
+    assert sweep.data.params["search.lr"] == "grid(0.01,1e-07,1e-07)" and sweep.data.params["metric"] == "val_loss"
+    assert {a.path for a in client.list_artifacts(sweep.info.run_id)} == {"trials.csv", "summary.json",
+                                                                         "best_config.yaml"}
+    children = client.search_runs([experiment], filter_string=f"tags.mlflow.parentRunId = '{sweep.info.run_id}'")
+    assert sorted(c.info.run_name for c in children) == sorted(f"trial-{r['trial_id']}" for r in rows)
+    for child in children:
+        row = next(r for r in rows if child.info.run_name == f"trial-{r['trial_id']}")
+        history = client.get_metric_history(child.info.run_id, "val_loss")
+        # The epochs Tune saw; a trial ASHA stops may have logged one more epoch before the stop reached it.
+        steps = sorted({m.step for m in history})
+        assert steps[:row["iterations"]] == list(range(row["iterations"])) and steps[-1] < 2
+        seen = [m.value for m in history if m.step < row["iterations"]]
+        assert min(seen) == pytest.approx(row["best_val_loss"])
+        assert float(child.data.params["lr"]) == row["lr"] and child.info.status == "FINISHED"
+        assert child.data.metrics["best_val_loss"] == pytest.approx(row["best_val_loss"])
+        assert child.data.metrics["iterations"] == row["iterations"]
+        assert child.data.tags[CHECKPOINT_TAG] == row["best_checkpoint"]
+        assert child.data.tags["stopped_early"] == str(row["stopped_early"])
 
 
 @pytest.mark.parametrize(("resources", "workers", "use_gpu", "expected"), [
