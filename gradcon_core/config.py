@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
@@ -19,6 +20,44 @@ FLAGS = ("tracking", "quiet")
 class JobSettings:
     tracking: str = "none"  # or mlflow: MLflow at MLFLOW_TRACKING_URI, default runs/mlflow.db (gradcon[mlflow])
     quiet: bool = False  # no progress lines
+
+
+def bounded(default: Any, at_least: float | None = None, above: float | None = None) -> Any:
+    """A numeric setting with a lower bound, which load_config checks (None stays allowed)."""
+    return dataclasses.field(default=default, metadata={"at_least": at_least, "above": above})
+
+
+def plain_name(default: str | None = None) -> Any:
+    """A setting that names a folder under another (a run under `storage`): no path separators, no "..",
+    so a name can never write outside its parent."""
+    return dataclasses.field(default=default, metadata={"plain_name": True})
+
+
+def _problem(value: Any, meta: typing.Mapping) -> str | None:
+    """What is wrong with one setting's value, or None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"must be a finite number, got {value}"
+    if isinstance(value, dict):
+        bad = [k for k, v in value.items() if isinstance(v, float) and not math.isfinite(v)]
+        return f"entries {bad} must be finite numbers" if bad else None
+    if value is None or isinstance(value, bool):
+        return None
+    if meta.get("at_least") is not None and value < meta["at_least"]:
+        return f"must be at least {meta['at_least']}, got {value}"
+    if meta.get("above") is not None and value <= meta["above"]:
+        return f"must be greater than {meta['above']}, got {value}"
+    if meta.get("plain_name") and (value in ("", ".", "..") or any(c in value for c in "/\\")):
+        return f"must be a plain name (no '/', '\\' or '..'), got {value!r}"
+    return None
+
+
+def validate(cfg: Any) -> None:
+    """Refuse settings no run could mean: non-finite numbers anywhere, values under a field's bound,
+    path-like names. One check for every job's config; the error names the setting."""
+    for f in dataclasses.fields(cfg):
+        problem = _problem(getattr(cfg, f.name), f.metadata)
+        if problem:
+            raise ValueError(f"config {f.name}: {problem}")
 
 
 def parse_scalar(text: str) -> Any:
@@ -92,7 +131,9 @@ def load_config(
     unknown = sorted(set(values) - known)
     if unknown:
         raise ValueError(f"unknown config key(s) {unknown} for {cls.__name__}; known: {sorted(known)}")
-    return cls(**{k: _coerce(k, v, hints[k]) for k, v in values.items()})
+    cfg = cls(**{k: _coerce(k, v, hints[k]) for k, v in values.items()})
+    validate(cfg)
+    return cfg
 
 
 def save_config(cfg: Any, path: str | Path) -> None:

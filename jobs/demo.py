@@ -27,7 +27,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from cluster.storage import S3Options, filesystem_for
-from gradcon_core.config import add_config_arguments, load_config, save_config
+from gradcon_core.config import add_config_arguments, bounded, load_config, save_config
 from gradcon_core.idx import find_idx, load_mnist
 from gradcon_core.images import encode_png
 from gradcon_core.metrics import evaluate
@@ -45,9 +45,9 @@ class DemoConfig(DetectorSettings):
     normal_class: int = 0
     train_images: int = 0  # 0: all of the class's training images (90% train, 10% validation)
     test_images: int = 0  # 0: the whole MNIST test split is scored
-    epochs: int = 10
-    batch_size: int = 64
-    num_workers: int = 2
+    epochs: int = bounded(10, at_least=1)
+    batch_size: int = bounded(64, at_least=1)
+    num_workers: int = bounded(2, at_least=1)
     seed: int = 0
     s3: bool = True  # False: local files instead of the local S3 server
     out: str = "runs/demo"

@@ -20,7 +20,14 @@ from pathlib import Path
 import numpy as np
 
 from cluster.storage import S3Options, filesystem_for
-from gradcon_core.config import JobSettings, add_config_arguments, config_from_arguments, save_config
+from gradcon_core.config import (
+    JobSettings,
+    add_config_arguments,
+    bounded,
+    config_from_arguments,
+    plain_name,
+    save_config,
+)
 from gradcon_core.evaluation import RunResult, evaluate_class, write_outputs
 from gradcon_core.imageset import read_columns
 from gradcon_core.progress import Progress
@@ -36,12 +43,12 @@ class EvalConfig(DetectorSettings, JobSettings):
     protocol: str = "gradcon"  # gradcon (balanced test) or full (whole test split)
     classes: str = "all"  # "all" or a comma list such as "0,3,7"
     seeds: list[int] = field(default_factory=lambda: [0])
-    epochs: int = 10
-    batch_size: int = 64
+    epochs: int = bounded(10, at_least=1)
+    batch_size: int = bounded(64, at_least=1)
     max_train: int | None = None  # cap on training images per class, for a time budget
     device: str = "auto"
     out: str = "results"
-    name: str | None = None  # default: <dataset>-<protocol>-<time>
+    name: str | None = plain_name()  # default: <dataset>-<protocol>-<time>
     s3_endpoint: str | None = None
 
 

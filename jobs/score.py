@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 from cluster.storage import S3Options, check_readable, filesystem_for
 from gradcon_core import load_detector
 from gradcon_core.checkpoint import checkpoint_id
-from gradcon_core.config import FLAGS, JobSettings, add_flags, load_config
+from gradcon_core.config import FLAGS, JobSettings, add_flags, bounded, load_config
 from gradcon_core.detector import Detector
 from gradcon_core.images import ImageError, channels_of
 from gradcon_core.imageset import IMAGE, image_bytes, list_parquet_files
@@ -46,11 +46,11 @@ class ScoreConfig(JobSettings):
     model: str = ""  # checkpoint directory (local or s3://)
     input: str = ""  # image set: a parquet file or a prefix of many
     output: str = ""  # result table prefix (local or s3://)
-    batch_size: int = 256
-    concurrency: int = 1  # scoring actors
-    gpus_per_actor: float = 0.0
-    cpus_per_actor: float = 1.0
-    block_mb: float = 2.0  # read block size: one block goes to one actor, so small blocks spread the work
+    batch_size: int = bounded(256, at_least=1)
+    concurrency: int = bounded(1, at_least=1)  # scoring actors
+    gpus_per_actor: float = bounded(0.0, at_least=0)
+    cpus_per_actor: float = bounded(1.0, above=0)
+    block_mb: float = bounded(2.0, above=0)  # read block size: one block goes to one actor; small blocks spread work
     threshold: float | None = None  # default: the checkpoint's threshold
     contamination: float | None = None  # instead: the (1 - c) quantile of this run's scores
     address: str | None = None  # Ray cluster; default RAY_ADDRESS, else an embedded local Ray

@@ -35,7 +35,7 @@ import yaml
 
 from cluster.storage import S3Options, filesystem_for
 from gradcon_core.checkpoint import load_checkpoint, load_training_state
-from gradcon_core.config import JobSettings, add_config_arguments, config_from_arguments
+from gradcon_core.config import JobSettings, add_config_arguments, bounded, config_from_arguments, plain_name
 from gradcon_core.images import channels_of, decode_images
 from gradcon_core.imageset import IMAGE, image_bytes, list_parquet_files, read_columns, take_rows
 from gradcon_core.parallel import AllReduceMean
@@ -55,18 +55,18 @@ class TrainConfig(DetectorSettings, JobSettings):
     protocol: str = "gradcon"
     merge_splits: bool = False  # the Fashion-MNIST variant of the gradcon protocol
     seed: int = 0
-    epochs: int = 10
-    batch_size: int = 64  # the GLOBAL batch; each of N workers holds about batch_size / N
+    epochs: int = bounded(10, at_least=1)
+    batch_size: int = bounded(64, at_least=1)  # the GLOBAL batch; each of N workers holds about batch_size / N
     val_anomalies: int = 0  # > 0: also report val_auroc against this many other-class *train* rows; -1: one per val row
     select_by: str = "val_loss"  # the best checkpoint: lowest val_loss, or highest val_auroc
-    num_workers: int = 2
+    num_workers: int = bounded(2, at_least=1)
     max_train_images: int = 0  # > 0: a seeded random subset of the class's training rows (smoke runs, demos)
     use_gpu: bool = False
     storage: str = "runs"  # local folder or s3://bucket/prefix
-    name: str | None = None  # default gradcon-c<class>-<time>
-    resume: str | None = None  # the name of a stopped run under `storage` to continue
-    checkpoint_every: int = 1
-    max_failures: int = 2
+    name: str | None = plain_name()  # default gradcon-c<class>-<time>
+    resume: str | None = plain_name()  # the name of a stopped run under `storage` to continue
+    checkpoint_every: int = bounded(1, at_least=1)
+    max_failures: int = bounded(2, at_least=-1)  # -1: retry forever (Ray Train)
     fail_at_epoch: int | None = None  # fault drill: raise once at this epoch on rank 0 (tests)
     address: str | None = None
     s3_endpoint: str | None = None

@@ -1,4 +1,5 @@
 """One settings mechanism: a detector's settings are its constructor's arguments, the same in every job."""
+import importlib
 from pathlib import Path
 
 import pytest
@@ -50,3 +51,31 @@ def test_every_detector_saves_the_settings_it_was_built_with(name, tmp_path):
     det = DetectorSettings(detector=name).build(channels=1)
     config = det.config()
     assert {k: config[k] for k in cls.param_names()} == det.get_params()
+
+
+@pytest.mark.parametrize("cls_path, setting, problem", [
+    ("jobs.train:TrainConfig", "alpha=nan", "finite"),
+    ("jobs.train:TrainConfig", "params.nu=inf", "finite"),
+    ("jobs.train:TrainConfig", "checkpoint_every=0", "at least 1"),
+    ("jobs.train:TrainConfig", "name=../../x", "plain name"),
+    ("jobs.train:TrainConfig", "resume=a/b", "plain name"),
+    ("jobs.score:ScoreConfig", "threshold=nan", "finite"),
+    ("jobs.score:ScoreConfig", "block_mb=0", "greater than 0"),
+    ("jobs.score:ScoreConfig", "gpus_per_actor=-1", "at least 0"),
+    ("jobs.score:ScoreConfig", "concurrency=0", "at least 1"),
+    ("jobs.eval:EvalConfig", "epochs=0", "at least 1"),
+])
+def test_settings_no_run_could_mean_are_refused_by_name(cls_path, setting, problem):
+    module, name = cls_path.split(":")
+    cls = getattr(importlib.import_module(module), name)
+    with pytest.raises(ValueError, match=rf"config {setting.split('=')[0].split('.')[0]}: .*{problem}"):
+        load_config(cls, overrides=[setting])
+
+
+def test_sane_settings_pass_the_checks():
+    from jobs.score import ScoreConfig
+    from jobs.train import TrainConfig
+
+    cfg = load_config(TrainConfig, overrides=["alpha=0.03", "name=run-1", "max_failures=-1", "params.nu=0.1"])
+    assert (cfg.alpha, cfg.name, cfg.max_failures) == (0.03, "run-1", -1)
+    assert load_config(ScoreConfig, overrides=["gpus_per_actor=0.25", "block_mb=0.5"]).block_mb == 0.5
