@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import os
 import types
 import typing
 from pathlib import Path
@@ -31,6 +32,17 @@ def plain_name(default: str | None = None) -> Any:
     """A setting that names a folder under another (a run under `storage`): no path separators, no "..",
     so a name can never write outside its parent."""
     return dataclasses.field(default=default, metadata={"plain_name": True})
+
+
+def local_path(default: str) -> Any:
+    """A setting that is a local path or a URL (s3://...): load_config makes a relative local path absolute,
+    because Ray runs trials and workers in working directories of their own."""
+    return dataclasses.field(default=default, metadata={"path": True})
+
+
+def absolute(path: str) -> str:
+    """A local path made absolute (from the current directory); URLs and "" as they are."""
+    return path if not path or "://" in path else os.path.abspath(os.path.expanduser(path))
 
 
 def _problem(value: Any, meta: typing.Mapping) -> str | None:
@@ -133,6 +145,9 @@ def load_config(
         raise ValueError(f"unknown config key(s) {unknown} for {cls.__name__}; known: {sorted(known)}")
     cfg = cls(**{k: _coerce(k, v, hints[k]) for k, v in values.items()})
     validate(cfg)
+    for f in dataclasses.fields(cfg):
+        if f.metadata.get("path") and isinstance(getattr(cfg, f.name), str):
+            setattr(cfg, f.name, absolute(getattr(cfg, f.name)))
     return cfg
 
 

@@ -27,7 +27,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from cluster.storage import S3Options, filesystem_for
-from gradcon_core.config import add_config_arguments, bounded, load_config, save_config
+from gradcon_core.config import add_config_arguments, bounded, load_config, local_path, save_config
 from gradcon_core.idx import find_idx, load_mnist
 from gradcon_core.images import encode_png
 from gradcon_core.metrics import evaluate
@@ -41,7 +41,7 @@ QUICK = {"train_images": 2000, "test_images": 1000, "epochs": 3}
 
 @dataclass
 class DemoConfig(DetectorSettings):
-    data_dir: str = "data/mnist"  # IDX files; `make data` puts MNIST here
+    data_dir: str = local_path("data/mnist")  # IDX files; `make data` puts MNIST here
     normal_class: int = 0
     train_images: int = 0  # 0: all of the class's training images (90% train, 10% validation)
     test_images: int = 0  # 0: the whole MNIST test split is scored
@@ -50,7 +50,7 @@ class DemoConfig(DetectorSettings):
     num_workers: int = bounded(2, at_least=1)
     seed: int = 0
     s3: bool = True  # False: local files instead of the local S3 server
-    out: str = "runs/demo"
+    out: str = local_path("runs/demo")
 
 
 class Steps:

@@ -25,6 +25,7 @@ from gradcon_core.config import (
     add_config_arguments,
     bounded,
     config_from_arguments,
+    local_path,
     plain_name,
     save_config,
 )
@@ -38,7 +39,7 @@ from gradcon_core.tracking import config_params, require, start_run
 
 @dataclass
 class EvalConfig(DetectorSettings, JobSettings):
-    data: str = "data/sets/mnist"  # image set made by `gradcon prepare` (local or s3://)
+    data: str = local_path("data/sets/mnist")  # image set made by `gradcon prepare` (local or s3://)
     dataset: str = "mnist"  # mnist, fashion-mnist or cifar10: picks the paper's number and FMNIST's split rule
     protocol: str = "gradcon"  # gradcon (balanced test) or full (whole test split)
     classes: str = "all"  # "all" or a comma list such as "0,3,7"
@@ -47,7 +48,7 @@ class EvalConfig(DetectorSettings, JobSettings):
     batch_size: int = bounded(64, at_least=1)
     max_train: int | None = None  # cap on training images per class, for a time budget
     device: str = "auto"
-    out: str = "results"
+    out: str = local_path("results")
     name: str | None = plain_name()  # default: <dataset>-<protocol>-<time>
     s3_endpoint: str | None = None
 

@@ -10,7 +10,6 @@ per-pixel error heat map. Local paths or s3:// for every input; no Ray.
 from __future__ import annotations
 
 import argparse
-import sys
 from dataclasses import asdict, dataclass
 
 from cluster.storage import S3Options, check_readable, filesystem_for
@@ -70,8 +69,3 @@ def main(args: argparse.Namespace) -> int:
     run(load_config(ReportConfig, args.config, overrides))
     return 0
 
-
-if __name__ == "__main__":  # python -m jobs.report ... == gradcon report ...
-    from jobs.cli import main as cli_main
-
-    raise SystemExit(cli_main(["report", *sys.argv[1:]]))

@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 from cluster.storage import S3Options, check_readable, filesystem_for
 from gradcon_core import load_detector
 from gradcon_core.checkpoint import checkpoint_id
-from gradcon_core.config import FLAGS, JobSettings, add_flags, bounded, load_config
+from gradcon_core.config import FLAGS, JobSettings, add_flags, bounded, load_config, local_path
 from gradcon_core.detector import Detector
 from gradcon_core.images import ImageError, channels_of
 from gradcon_core.imageset import IMAGE, image_bytes, list_parquet_files
@@ -43,9 +43,9 @@ READ_CPUS = 1.0
 
 @dataclass
 class ScoreConfig(JobSettings):
-    model: str = ""  # checkpoint directory (local or s3://)
-    input: str = ""  # image set: a parquet file or a prefix of many
-    output: str = ""  # result table prefix (local or s3://)
+    model: str = local_path("")  # checkpoint directory (local or s3://)
+    input: str = local_path("")  # image set: a parquet file or a prefix of many
+    output: str = local_path("")  # result table prefix (local or s3://)
     batch_size: int = bounded(256, at_least=1)
     concurrency: int = bounded(1, at_least=1)  # scoring actors
     gpus_per_actor: float = bounded(0.0, at_least=0)

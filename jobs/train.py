@@ -35,7 +35,14 @@ import yaml
 
 from cluster.storage import S3Options, filesystem_for
 from gradcon_core.checkpoint import load_checkpoint, load_training_state
-from gradcon_core.config import JobSettings, add_config_arguments, bounded, config_from_arguments, plain_name
+from gradcon_core.config import (
+    JobSettings,
+    add_config_arguments,
+    bounded,
+    config_from_arguments,
+    local_path,
+    plain_name,
+)
 from gradcon_core.images import channels_of, decode_images
 from gradcon_core.imageset import IMAGE, image_bytes, list_parquet_files, read_columns, take_rows
 from gradcon_core.parallel import AllReduceMean
@@ -50,7 +57,7 @@ RAY_METRICS = ("time_this_iter_s", "time_total_s")  # Ray's bookkeeping beside t
 
 @dataclass
 class TrainConfig(DetectorSettings, JobSettings):
-    data: str = "data/sets/mnist"  # image set made by `gradcon prepare` (needs its `id` column)
+    data: str = local_path("data/sets/mnist")  # image set made by `gradcon prepare` (needs its `id` column)
     normal_class: int = 0
     protocol: str = "gradcon"
     merge_splits: bool = False  # the Fashion-MNIST variant of the gradcon protocol
@@ -62,7 +69,7 @@ class TrainConfig(DetectorSettings, JobSettings):
     num_workers: int = bounded(2, at_least=1)
     max_train_images: int = 0  # > 0: a seeded random subset of the class's training rows (smoke runs, demos)
     use_gpu: bool = False
-    storage: str = "runs"  # local folder or s3://bucket/prefix
+    storage: str = local_path("runs")  # local folder or s3://bucket/prefix
     name: str | None = plain_name()  # default gradcon-c<class>-<time>
     resume: str | None = plain_name()  # the name of a stopped run under `storage` to continue
     checkpoint_every: int = bounded(1, at_least=1)

@@ -37,7 +37,7 @@ import pyarrow.parquet as pq
 import yaml
 
 from cluster.storage import S3Options, filesystem_for
-from gradcon_core.config import add_config_arguments, flag_overrides, load_config, parse_scalar
+from gradcon_core.config import absolute, add_config_arguments, flag_overrides, load_config, parse_scalar
 from gradcon_core.registry import detector_class
 from gradcon_core.settings import SHORT_FORMS
 from gradcon_core.storage import read_bytes, write_bytes
@@ -166,17 +166,13 @@ def _concurrency(cfg: TuneConfig) -> int:
     return fits
 
 
-def _absolute(path: str) -> str:
-    return path if "://" in path else os.path.abspath(path)
-
-
 def resumed_config(cfg: TuneConfig, saved: dict) -> TuneConfig:
     """The sweep's saved settings, with today's cluster and storage (where the sweep was found), local paths
     made absolute: the trials run in working directories of their own."""
     today = {"resume": cfg.resume, "address": cfg.address, "s3_endpoint": cfg.s3_endpoint,
-             "trust_storage": cfg.trust_storage, "storage": _absolute(cfg.storage)}
+             "trust_storage": cfg.trust_storage, "storage": absolute(cfg.storage)}
     resumed = TuneConfig(**{**saved, **today})
-    resumed.data = _absolute(saved["data"])
+    resumed.data = absolute(saved["data"])
     if "://" not in saved["data"] and not os.path.exists(resumed.data):
         raise FileNotFoundError(f"the sweep's data {saved['data']!r} is not at {resumed.data}: resume from the "
                                 "directory the sweep was started in")

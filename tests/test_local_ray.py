@@ -203,7 +203,7 @@ def test_two_train_jobs_at_once_finish_and_leave_nothing_running(zeros_set, tmp_
     """Two `gradcon train` commands side by side, each with its embedded Ray: both succeed, and each has
     stopped everything it started by the time it returns."""
     logs = [open(tmp_path / f"job{i}.log", "w") for i in range(2)]  # closed below
-    jobs = [Watched([sys.executable, "-m", "jobs.cli", "train", f"data={zeros_set}", "normal_class=0", "epochs=2",
+    jobs = [Watched([sys.executable, "-m", "jobs", "train", f"data={zeros_set}", "normal_class=0", "epochs=2",
                      "batch_size=16", "num_workers=1", f"storage={tmp_path}", f"name=job{i}"],
                     stdout=logs[i], stderr=subprocess.STDOUT) for i in range(2)]
     left, deadline = {}, time.time() + 600

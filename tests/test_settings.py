@@ -79,3 +79,16 @@ def test_sane_settings_pass_the_checks():
     cfg = load_config(TrainConfig, overrides=["alpha=0.03", "name=run-1", "max_failures=-1", "params.nu=0.1"])
     assert (cfg.alpha, cfg.name, cfg.max_failures) == (0.03, "run-1", -1)
     assert load_config(ScoreConfig, overrides=["gpus_per_actor=0.25", "block_mb=0.5"]).block_mb == 0.5
+
+
+def test_local_paths_are_made_absolute_and_urls_kept(tmp_path, monkeypatch):
+    """Ray runs workers and trials in directories of their own: a relative path must not reach them."""
+    from jobs.score import ScoreConfig
+    from jobs.tune import TuneConfig
+
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(TuneConfig, overrides=["data=data/sets/mnist"], extra={"search": {"alpha": "loguniform(1e-3,1)"}})
+    assert (cfg.data, cfg.storage) == (str(tmp_path / "data/sets/mnist"), str(tmp_path / "runs"))
+    score = load_config(ScoreConfig, overrides=["model=s3://b/runs/r/checkpoint", "input=images", "output=~/scores"])
+    assert (score.model, score.input) == ("s3://b/runs/r/checkpoint", str(tmp_path / "images"))
+    assert score.output == str(Path.home() / "scores")
