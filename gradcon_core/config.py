@@ -47,6 +47,8 @@ def absolute(path: str) -> str:
 
 def _problem(value: Any, meta: typing.Mapping) -> str | None:
     """What is wrong with one setting's value, or None."""
+    if isinstance(value, (list, tuple)):  # each item under the field's bounds
+        return next((p for p in (_problem(v, meta) for v in value) if p), None)
     if isinstance(value, float) and not math.isfinite(value):
         return f"must be a finite number, got {value}"
     if isinstance(value, dict):
@@ -92,6 +94,8 @@ def _coerce(name: str, value: Any, annotation: Any) -> Any:
     if origin in (list, tuple):
         if isinstance(value, str):
             value = yaml.safe_load(value) if value.startswith("[") else [v for v in value.split(",") if v]
+        elif not isinstance(value, (list, tuple)):  # one value where a list is wanted (image_size: 64)
+            value = [value]
         (item,) = typing.get_args(annotation)[:1] or (Any,)
         return origin(_coerce(name, v, item) for v in value)
     if origin is dict:

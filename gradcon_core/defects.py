@@ -61,6 +61,9 @@ class DefectCounts:
             raise ValueError(f"image counts must be >= 0, got {self}")
 
 
+DEFAULT_COUNTS = DefectCounts()
+
+
 # ---------------------------------------------------------------- noise and geometry
 
 
@@ -316,7 +319,7 @@ def render(class_name: str, defect_type: str | None, hw: tuple[int, int], rng: n
 def defect_tables(
     image_size: ImageSize = 128,
     seed: int = 0,
-    counts: DefectCounts = DefectCounts(),
+    counts: DefectCounts = DEFAULT_COUNTS,
     classes: tuple[str, ...] = CLASSES,
     defect_types: tuple[str, ...] = DEFECT_TYPES,
     rows_per_table: int = 512,

@@ -18,8 +18,8 @@ import numpy as np
 import pyarrow.fs as pafs
 import torch
 
-from gradcon_core.images import channels_of, decode_images
-from gradcon_core.imageset import ImageRows, take_rows
+from gradcon_core.images import decode_images
+from gradcon_core.imageset import ImageRows, ImageShape, take_rows
 from gradcon_core.metrics import evaluate
 from gradcon_core.protocols import select
 from gradcon_core.report import markdown, plot_histograms, plot_roc, summarize, write_csv
@@ -52,23 +52,24 @@ def _decode(rows: ImageRows, channels: int, size: tuple[int, int], part: str,
 
 
 def evaluate_class(
-    data: str, filesystem: pafs.FileSystem | None, settings: DetectorSettings, labels: np.ndarray,
-    splits: np.ndarray, normal_class: int, seed: int, *, protocol: str = "gradcon", merge_splits: bool = False,
-    epochs: int = 10, batch_size: int = 64, max_train: int | None = None, device: str = "auto",
+    data: str, filesystem: pafs.FileSystem | None, settings: DetectorSettings, shape: ImageShape,
+    labels: np.ndarray, splits: np.ndarray, normal_class: int, seed: int, *, protocol: str = "gradcon",
+    merge_splits: bool = False, epochs: int = 10, batch_size: int = 64, max_train: int | None = None,
+    device: str = "auto",
 ) -> RunResult:
-    """Train on normal_class under the protocol, then score its test rows (read only after training)."""
+    """Train on normal_class under the protocol, then score its test rows (read only after training); the
+    detector takes images of `shape` (DetectorSettings.image_shape)."""
     sel = select(labels, splits, normal_class, protocol, seed, merge_splits=merge_splits)
     train = sel.train[:max_train] if max_train else sel.train
     rows = take_rows(data, np.concatenate([train, sel.val]), filesystem=filesystem)
-    channels = channels_of(next(b for b in rows.images if b))
     torch.manual_seed(seed)
-    det = settings.build(channels, device)
+    det = settings.build(shape.channels, shape.image_size, device)
     skipped: list[dict] = []
-    x_train, _ = _decode(rows[: len(train)], channels, det.input_size, "train", skipped)
-    x_val, _ = _decode(rows[len(train):], channels, det.input_size, "val", skipped)
+    x_train, _ = _decode(rows[: len(train)], det.channels, det.input_size, "train", skipped)
+    x_val, _ = _decode(rows[len(train):], det.channels, det.input_size, "val", skipped)
     start = time.perf_counter()
     det.fit(x_train, epochs=epochs, batch_size=batch_size, seed=seed, x_val=x_val if len(x_val) else None)
-    x_test, kept = _decode(take_rows(data, sel.test, filesystem=filesystem), channels, det.input_size, "test",
+    x_test, kept = _decode(take_rows(data, sel.test, filesystem=filesystem), det.channels, det.input_size, "test",
                            skipped)
     is_anomaly = sel.test_is_anomaly[kept]
     scores = det.decision_function(x_test)

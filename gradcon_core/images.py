@@ -172,15 +172,21 @@ def decode_images(
     return out, errors
 
 
-def channels_of(data: bytes | None) -> int:
-    """1 for a greyscale image, 3 for a colour one (what a model for this data should take); raises ImageError.
+def shape_of(data: bytes | None) -> tuple[int, int, int]:
+    """(height, width, channels) of an image as decode_image reads it before resizing: upright (EXIF
+    orientation applied), 1 channel for greyscale, 3 for colour; raises ImageError.
 
     Decodes the image, so a palette image is judged by its content and a bomb or broken file is an error.
     """
     decoded = _decode(data)
-    if decoded.palette and _all_grey(decoded.pixels):
-        return 1
-    return decoded.pixels.shape[2]
+    height, width = _orient(decoded.pixels, decoded.orientation).shape[:2]
+    channels = 1 if decoded.palette and _all_grey(decoded.pixels) else decoded.pixels.shape[2]
+    return height, width, channels
+
+
+def channels_of(data: bytes | None) -> int:
+    """1 for a greyscale image, 3 for a colour one (what a model for this data should take); raises ImageError."""
+    return shape_of(data)[2]
 
 
 def _decode(data: bytes | None) -> _Decoded:

@@ -4,9 +4,15 @@ Columns: `image` (binary, or the Hugging Face layout struct<bytes, path>), optio
 (string or int64; absent -> "<file>:<row>"), `label` (int64), `is_anomaly` (bool), and any
 others, which pass through. Files under a prefix are read in sorted path order, so row numbers
 are stable: protocols select rows by number and never copy the data.
+
+When every image of a set has one size and channel count (`gradcon prepare` knows it for mnist, cifar10
+and defects, and for any source it resizes with --image-size), each file's key-value metadata records it
+under the key "gradcon" as JSON: {"image_size": [height, width], "channels": C}. Jobs read it from the first
+file (recorded_shape) to size their networks; a set without it is sized by the job's settings.
 """
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,6 +26,35 @@ import pyarrow.parquet as pq
 from gradcon_core.storage import resolve
 
 IMAGE = "image"
+SHAPE_KEY = b"gradcon"
+
+
+@dataclass(frozen=True)
+class ImageShape:
+    """What every image of a set decodes to: (height, width) and 1 or 3 channels."""
+
+    image_size: tuple[int, int]
+    channels: int
+
+    def __post_init__(self):
+        if len(self.image_size) != 2 or min(self.image_size) < 1 or self.channels not in (1, 3):
+            raise ValueError(f"an image shape is (height, width) >= 1 and 1 or 3 channels, got {self}")
+
+    def __str__(self) -> str:
+        return f"{self.image_size[0]}x{self.image_size[1]}x{self.channels}"
+
+    def metadata(self) -> dict[bytes, bytes]:
+        return {SHAPE_KEY: json.dumps({"image_size": list(self.image_size), "channels": self.channels}).encode()}
+
+    @classmethod
+    def from_metadata(cls, metadata: dict[bytes, bytes] | None, path: str) -> ImageShape | None:
+        if not metadata or SHAPE_KEY not in metadata:
+            return None
+        try:
+            info = json.loads(metadata[SHAPE_KEY])
+            return cls(tuple(int(s) for s in info["image_size"]), int(info["channels"]))
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{path}: unreadable gradcon image-shape metadata {metadata[SHAPE_KEY]!r} ({e})") from None
 
 
 def list_parquet_files(uri: str, filesystem: pafs.FileSystem | None = None) -> tuple[pafs.FileSystem, list[str]]:
@@ -84,6 +119,12 @@ def iter_batches(
             yield batch
 
 
+def recorded_shape(uri: str, filesystem: pafs.FileSystem | None = None) -> ImageShape | None:
+    """The image shape `gradcon prepare` recorded in the set's first file, or None if it recorded none."""
+    fs, files = list_parquet_files(uri, filesystem)
+    return ImageShape.from_metadata(pq.read_schema(files[0], filesystem=fs).metadata, files[0])
+
+
 def read_columns(uri: str, columns: list[str], filesystem: pafs.FileSystem | None = None) -> pa.Table:
     """Small columns (label, split, id...) of the whole set, e.g. to select rows for a protocol."""
     batches = list(iter_batches(uri, columns, batch_size=65536, filesystem=filesystem))
@@ -131,14 +172,16 @@ def take_rows(uri: str, rows: np.ndarray, filesystem: pafs.FileSystem | None = N
 
 class ImageSetWriter:
     """Writes part-00000.parquet, part-00001.parquet, ... of rows_per_file rows each, from tables
-    appended in order. Names and bytes depend only on the rows, so a re-run rewrites identical files."""
+    appended in order. Names and bytes depend only on the rows, so a re-run rewrites identical files.
+    shape: the one shape of every image, recorded in each file (see the module docstring)."""
 
-    def __init__(self, uri: str, rows_per_file: int = 20000, filesystem: pafs.FileSystem | None = None):
+    def __init__(self, uri: str, rows_per_file: int = 20000, filesystem: pafs.FileSystem | None = None,
+                 shape: ImageShape | None = None):
         if rows_per_file < 1:
             raise ValueError(f"rows_per_file must be >= 1, got {rows_per_file}")
         self.fs, self.root = resolve(uri, filesystem)
         self.fs.create_dir(self.root, recursive=True)
-        self.rows_per_file = rows_per_file
+        self.rows_per_file, self.shape = rows_per_file, shape
         self.pending: list[pa.Table] = []
         self.pending_rows = 0
         self.paths: list[str] = []
@@ -152,6 +195,8 @@ class ImageSetWriter:
 
     def _flush(self, rows: int) -> None:
         table = pa.concat_tables(self.pending)
+        if self.shape is not None:
+            table = table.replace_schema_metadata({**(table.schema.metadata or {}), **self.shape.metadata()})
         path = f"{self.root}/part-{len(self.paths):05d}.parquet"
         pq.write_table(table.slice(0, rows), path, filesystem=self.fs, compression="zstd")
         self.paths.append(path)
@@ -170,9 +215,10 @@ class ImageSetWriter:
 
 
 def write_image_set(
-    uri: str, table: pa.Table, rows_per_file: int = 20000, filesystem: pafs.FileSystem | None = None
+    uri: str, table: pa.Table, rows_per_file: int = 20000, filesystem: pafs.FileSystem | None = None,
+    shape: ImageShape | None = None,
 ) -> list[str]:
     """Write one table as an image set (see ImageSetWriter)."""
-    writer = ImageSetWriter(uri, rows_per_file, filesystem)
+    writer = ImageSetWriter(uri, rows_per_file, filesystem, shape)
     writer.write(table)
     return writer.close()

@@ -47,15 +47,19 @@ def detector_class(name: str) -> type:
 
 
 def create_detector(name: str, in_channels: int = 1, model: str | None = None,
-                    model_kwargs: dict[str, Any] | None = None, **params: Any):
+                    model_kwargs: dict[str, Any] | None = None, image_size: Any = None, **params: Any):
     """A fresh detector by name with these settings, on the registry network `model` (default: the
-    detector's `default_model`); detectors without a torch network take in_channels themselves."""
+    detector's `default_model`) for images of in_channels and image_size (an int, (height, width), or None:
+    the network's default); detectors without a torch network take in_channels and input_size themselves."""
     cls = detector_class(name)
     if cls.default_model is None:
         if model is not None:
             raise ValueError(f"detector {name!r} has no network to choose (model={model!r})")
-        return cls(in_channels=in_channels, **params)
-    return cls(create_model(model or cls.default_model, in_channels=in_channels, **(model_kwargs or {})), **params)
+        size = {} if image_size is None else {"input_size": image_size}
+        return cls(in_channels=in_channels, **size, **params)
+    size = {} if image_size is None else {"image_size": image_size}
+    return cls(create_model(model or cls.default_model, in_channels=in_channels, **size, **(model_kwargs or {})),
+               **params)
 
 
 def list_detectors() -> list[str]:

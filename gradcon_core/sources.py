@@ -1,12 +1,16 @@
 """Where image sets come from: readers that turn a source into tables of id, image, label, split rows.
 
 mnist / fashion-mnist (IDX files), cifar10 (a cifar-10-batches-py folder), folder (one subfolder per
-class, optional train/ and test/), parquet (an existing parquet or Hugging Face export, re-encoded).
-`gradcon prepare` writes what they yield as an image set (gradcon_core/imageset.py).
+class, optional train/ and test/), parquet (an existing parquet or Hugging Face export: its image bytes kept,
+a Hugging Face struct flattened), defects (generated: gradcon_core/defects.py). `gradcon prepare` writes what
+they yield as an image set (gradcon_core/imageset.py). Folder and parquet images keep their bytes as they
+are (a JPEG stays that JPEG) unless a size is asked for: then Resizer decodes each image under the policy of
+gradcon_core/images.py and stores it as a PNG of that size.
 """
 from __future__ import annotations
 
 import pickle
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,11 +18,17 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 
+from gradcon_core.defects import CLASSES, DEFAULT_COUNTS, DefectCounts, defect_tables
 from gradcon_core.idx import load_mnist
-from gradcon_core.images import encode_png
-from gradcon_core.imageset import image_bytes, iter_batches
+from gradcon_core.images import ImageError, channels_of, decode_images, encode_png
+from gradcon_core.imageset import IMAGE, ImageShape, image_bytes, iter_batches
+from gradcon_core.models.sizes import ImageSize, as_hw
 
-SOURCES = ("mnist", "fashion-mnist", "cifar10", "folder", "parquet")
+SOURCES = ("mnist", "fashion-mnist", "cifar10", "folder", "parquet", "defects")
+# What the fixed-format sources hold; folder and parquet images may have any shape, each its own.
+NATIVE_SHAPES = {"mnist": ImageShape((28, 28), 1), "fashion-mnist": ImageShape((28, 28), 1),
+                 "cifar10": ImageShape((32, 32), 3)}
+DEFECTS_DEFAULT_SIZE = 128
 CHUNK = 2048
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
@@ -90,9 +100,17 @@ def _parquet_source(source: str, filesystem: pafs.FileSystem | None) -> Iterator
         yield pa.table(columns)
 
 
-def tables(kind: str, source: str, filesystem: pafs.FileSystem | None = None,
-           download: bool = False) -> Iterator[pa.Table]:
-    """The image set's rows from a source, as tables of CHUNK rows (filesystem: for a parquet source on S3)."""
+def tables(kind: str, source: str | None, filesystem: pafs.FileSystem | None = None, download: bool = False,
+           image_size: ImageSize | None = None, seed: int = 0, counts: DefectCounts = DEFAULT_COUNTS,
+           classes: tuple[str, ...] = CLASSES) -> Iterator[pa.Table]:
+    """The image set's rows from a source, as tables of CHUNK rows (filesystem: for a parquet source on S3).
+
+    image_size, seed, counts and classes are the generated defects set's (it has no source; see
+    gradcon_core/defects.py); other sources are resized by Resizer, after reading."""
+    if kind == "defects":
+        return defect_tables(image_size or DEFECTS_DEFAULT_SIZE, seed, counts, classes, rows_per_table=CHUNK)
+    if source is None:
+        raise ValueError(f"prepare {kind} needs a --source")
     if kind in ("mnist", "fashion-mnist"):
         return _idx_source(Path(source), download, kind)
     if kind == "cifar10":
@@ -102,3 +120,66 @@ def tables(kind: str, source: str, filesystem: pafs.FileSystem | None = None,
     if kind == "parquet":
         return _parquet_source(source, filesystem)
     raise ValueError(f"unknown source {kind!r}; choose one of {SOURCES}")
+
+
+def known_shape(kind: str, image_size: ImageSize | None = None) -> ImageShape | None:
+    """The one shape of every image a source yields (resized to image_size if given), if known before reading."""
+    if kind == "defects":
+        return ImageShape(as_hw(image_size or DEFECTS_DEFAULT_SIZE), 3)
+    native = NATIVE_SHAPES.get(kind)
+    if native is not None and image_size is not None:
+        return ImageShape(as_hw(image_size), native.channels)
+    return native
+
+
+class Resizer:
+    """Decodes every image of the tables it is given (tables of one set, in turn) to one (height, width) and
+    re-encodes it as PNG. The channel count is the first decodable image's unless given; rows that fail the
+    decoding policy (gradcon_core/images.py: unreadable, too large, another channel count) are left out and
+    kept in `skipped` as (id, reason)."""
+
+    def __init__(self, image_size: ImageSize, channels: int | None = None):
+        self.hw, self.channels = as_hw(image_size), channels
+        self.skipped: list[tuple[str, str]] = []
+
+    @property
+    def shape(self) -> ImageShape | None:
+        return None if self.channels is None else ImageShape(self.hw, self.channels)
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        blobs = image_bytes(table.column(IMAGE))
+        if self.channels is None:
+            self.channels = next((c for c in map(_channels_or_none, blobs) if c is not None), None)
+        if self.channels is None:  # nothing here decodes: each row's reason is its own decoding error
+            pixels, errors = None, [_decoding_error(b) for b in blobs]
+        else:
+            pixels, errors = decode_images(blobs, self.channels, self.hw)
+        keep = [i for i, e in enumerate(errors) if e is None]
+        ids = table.column("id").to_pylist()  # every source gives ids
+        self.skipped += [(str(ids[i]), e) for i, e in enumerate(errors) if e is not None]
+        images = pa.array([encode_png(pixels[i, ..., 0] if self.channels == 1 else pixels[i]) for i in keep],
+                          pa.binary())
+        table = table.take(pa.array(keep, pa.int64()))
+        return table.set_column(table.schema.get_field_index(IMAGE), IMAGE, images)
+
+    def report(self) -> None:
+        """One warning for every row left out, with a few examples."""
+        if self.skipped:
+            examples = "; ".join(f"{i}: {e}" for i, e in self.skipped[:3])
+            print(f"warning: {len(self.skipped)} image(s) could not be resized to {self.hw[0]}x{self.hw[1]} and "
+                  f"were left out, e.g. {examples}", file=sys.stderr)
+
+
+def _channels_or_none(blob: bytes | None) -> int | None:
+    try:
+        return channels_of(blob)
+    except ImageError:
+        return None
+
+
+def _decoding_error(blob: bytes | None) -> str:
+    try:
+        channels_of(blob)
+    except ImageError as e:
+        return str(e)
+    raise AssertionError("called only for images that do not decode")

@@ -1,6 +1,6 @@
 """End-to-end demo on the embedded default: prepare, train (2 workers), score and evaluate, through a local S3.
 
-gradcon demo [--quick] [--no-s3] [--config FILE] [key=value ...]
+gradcon demo [--quick] [--no-s3] [--config FILE] [key=value ...]   (dataset=defects: RGB textures)
 
 Starts an embedded Ray and a real S3 server on 127.0.0.1 (SeaweedFS, random credentials), writes
 MNIST into the bucket as an image set, trains GradCon on one digit with 2 data-parallel workers
@@ -8,6 +8,9 @@ MNIST into the bucket as an image set, trains GradCon on one digit with 2 data-p
 bucket, evaluates it and writes an HTML report of it (gradcon report). Everything it started is
 stopped at the end, on failure or on Ctrl-C; the result table, the checkpoint, the plots and the
 report are also kept under `out` to outlive the server.
+dataset=defects runs the same steps on the generated 64x64 RGB texture set (gradcon_core/defects.py):
+normal_class is a texture kind (0 fabric, 1 wood, 2 metal, 3 carpet), the test rows are that kind's normal
+and defective ones; image_size=S generates (and trains) at S instead.
 --no-s3 runs the same on local files; --quick is a reduced run (2,000 training images, 3 epochs, 1,000 test images).
 """
 from __future__ import annotations
@@ -21,15 +24,15 @@ from contextlib import ExitStack
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from cluster.storage import S3Options, filesystem_for
 from gradcon_core.config import add_config_arguments, bounded, load_config, local_path, save_config
-from gradcon_core.idx import find_idx, load_mnist
-from gradcon_core.images import encode_png
+from gradcon_core.defects import CLASSES, DefectCounts
+from gradcon_core.idx import find_idx
+from gradcon_core.imageset import read_columns, recorded_shape, write_image_set
 from gradcon_core.metrics import evaluate
 from gradcon_core.report import plot_histograms, plot_roc
 from gradcon_core.settings import DetectorSettings
@@ -37,12 +40,16 @@ from jobs import prepare, report, score, train
 
 BUCKET = "gradcon-demo"
 QUICK = {"train_images": 2000, "test_images": 1000, "epochs": 3}
+DATASETS = ("mnist", "defects")
+DEFECTS_SIZE = 64  # the defects demo's default image size: minutes on 2 cores
+DEFECTS_COUNTS = DefectCounts(train=400, test_normal=100, test_defective=100)  # per texture kind
 
 
 @dataclass
 class DemoConfig(DetectorSettings):
+    dataset: str = "mnist"  # or defects (generated RGB textures, no download)
     data_dir: str = local_path("data/mnist")  # IDX files; `make data` puts MNIST here
-    normal_class: int = 0
+    normal_class: int = 0  # a digit, or a texture kind (defects: 0 fabric, 1 wood, 2 metal, 3 carpet)
     train_images: int = 0  # 0: all of the class's training images (90% train, 10% validation)
     test_images: int = 0  # 0: the whole MNIST test split is scored
     epochs: int = bounded(10, at_least=1)
@@ -64,18 +71,32 @@ class Steps:
         print(f"[{self.n}/{self.total}] {text}  (t = {time.perf_counter() - self.start:.0f} s)", flush=True)
 
 
-def _test_set(cfg: DemoConfig, root: str, fs: pafs.FileSystem) -> str:
-    """The test split as its own image set, with ground truth for the normal class (is_anomaly)."""
-    from gradcon_core.imageset import write_image_set
+def _prepare(cfg: DemoConfig, root: str) -> str:
+    """The demo's image set under root/sets/: MNIST from data_dir, or the generated defects set."""
+    data = f"{root}/sets/{cfg.dataset}"
+    if cfg.dataset == "mnist":
+        prepare.prepare("mnist", cfg.data_dir, data)
+    else:
+        prepare.prepare("defects", None, data, image_size=cfg.image_hw() or DEFECTS_SIZE, seed=cfg.seed,
+                        counts=DEFECTS_COUNTS)
+    return data
 
-    x, y = load_mnist(cfg.data_dir, "test")
+
+def _test_set(cfg: DemoConfig, data: str, fs: pafs.FileSystem) -> str:
+    """The test split as its own image set, with ground truth (is_anomaly): for MNIST every digit but the
+    normal one is an anomaly; for defects the test rows are the normal kind's, defective or not."""
+    columns = ["image", "label", "split"] + (["is_anomaly"] if cfg.dataset == "defects" else [])
+    table = read_columns(data, columns, filesystem=fs)
+    table = table.filter(pc.equal(table.column("split"), "test"))
+    if cfg.dataset == "mnist":
+        table = table.append_column("is_anomaly", pc.not_equal(table.column("label"), cfg.normal_class))
+    else:
+        table = table.filter(pc.equal(table.column("label"), cfg.normal_class))
     if cfg.test_images:
-        x, y = x[: cfg.test_images], y[: cfg.test_images]
-    table = pa.table({"id": [f"test-{i:06d}" for i in range(len(x))],
-                      "image": pa.array([encode_png(img) for img in x], pa.binary()),
-                      "label": pa.array(y, pa.int64()), "is_anomaly": pa.array(y != cfg.normal_class)})
-    path = f"{root}/sets/mnist-test"
-    write_image_set(path, table, rows_per_file=5000, filesystem=fs)
+        table = table.slice(0, cfg.test_images)
+    path = f"{data}-test"
+    write_image_set(path, table.select(["id", "image", "label", "is_anomaly"]), rows_per_file=5000, filesystem=fs,
+                    shape=recorded_shape(data, fs))
     return path
 
 
@@ -92,11 +113,17 @@ def run(cfg: DemoConfig) -> dict:
     from cluster.local_s3 import LocalS3
     from cluster.ray_init import init_ray, stop_ray
 
-    if not 0 <= cfg.normal_class <= 9:
-        raise ValueError(f"normal_class must be a digit 0-9, got {cfg.normal_class}")
+    if cfg.dataset not in DATASETS:
+        raise ValueError(f"dataset must be one of {DATASETS}, got {cfg.dataset!r}")
+    kinds = 10 if cfg.dataset == "mnist" else len(CLASSES)
+    if not 0 <= cfg.normal_class < kinds:
+        raise ValueError(f"normal_class must be 0-{kinds - 1} for {cfg.dataset}, got {cfg.normal_class}")
     cfg.detector_params()  # an unknown detector or setting fails here, before anything starts
-    for stem in ("train-images-idx3-ubyte", "t10k-images-idx3-ubyte"):  # before starting anything
-        find_idx(cfg.data_dir, stem)
+    cfg.image_hw()
+    if cfg.dataset == "mnist":
+        for stem in ("train-images-idx3-ubyte", "t10k-images-idx3-ubyte"):  # before starting anything
+            find_idx(cfg.data_dir, stem)
+    normal = f"digit {cfg.normal_class}" if cfg.dataset == "mnist" else f"{CLASSES[cfg.normal_class]} textures"
     out = Path(cfg.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
@@ -119,14 +146,13 @@ def run(cfg: DemoConfig) -> dict:
         init_ray(num_cpus=cfg.num_workers + 2)  # workers + Ray Data's list and read tasks
         stack.callback(stop_ray)  # returns once every Ray process has exited
 
-        step(f"preparing MNIST as image sets under {root}/sets/")
-        prepare.prepare("mnist", cfg.data_dir, f"{root}/sets/mnist")
-        test_set = _test_set(cfg, root, fs)
+        step(f"preparing {cfg.dataset} as image sets under {root}/sets/")
+        data = _prepare(cfg, root)
+        test_set = _test_set(cfg, data, fs)
 
-        step(f"training {cfg.detector} on digit {cfg.normal_class} with {cfg.num_workers} Ray Train workers, "
-             f"{cfg.epochs} epoch(s)")
+        step(f"training {cfg.detector} on {normal} with {cfg.num_workers} Ray Train workers, {cfg.epochs} epoch(s)")
         detector = {f.name: getattr(cfg, f.name) for f in fields(DetectorSettings)}
-        train_cfg = train.TrainConfig(**detector, data=f"{root}/sets/mnist", normal_class=cfg.normal_class,
+        train_cfg = train.TrainConfig(**detector, data=data, normal_class=cfg.normal_class,
                                       epochs=cfg.epochs, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
                                       seed=cfg.seed, storage=f"{root}/runs", max_train_images=cfg.train_images,
                                       name=f"demo-c{cfg.normal_class}-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -145,7 +171,7 @@ def run(cfg: DemoConfig) -> dict:
         scores = ok.column("score").to_numpy()
         is_anomaly = ok.column("is_anomaly_true").to_numpy(zero_copy_only=False)
         metrics = evaluate(scores, is_anomaly, ok.column("threshold")[0].as_py())
-        curves = {f"digit {cfg.normal_class} vs rest": (scores, is_anomaly)}
+        curves = {f"{normal}: normal vs anomalous": (scores, is_anomaly)}
         plot_roc(curves, out / "roc.png")
         plot_histograms(curves, out / "histograms.png")
         metrics.update(test_images=len(scores), errors=table.num_rows - len(scores), checkpoint=checkpoint,
@@ -158,20 +184,23 @@ def run(cfg: DemoConfig) -> dict:
 
     step("done; " + ("the S3 server and Ray are" if cfg.s3 else "Ray is") + " stopped")
     print(f"\nAUROC {metrics['auroc']:.4f}  AUPR {metrics['aupr']:.4f}  F1 {metrics['f1']:.4f}  "
-          f"FPR@95TPR {metrics['fpr95']:.4f}  on {len(scores)} test images (digit {cfg.normal_class} normal)")
+          f"FPR@95TPR {metrics['fpr95']:.4f}  on {len(scores)} test images ({normal} normal)")
     print(f"result table: {scores_uri}  (copied to {out / 'results'})")
     print(f"checkpoint:   {checkpoint}  (copied to {out / 'checkpoint'})")
     print(f"plots:        {out / 'roc.png'}, {out / 'histograms.png'}\nmetrics:      {out / 'metrics.json'}")
     print(f"report:       {index}  (open it in a browser)")
     where = "s3://BUCKET" if cfg.s3 else str(out / "store")
+    sets = f"{where}/sets/{cfg.dataset}"
+    source = f"--source {cfg.data_dir}" if cfg.dataset == "mnist" else \
+        f"--image-size {'x'.join(map(str, cfg.image_hw() or (DEFECTS_SIZE,)))} --counts 400,100,100"
     print(f"""
 Each step alone (add AWS_ENDPOINT_URL / credentials for your S3, or use local paths):
-  gradcon prepare mnist --source {cfg.data_dir} --out {where}/sets/mnist
-  gradcon train data={where}/sets/mnist normal_class={cfg.normal_class} num_workers={cfg.num_workers} \
+  gradcon prepare {cfg.dataset} {source} --out {sets}
+  gradcon train data={sets} normal_class={cfg.normal_class} num_workers={cfg.num_workers} \
 epochs={cfg.epochs} storage={where}/runs
-  gradcon score --model <the checkpoint train prints> --input {where}/sets/mnist-test --output {where}/scores/RUN
-  gradcon eval data={where}/sets/mnist classes={cfg.normal_class}
-  gradcon report --results {where}/scores/RUN --images {where}/sets/mnist-test --model <checkpoint> --out DIR""")
+  gradcon score --model <the checkpoint train prints> --input {sets}-test --output {where}/scores/RUN
+  gradcon eval data={sets} dataset={cfg.dataset} classes={cfg.normal_class}
+  gradcon report --results {where}/scores/RUN --images {sets}-test --model <checkpoint> --out DIR""")
     return metrics
 
 

@@ -30,7 +30,7 @@ from gradcon_core.config import (
     save_config,
 )
 from gradcon_core.evaluation import RunResult, evaluate_class, write_outputs
-from gradcon_core.imageset import read_columns
+from gradcon_core.imageset import ImageShape, read_columns, recorded_shape, take_rows
 from gradcon_core.progress import Progress
 from gradcon_core.protocols import PROTOCOLS
 from gradcon_core.settings import DetectorSettings
@@ -66,19 +66,20 @@ def run(cfg: EvalConfig) -> list[dict]:
     unknown = sorted(set(classes) - set(present))
     if unknown:
         raise ValueError(f"class(es) {unknown} not in {cfg.data} (labels there: {present})")
+    shape = cfg.image_shape(recorded_shape(cfg.data, fs), lambda: take_rows(cfg.data, [0], filesystem=fs).images[0])
     name = cfg.name or f"{cfg.dataset}-{cfg.protocol}-{time.strftime('%Y%m%d-%H%M%S')}"
     out = Path(cfg.out) / name
     save_config(cfg, out / "config.yaml")
     with start_run(cfg.tracking, name) as tracker:
         tracker.log_params(config_params(cfg))
-        runs = _evaluate(cfg, fs, labels, splits, classes, tracker.log_metrics)
+        runs = _evaluate(cfg, fs, shape, labels, splits, classes, tracker.log_metrics)
         _write(cfg, out, runs)
         tracker.log_metrics({f"mean_{k}": float(np.mean([r.metrics[k] for r in runs])) for k in ("auroc", "aupr")})
         tracker.log_artifact(out)  # tables, plots, config
     return [r.metrics for r in runs]
 
 
-def _evaluate(cfg: EvalConfig, fs, labels: np.ndarray, splits: np.ndarray, classes: list[int],
+def _evaluate(cfg: EvalConfig, fs, shape: ImageShape, labels: np.ndarray, splits: np.ndarray, classes: list[int],
               log_metrics) -> list[RunResult]:
     """Every class x seed, in turn; each run's metrics logged as class_C.seed_S.NAME."""
     runs: list[RunResult] = []
@@ -86,7 +87,7 @@ def _evaluate(cfg: EvalConfig, fs, labels: np.ndarray, splits: np.ndarray, class
                         stream=sys.stdout)  # a line after each run, beside its result
     for c in classes:
         for seed in cfg.seeds:
-            run = evaluate_class(cfg.data, fs, cfg, labels, splits, c, seed, protocol=cfg.protocol,
+            run = evaluate_class(cfg.data, fs, cfg, shape, labels, splits, c, seed, protocol=cfg.protocol,
                                  merge_splits=cfg.dataset == "fashion-mnist", epochs=cfg.epochs,
                                  batch_size=cfg.batch_size, max_train=cfg.max_train, device=cfg.device)
             runs.append(run)

@@ -1,12 +1,16 @@
-"""Write an image set (parquet, PNG-encoded images; columns id, image, label, split) from a source.
+"""Write an image set (parquet; columns id, image, label, split, ...) from a source.
 
 gradcon prepare mnist --source data/mnist --out data/sets/mnist
 gradcon prepare fashion-mnist --source /usr/share/datasets/fashion-mnist --out s3://bucket/fmnist/
 gradcon prepare cifar10 --source cifar-10-batches-py --out data/sets/cifar10
 gradcon prepare folder --source photos/ --out data/sets/photos  (one subfolder per class; train/ test/ optional)
 gradcon prepare parquet --source hf.parquet --out data/sets/x      (re-encode an existing parquet / HF export)
+gradcon prepare defects --image-size 128 --out data/sets/defects  (generated RGB textures with defects)
 
-Re-running with the same input writes identical files.
+--image-size S (or HxW) resizes every image to that size, stored as PNG; without it folder and parquet images
+keep their bytes (a JPEG stays that JPEG). When every image has one known shape (mnist, cifar10, defects, any
+resized set) the files record it, and train, eval, tune and demo size their networks by it
+(gradcon_core/imageset.py). Re-running with the same input writes identical files.
 """
 from __future__ import annotations
 
@@ -16,27 +20,66 @@ import sys
 from tqdm import tqdm
 
 from cluster.storage import S3Options, filesystem_for
+from gradcon_core.defects import CLASSES, DEFAULT_COUNTS, DefectCounts
 from gradcon_core.imageset import ImageSetWriter
-from gradcon_core.sources import SOURCES, tables
+from gradcon_core.models.sizes import ImageSize
+from gradcon_core.sources import SOURCES, Resizer, known_shape, tables
 
 
-def prepare(kind: str, source: str, out: str, rows_per_file: int = 20000, download: bool = False,
-            options: S3Options | None = None) -> list[str]:
+def prepare(kind: str, source: str | None, out: str, rows_per_file: int = 20000, download: bool = False,
+            options: S3Options | None = None, image_size: ImageSize | None = None, seed: int = 0,
+            counts: DefectCounts = DEFAULT_COUNTS, classes: tuple[str, ...] = CLASSES) -> list[str]:
+    """Write the set; image_size: resize to it (defects: generate at it); seed, counts, classes: the defects
+    set's (gradcon_core/defects.py)."""
     options = options or S3Options.from_env()
     fs, _ = filesystem_for(out, options)
     source_fs = filesystem_for(source, options)[0] if kind == "parquet" else None
-    writer = ImageSetWriter(out, rows_per_file, fs)
+    shape = known_shape(kind, image_size)
+    resize = Resizer(image_size, shape and shape.channels) if image_size is not None and kind != "defects" else None
+    writer = ImageSetWriter(out, rows_per_file, fs, shape)
     with tqdm(desc=f"prepare {kind}", unit=" images", file=sys.stderr, disable=None) as bar:
-        for table in tables(kind, source, source_fs, download):
+        for table in tables(kind, source, source_fs, download, image_size, seed, counts, classes):
+            if resize:
+                table = resize(table)
+                writer.shape = resize.shape  # known once an image has decoded
             writer.write(table)
             bar.update(table.num_rows)
+    if resize:
+        resize.report()
     return writer.close()
+
+
+def image_size_argument(text: str) -> int | tuple[int, int]:
+    """"64" (square) or "48x64" (height x width)."""
+    try:
+        sides = tuple(int(s) for s in text.lower().split("x"))
+    except ValueError:
+        sides = ()
+    if len(sides) not in (1, 2) or min(sides) < 1:
+        raise argparse.ArgumentTypeError(f"an image size is S or HxW in pixels (e.g. 64 or 48x64), got {text!r}")
+    return sides[0] if len(sides) == 1 else sides
+
+
+def counts_argument(text: str) -> DefectCounts:
+    try:
+        train, test_normal, test_defective = (int(n) for n in text.split(","))
+        return DefectCounts(train, test_normal, test_defective)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"counts are TRAIN,TEST_NORMAL,TEST_DEFECTIVE (e.g. 200,40,40), "
+                                         f"got {text!r}") from None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("kind", choices=SOURCES)
-    parser.add_argument("--source", required=True, help="IDX folder, cifar-10-batches-py/, image folder or parquet")
+    parser.add_argument("--source", help="IDX folder, cifar-10-batches-py/, image folder or parquet (not for defects)")
     parser.add_argument("--out", required=True, help="local folder, file:// or s3:// prefix")
+    parser.add_argument("--image-size", type=image_size_argument,
+                        help="resize every image to S or HxW pixels (defects: generate at it; default 128)")
+    parser.add_argument("--seed", type=int, default=0, help="defects: the generator's seed")
+    parser.add_argument("--counts", type=counts_argument, default=DEFAULT_COUNTS,
+                        help="defects: images per texture kind: TRAIN,TEST_NORMAL,TEST_DEFECTIVE (default 200,40,40)")
+    parser.add_argument("--classes", type=lambda text: tuple(text.split(",")), default=CLASSES,
+                        help=f"defects: texture kinds, comma-separated (default {','.join(CLASSES)})")
     parser.add_argument("--rows-per-file", type=int, default=20000)
     parser.add_argument("--download", action="store_true", help="mnist/fashion-mnist: fetch with torchvision")
     parser.add_argument("--s3-endpoint", help="S3 endpoint URL (default: AWS_ENDPOINT_URL or AWS)")
@@ -44,7 +87,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     paths = prepare(args.kind, args.source, args.out, args.rows_per_file, args.download,
-                    S3Options.from_env(endpoint=args.s3_endpoint))
+                    S3Options.from_env(endpoint=args.s3_endpoint), args.image_size, args.seed, args.counts,
+                    args.classes)
     print(f"wrote {len(paths)} file(s) under {args.out}")
     return 0
-

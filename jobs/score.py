@@ -29,7 +29,7 @@ from gradcon_core import load_detector
 from gradcon_core.checkpoint import checkpoint_id
 from gradcon_core.config import FLAGS, JobSettings, add_flags, bounded, load_config, local_path
 from gradcon_core.detector import Detector
-from gradcon_core.images import ImageError, channels_of
+from gradcon_core.images import ImageError, shape_of
 from gradcon_core.imageset import IMAGE, image_bytes, list_parquet_files
 from gradcon_core.progress import Progress
 from gradcon_core.result_files import ResultFile, apply_contamination, is_complete
@@ -74,20 +74,25 @@ class Scorer:
         return rows.append_column("path", batch.column("path"))
 
 
-def _check_channels(detector: Detector, fs: pafs.FileSystem, files: list[str]) -> None:
-    """A whole input of the wrong kind (RGB set, grayscale model) is a mistake: say so before starting."""
+def _check_input_shape(detector: Detector, fs: pafs.FileSystem, files: list[str]) -> None:
+    """A whole input of the wrong kind (RGB set, grayscale model) is a mistake: say so before starting. Images of
+    another size are resized to the model's: say that once, from the first image that decodes."""
     for path in files:
         for batch in pq.ParquetFile(path, filesystem=fs).iter_batches(batch_size=64, columns=[IMAGE]):
             for data in image_bytes(batch.column(IMAGE)):
                 try:
-                    found = channels_of(data) if data else None
+                    height, width, channels = shape_of(data)
                 except ImageError:
                     continue
-                if found is not None:
-                    if found != detector.channels:
-                        raise ValueError(f"the model takes {detector.channels}-channel images but "
-                                         f"{path} holds {found}-channel ones")
-                    return
+                if channels != detector.channels:
+                    raise ValueError(f"the model takes {detector.channels}-channel images but "
+                                     f"{path} holds {channels}-channel ones")
+                model_h, model_w = detector.input_size
+                if (height, width) != (model_h, model_w):
+                    print(f"note: the model takes {model_h}x{model_w} images; the input's ({height}x{width} in "
+                          f"{os.path.basename(path)}) are resized to that when decoded (Lanczos, aspect ratio not "
+                          "kept)", file=sys.stderr)
+                return
 
 
 def _check_fits(resources: dict, cfg: ScoreConfig) -> None:
@@ -165,7 +170,7 @@ def run(cfg: ScoreConfig) -> dict:
         return is_complete(out_fs, outputs[f], rows_in[f])
 
     todo = [f for f in files if not complete(f)]
-    _check_channels(detector, in_fs, todo or files)
+    _check_input_shape(detector, in_fs, todo or files)
     print(f"scoring {sum(rows_in[f] for f in todo)} rows in {len(todo)} file(s) "
           f"({len(files) - len(todo)} already complete) with model {model_id}", file=sys.stderr)
 

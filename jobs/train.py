@@ -43,8 +43,8 @@ from gradcon_core.config import (
     local_path,
     plain_name,
 )
-from gradcon_core.images import channels_of, decode_images
-from gradcon_core.imageset import IMAGE, image_bytes, list_parquet_files, read_columns, take_rows
+from gradcon_core.images import decode_images
+from gradcon_core.imageset import IMAGE, image_bytes, list_parquet_files, read_columns, recorded_shape, take_rows
 from gradcon_core.parallel import AllReduceMean
 from gradcon_core.protocols import Selection, select
 from gradcon_core.settings import DetectorSettings
@@ -102,7 +102,7 @@ def train_loop_per_worker(config: dict) -> list[str]:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device() if cfg.use_gpu else torch.device("cpu")
     torch.manual_seed(cfg.seed)
-    det = cfg.build(config["channels"], device)
+    det = cfg.build(config["channels"], config["image_size"], device)
     rows = {part: _load_rows(ray.train.get_dataset_shard(shard), config[f"{part}_ids"], det.channels, det.input_size)
             for part, shard in (("train", "train"), ("val", "val"), ("anomaly", "val"))}
     data = TrainingData(rows["train"], rows["val"], rows["anomaly"])
@@ -195,8 +195,9 @@ def run(cfg: TrainConfig, callbacks: list | None = None, tracking_parent: dict |
                          "re-encode it with `gradcon prepare parquet`")
     sel, rows = training_rows(cfg, data_path, data_fs)
     train_ids, val_ids, anomaly_ids = rows["train"], rows["val"], rows["anomalies"]
-    channels = channels_of(take_rows(data_path, sel.train[:1], filesystem=data_fs).images[0])
-    if not cfg.build(channels).iterative and cfg.num_workers != 1:
+    shape = cfg.image_shape(recorded_shape(data_path, data_fs),
+                            lambda: take_rows(data_path, sel.train[:1], filesystem=data_fs).images[0])
+    if not cfg.build(shape.channels, shape.image_size).iterative and cfg.num_workers != 1:
         raise ValueError(f"{cfg.detector} is fitted in one process (scikit-learn): use num_workers=1")
 
     if not ray.is_initialized():
@@ -231,7 +232,8 @@ def run(cfg: TrainConfig, callbacks: list | None = None, tracking_parent: dict |
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": asdict(cfg), "train_ids": train_ids, "val_ids": val_ids,
-                           "anomaly_ids": anomaly_ids, "channels": channels, "tracking": worker_tracking},
+                           "anomaly_ids": anomaly_ids, "channels": shape.channels,
+                           "image_size": list(shape.image_size), "tracking": worker_tracking},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu),
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
         datasets={"train": rows_with(train_ids), "val": rows_with(val_ids + anomaly_ids)},

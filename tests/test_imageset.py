@@ -10,7 +10,7 @@ from PIL import Image
 from cluster.storage import S3Options, StorageError, check_readable, filesystem_for
 from gradcon_core import GradConDetector, create_model, load_detector
 from gradcon_core.images import decode_image, decode_images, encode_png
-from gradcon_core.imageset import iter_batches, read_columns, take_rows, write_image_set
+from gradcon_core.imageset import ImageShape, iter_batches, read_columns, recorded_shape, take_rows, write_image_set
 from jobs.prepare import prepare
 
 
@@ -35,6 +35,8 @@ def test_prepare_round_trip_is_pixel_exact_and_idempotent(small_mnist_idx, mnist
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     prepare("mnist", str(small_mnist_idx), str(out), rows_per_file=120)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    # Every file records the one shape of its images, for the jobs to size their networks by.
+    assert {recorded_shape(str(p)) for p in out.iterdir()} == {ImageShape((28, 28), 1)}
 
 
 def test_rerun_with_fewer_files_removes_stale_parts(small_mnist_idx, tmp_path):
@@ -131,6 +133,7 @@ def test_folder_source_labels_by_sorted_class_name_and_keeps_splits(tmp_path, mn
     assert meta.column("class_name").to_pylist() == ["ant", "ant", "cat", "cat"] * 2
     assert meta.column("label").to_pylist() == [0, 0, 1, 1] * 2
     assert meta.column("split").to_pylist() == ["train"] * 4 + ["test"] * 4
+    assert recorded_shape(str(tmp_path / "set")) is None  # kept as they are: nothing says they share a size
     with pytest.raises(FileNotFoundError, match="no class subfolders"):
         prepare("folder", str(tmp_path / "set"), str(tmp_path / "again"))
 
@@ -154,3 +157,46 @@ def test_cifar10_batches_are_kept_rgb(tmp_path):
     (src / "test_batch").unlink()
     with pytest.raises(FileNotFoundError, match="test_batch"):
         prepare("cifar10", str(src), str(tmp_path / "x"))
+
+
+def test_prepare_image_size_resizes_records_the_shape_and_leaves_out_bad_rows(tmp_path, capsys):
+    """A folder of RGB JPEGs of several sizes (and a broken and a greyscale file): kept byte for byte without
+    --image-size; with it, every good image is a PNG of that size, the files record it, bad rows are named."""
+    root, rng = tmp_path / "photos", np.random.default_rng(0)
+    (root / "bolt").mkdir(parents=True)
+    originals = {}
+    for k, (h, w) in enumerate([(96, 96), (120, 80), (64, 64)]):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(buf, format="JPEG")
+        (root / "bolt" / f"{k}.jpg").write_bytes(buf.getvalue())
+        originals[f"bolt/{k}.jpg"] = buf.getvalue()
+    (root / "bolt" / "3.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    Image.fromarray(np.zeros((50, 50), np.uint8)).save(root / "bolt" / "4.png")  # greyscale in an RGB set
+
+    prepare("folder", str(root), str(tmp_path / "asis"))
+    kept = take_rows(str(tmp_path / "asis"), np.arange(5))
+    assert {i: b for i, b in zip(kept.ids, kept.images) if i in originals} == originals  # no re-encoding
+
+    prepare("folder", str(root), str(tmp_path / "set"), image_size=(48, 64))
+    assert recorded_shape(str(tmp_path / "set")) == ImageShape((48, 64), 3)
+    rows = take_rows(str(tmp_path / "set"), np.arange(3))
+    assert rows.ids == ["bolt/0.jpg", "bolt/1.jpg", "bolt/2.jpg"]
+    for blob, name in zip(rows.images, rows.ids):
+        assert blob.startswith(b"\x89PNG")
+        expected = decode_image(originals[name], 3, (48, 64))  # the decoding policy's resize (Lanczos)
+        np.testing.assert_array_equal(decode_image(blob, 3, (48, 64)), expected)
+    err = capsys.readouterr().err
+    assert "2 image(s) could not be resized to 48x64" in err and "bolt/3.png" in err and "bolt/4.png" in err
+
+
+def test_prepare_defects_generates_at_the_size_and_records_it(tmp_path):
+    from gradcon_core.defects import DefectCounts
+
+    out = tmp_path / "defects"
+    prepare("defects", None, str(out), image_size=40, seed=3, counts=DefectCounts(2, 1, 1), classes=("wood",))
+    assert recorded_shape(str(out)) == ImageShape((40, 40), 3)
+    table = pq.read_table(out)
+    assert table.num_rows == 4 and table.column("is_anomaly").to_pylist() == [False, False, False, True]
+    assert decode_image(table.column("image")[0].as_py(), 3, (40, 40)).shape == (40, 40, 3)
+    with pytest.raises(ValueError, match="needs a --source"):
+        prepare("mnist", None, str(tmp_path / "x"))

@@ -2,10 +2,12 @@
 import importlib
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from gradcon_core import list_detectors
 from gradcon_core.config import load_config
+from gradcon_core.images import encode_png
 from gradcon_core.registry import detector_class
 from gradcon_core.settings import DetectorSettings
 from jobs.eval import EvalConfig
@@ -92,3 +94,37 @@ def test_local_paths_are_made_absolute_and_urls_kept(tmp_path, monkeypatch):
     score = load_config(ScoreConfig, overrides=["model=s3://b/runs/r/checkpoint", "input=images", "output=~/scores"])
     assert (score.model, score.input) == ("s3://b/runs/r/checkpoint", str(tmp_path / "images"))
     assert score.output == str(Path.home() / "scores")
+
+
+def test_image_shape_comes_from_the_settings_else_the_recorded_shape_else_the_data(capsys):
+    from gradcon_core.imageset import ImageShape
+
+    recorded = ImageShape((96, 96), 3)
+
+    def unread():
+        raise AssertionError("the first image is read only when nothing else says the channel count")
+
+    assert DetectorSettings().image_shape(recorded, unread) == recorded
+    assert capsys.readouterr().err == ""
+    resized = load_config(TrainConfig, None, ["image_size=64"])
+    assert resized.image_size == [64] and resized.image_shape(recorded, unread) == ImageShape((64, 64), 3)
+    assert "96x96 images are resized to 64x64" in capsys.readouterr().err
+    rect = load_config(TrainConfig, None, ["image_size=48,64", "channels=3"])
+    assert rect.image_shape(None, unread).image_size == (48, 64)
+    # Nothing recorded: channels from the first image, size the network's default, with a notice.
+    shape = DetectorSettings().image_shape(None, lambda: encode_png(np.zeros((10, 10, 3), np.uint8)))
+    assert shape == ImageShape((28, 28), 3) and "records no image size" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="channels=1, but the image set's images have 3"):
+        DetectorSettings(channels=1).image_shape(recorded, unread)
+    with pytest.raises(ValueError, match="channels must be 1 or 3"):
+        DetectorSettings(channels=2).image_shape(None, unread)
+    with pytest.raises(ValueError, match="image_size: must be at least 1"):
+        load_config(TrainConfig, None, ["image_size=0,64"])
+    with pytest.raises(ValueError, match="image_size must be an int or"):
+        DetectorSettings(image_size=[8, 8, 8], channels=1).image_shape(None, unread)
+
+
+@pytest.mark.parametrize("name", list_detectors())
+def test_every_detector_takes_the_image_size_it_is_built_for(name):
+    det = DetectorSettings(detector=name).build(channels=3, image_size=(36, 44))
+    assert (det.channels, det.input_size) == (3, (36, 44))

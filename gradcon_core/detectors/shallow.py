@@ -5,7 +5,7 @@ scikit-learn fits them; the score is then rebuilt from the fitted numbers with N
 a checkpoint holds tensors and no pickle, and a loaded detector gives identical scores.
 Both scale quadratically with the training set: fit subsamples max_train images (seeded).
 features="cae" first trains GradCon's CAE (the cae detector, same epochs/batch/seed) on the
-training images and uses its encoder output (64x3x3 = 576 features).
+training images and uses its encoder output (at 28x28: 64x3x3 = 576 features).
 
 Distributed: not applicable; these fit in one process.
 """
@@ -21,6 +21,7 @@ from gradcon_core.checkpoint import data_fingerprint
 from gradcon_core.detector import Detector, with_prefix
 from gradcon_core.detectors.cae import CAEDetector
 from gradcon_core.inputs import as_image_batch
+from gradcon_core.models.sizes import ImageSize, as_hw
 from gradcon_core.registry import create_model, register_detector
 
 FEATURES = ("pixels", "cae")
@@ -32,14 +33,14 @@ def squared_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 class ShallowDetector(Detector):
-    def __init__(self, in_channels: int = 1, input_size: list[int] | None = None, features: str = "pixels",
+    def __init__(self, in_channels: int = 1, input_size: ImageSize | None = None, features: str = "pixels",
                  max_train: int = 2000, device: str = "cpu", threshold_percentile: float = 95.0):
         super().__init__()
         if features not in FEATURES:
             raise ValueError(f"unknown features {features!r}; choose one of {FEATURES}")
         if max_train < 2:
             raise ValueError(f"need max_train >= 2, got {max_train}")
-        self.in_channels, self._input_size = in_channels, tuple(input_size or (28, 28))
+        self.in_channels, self._input_size = in_channels, as_hw(28 if input_size is None else input_size)
         self.features, self.max_train, self.device = features, max_train, device
         self.threshold_percentile = threshold_percentile
         self.encoder_: CAEDetector | None = None
@@ -81,7 +82,8 @@ class ShallowDetector(Detector):
                               ).astype(np.float32)
 
     def _new_encoder(self) -> CAEDetector:
-        return CAEDetector(create_model("gradcon_cae", in_channels=self.channels), device=self.device)
+        model = create_model("gradcon_cae", in_channels=self.channels, image_size=self.input_size)
+        return CAEDetector(model, device=self.device)
 
     # Subclasses: fit on and score a float64 feature matrix, and name the tensors that hold the fit.
     def fit_features(self, feats: np.ndarray) -> None:
@@ -113,7 +115,7 @@ class ShallowDetector(Detector):
 class OCSVMDetector(ShallowDetector):
     """One-class SVM, RBF kernel; score = -decision_function (gamma=None: scikit-learn's "scale")."""
 
-    def __init__(self, in_channels: int = 1, input_size: list[int] | None = None, features: str = "pixels",
+    def __init__(self, in_channels: int = 1, input_size: ImageSize | None = None, features: str = "pixels",
                  max_train: int = 2000, nu: float = 0.1, gamma: float | None = None, device: str = "cpu",
                  threshold_percentile: float = 95.0):
         if not 0 < nu <= 1:
@@ -151,7 +153,7 @@ class KDEDetector(ShallowDetector):
     underflows in hundreds of dimensions at such bandwidths (errors of thousands of nats on MNIST).
     """
 
-    def __init__(self, in_channels: int = 1, input_size: list[int] | None = None, features: str = "pixels",
+    def __init__(self, in_channels: int = 1, input_size: ImageSize | None = None, features: str = "pixels",
                  max_train: int = 2000, bandwidth: float | None = None, device: str = "cpu",
                  threshold_percentile: float = 95.0):
         if bandwidth is not None and bandwidth <= 0:
