@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import logging
 import math
 import os
 import socket
@@ -132,7 +133,7 @@ def stop_ray(grace_s: float = 10.0) -> None:
         embedded.reaper.communicate(DISMISS)  # Ray is stopped; this process's other children are its own affair
 
 
-def data_context() -> ray.data.DataContext:
+def data_context(verbose: bool = False) -> ray.data.DataContext:
     """This process's Ray Data settings, as every job here wants them (call before building a dataset).
 
     Ray 2.60's DataSourceV2 parquet reader starts a pool of 32 footer-reader actors (a Python process each)
@@ -142,4 +143,11 @@ def data_context() -> ray.data.DataContext:
     """
     ctx = ray.data.DataContext.get_current()
     ctx.use_datasource_v2 = False
+    data_logs(verbose)
     return ctx
+
+
+def data_logs(verbose: bool = False) -> None:
+    """Ray Data's INFO lines (read estimates, execution plans) off this process's console unless verbose: the
+    jobs print their own progress."""
+    logging.getLogger("ray.data").setLevel(logging.INFO if verbose else logging.WARNING)

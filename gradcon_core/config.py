@@ -14,13 +14,14 @@ import yaml
 
 T = TypeVar("T")
 # Settings every long job has, which also have flags of their own (--tracking mlflow, --quiet).
-FLAGS = ("tracking", "quiet")
+FLAGS = ("tracking", "quiet", "verbose")
 
 
 @dataclasses.dataclass
 class JobSettings:
     tracking: str = "none"  # or mlflow: MLflow at MLFLOW_TRACKING_URI, default runs/mlflow.db (gradcon[mlflow])
     quiet: bool = False  # no progress lines
+    verbose: bool = False  # also Ray Train's own INFO lines (worker group, every report and checkpoint)
 
 
 def bounded(default: Any, at_least: float | None = None, above: float | None = None) -> Any:
@@ -168,10 +169,11 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
 
 
 def add_flags(parser: argparse.ArgumentParser, cls: type) -> None:
-    """--tracking NAME and --quiet, for a job whose settings include JobSettings."""
+    """--tracking NAME, --quiet and --verbose, for a job whose settings include JobSettings."""
     if issubclass(cls, JobSettings):
         parser.add_argument("--tracking", choices=("none", "mlflow"), help="experiment tracking (default none)")
         parser.add_argument("--quiet", action="store_const", const="true", help="no progress lines")
+        parser.add_argument("--verbose", action="store_const", const="true", help="also Ray's own INFO lines")
 
 
 def flag_overrides(args: argparse.Namespace) -> list[str]:

@@ -54,12 +54,12 @@ def _decode(rows: ImageRows, channels: int, size: tuple[int, int], part: str,
 def evaluate_class(
     data: str, filesystem: pafs.FileSystem | None, settings: DetectorSettings, shape: ImageShape,
     labels: np.ndarray, splits: np.ndarray, normal_class: int, seed: int, *, protocol: str = "gradcon",
-    merge_splits: bool = False, epochs: int = 10, batch_size: int = 64, max_train: int | None = None,
-    device: str = "auto",
+    merge_splits: bool = False, is_anomaly: np.ndarray | None = None, epochs: int = 10, batch_size: int = 64,
+    max_train: int | None = None, device: str = "auto",
 ) -> RunResult:
     """Train on normal_class under the protocol, then score its test rows (read only after training); the
     detector takes images of `shape` (DetectorSettings.image_shape)."""
-    sel = select(labels, splits, normal_class, protocol, seed, merge_splits=merge_splits)
+    sel = select(labels, splits, normal_class, protocol, seed, merge_splits=merge_splits, is_anomaly=is_anomaly)
     train = sel.train[:max_train] if max_train else sel.train
     rows = take_rows(data, np.concatenate([train, sel.val]), filesystem=filesystem)
     torch.manual_seed(seed)

@@ -10,10 +10,16 @@ tests use the same code.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Protocol
 
 import torch
+
+# torch 2.14 marks torch.distributed.nn.functional.all_reduce deprecated, but the replacement it names
+# (_functional_collectives.all_reduce) has no backward, and the constraint's inner gradients need one.
+warnings.filterwarnings("ignore", message=r"torch\.distributed\.nn\.functional\.all_reduce is deprecated",
+                        category=FutureWarning)
 
 
 class GradientSync(Protocol):

@@ -8,6 +8,9 @@ A Selection holds row numbers into the image set (never copies of the images), m
   train, 3 val, 4 test; the test adds as many rows drawn from the other classes' fold 4.
 - "full" (ARAE, Deep SVDD papers): train on every train row of c, no validation, test = the
   whole test split.
+- "labeled" (sets whose anomalies are labeled within a class, as the defects set or a real inspection
+  set: an `is_anomaly` column): 90/10 train/val of class c's normal train rows; test = class c's test
+  rows, anomalous where is_anomaly says so.
 Validation anomalies (for tuning on AUROC) come only from `anomaly_pool`: other classes' rows that
 no protocol puts in a test set, so tuning never sees a test image.
 """
@@ -17,7 +20,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-PROTOCOLS = ("gradcon", "full")
+PROTOCOLS = ("gradcon", "full", "labeled")
 
 
 @dataclass
@@ -44,25 +47,47 @@ class Selection:
         return d
 
 
-def _finish(c, protocol, seed, train, val, test, labels, anomaly_pool) -> Selection:
+def _finish(c, protocol, seed, train, val, test, labels, anomaly_pool, is_anomaly=None) -> Selection:
     if len(train) == 0:
         raise ValueError(f"class {c} has no training rows: is {c} a label of this image set?")
     test = np.asarray(test, dtype=np.int64)
-    return Selection(c, protocol, seed, np.sort(train), np.sort(val), test, labels[test] != c,
+    test_is_anomaly = labels[test] != c if is_anomaly is None else is_anomaly[test]
+    return Selection(c, protocol, seed, np.sort(train), np.sort(val), test, test_is_anomaly,
                      np.sort(np.asarray(anomaly_pool, dtype=np.int64)))
+
+
+def columns_for(protocol: str) -> list[str]:
+    """The image set's columns a protocol selects rows by."""
+    return ["label", "split", "is_anomaly"] if protocol == "labeled" else ["label", "split"]
+
+
+def labeled_anomalies(meta) -> np.ndarray | None:
+    """The is_anomaly column of a table read with columns_for(...), as booleans (None where it was not read)."""
+    if "is_anomaly" not in meta.column_names:
+        return None
+    return meta.column("is_anomaly").fill_null(False).to_numpy(zero_copy_only=False).astype(bool)
 
 
 def select(
     labels: np.ndarray, splits: np.ndarray, normal_class: int, protocol: str = "gradcon", seed: int = 0,
-    merge_splits: bool = False,
+    merge_splits: bool = False, is_anomaly: np.ndarray | None = None,
 ) -> Selection:
-    """Rows for one normal class. merge_splits=True is the Fashion-MNIST variant of "gradcon"."""
+    """Rows for one normal class. merge_splits=True is the Fashion-MNIST variant of "gradcon"; is_anomaly
+    (the set's column of that name) is what the "labeled" protocol needs."""
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown protocol {protocol!r}; choose one of {PROTOCOLS}")
     labels, splits = np.asarray(labels), np.asarray(splits).astype(str)
     rng = np.random.default_rng([seed, normal_class])
     is_c = labels == normal_class
     is_train, is_test = splits == "train", splits == "test"
+    if protocol == "labeled":
+        if is_anomaly is None:
+            raise ValueError("the labeled protocol needs the image set's is_anomaly column")
+        is_anomaly = np.asarray(is_anomaly, dtype=bool)
+        rows = rng.permutation(np.flatnonzero(is_c & is_train & ~is_anomaly))
+        n_val = len(rows) // 10
+        return _finish(normal_class, protocol, seed, rows[n_val:], rows[:n_val], np.flatnonzero(is_c & is_test),
+                       labels, np.flatnonzero(~is_c & is_train), is_anomaly)
     if protocol == "full":
         return _finish(normal_class, protocol, seed, np.flatnonzero(is_c & is_train), np.array([], np.int64),
                        np.flatnonzero(is_test), labels, np.flatnonzero(~is_c & is_train))

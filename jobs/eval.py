@@ -32,7 +32,7 @@ from gradcon_core.config import (
 from gradcon_core.evaluation import RunResult, evaluate_class, write_outputs
 from gradcon_core.imageset import ImageShape, read_columns, recorded_shape, take_rows
 from gradcon_core.progress import Progress
-from gradcon_core.protocols import PROTOCOLS
+from gradcon_core.protocols import PROTOCOLS, columns_for, labeled_anomalies
 from gradcon_core.settings import DetectorSettings
 from gradcon_core.tracking import config_params, require, start_run
 
@@ -41,7 +41,7 @@ from gradcon_core.tracking import config_params, require, start_run
 class EvalConfig(DetectorSettings, JobSettings):
     data: str = local_path("data/sets/mnist")  # image set made by `gradcon prepare` (local or s3://)
     dataset: str = "mnist"  # mnist, fashion-mnist or cifar10: picks the paper's number and FMNIST's split rule
-    protocol: str = "gradcon"  # gradcon (balanced test) or full (whole test split)
+    protocol: str = "gradcon"  # gradcon (balanced test), full (whole test split) or labeled (by is_anomaly)
     classes: str = "all"  # "all" or a comma list such as "0,3,7"
     seeds: list[int] = field(default_factory=lambda: [0])
     epochs: int = bounded(10, at_least=1)
@@ -59,8 +59,9 @@ def run(cfg: EvalConfig) -> list[dict]:
     cfg.detector_params()  # an unknown detector or setting fails here, before any work
     require(cfg.tracking)
     fs, _ = filesystem_for(cfg.data, S3Options.from_env(endpoint=cfg.s3_endpoint))
-    meta = read_columns(cfg.data, ["label", "split"], filesystem=fs)
+    meta = read_columns(cfg.data, columns_for(cfg.protocol), filesystem=fs)
     labels, splits = meta.column("label").to_numpy(), meta.column("split").to_numpy(zero_copy_only=False)
+    is_anomaly = labeled_anomalies(meta)
     present = sorted(int(c) for c in np.unique(labels))
     classes = present if cfg.classes == "all" else [int(c) for c in str(cfg.classes).split(",") if c != ""]
     unknown = sorted(set(classes) - set(present))
@@ -72,15 +73,15 @@ def run(cfg: EvalConfig) -> list[dict]:
     save_config(cfg, out / "config.yaml")
     with start_run(cfg.tracking, name) as tracker:
         tracker.log_params(config_params(cfg))
-        runs = _evaluate(cfg, fs, shape, labels, splits, classes, tracker.log_metrics)
+        runs = _evaluate(cfg, fs, shape, labels, splits, is_anomaly, classes, tracker.log_metrics)
         _write(cfg, out, runs)
         tracker.log_metrics({f"mean_{k}": float(np.mean([r.metrics[k] for r in runs])) for k in ("auroc", "aupr")})
         tracker.log_artifact(out)  # tables, plots, config
     return [r.metrics for r in runs]
 
 
-def _evaluate(cfg: EvalConfig, fs, shape: ImageShape, labels: np.ndarray, splits: np.ndarray, classes: list[int],
-              log_metrics) -> list[RunResult]:
+def _evaluate(cfg: EvalConfig, fs, shape: ImageShape, labels: np.ndarray, splits: np.ndarray,
+              is_anomaly: np.ndarray | None, classes: list[int], log_metrics) -> list[RunResult]:
     """Every class x seed, in turn; each run's metrics logged as class_C.seed_S.NAME."""
     runs: list[RunResult] = []
     progress = Progress(len(classes) * len(cfg.seeds), unit="runs", label="eval", quiet=cfg.quiet, every_s=0,
@@ -88,7 +89,7 @@ def _evaluate(cfg: EvalConfig, fs, shape: ImageShape, labels: np.ndarray, splits
     for c in classes:
         for seed in cfg.seeds:
             run = evaluate_class(cfg.data, fs, cfg, shape, labels, splits, c, seed, protocol=cfg.protocol,
-                                 merge_splits=cfg.dataset == "fashion-mnist", epochs=cfg.epochs,
+                                 merge_splits=cfg.dataset == "fashion-mnist", is_anomaly=is_anomaly, epochs=cfg.epochs,
                                  batch_size=cfg.batch_size, max_train=cfg.max_train, device=cfg.device)
             runs.append(run)
             m = run.metrics

@@ -111,10 +111,11 @@ def _score_files(cfg: ScoreConfig, options: S3Options, files: list[str], in_fs: 
     """The Ray Data pipeline over `files`; result rows come back in order and go to one writer at a time."""
     import ray
 
-    from cluster.ray_init import init_ray
+    from cluster.ray_init import data_logs, init_ray
 
     init_ray(cfg.address, min_cpus=cfg.concurrency * cfg.cpus_per_actor + READ_CPUS)  # embedded: sized for _check_fits
     _check_fits(ray.cluster_resources(), cfg)
+    data_logs(cfg.verbose)
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True
     ctx.target_max_block_size = int(cfg.block_mb * 2**20)

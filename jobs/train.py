@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import logging
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -46,7 +47,7 @@ from gradcon_core.config import (
 from gradcon_core.images import decode_images
 from gradcon_core.imageset import IMAGE, image_bytes, list_parquet_files, read_columns, recorded_shape, take_rows
 from gradcon_core.parallel import AllReduceMean
-from gradcon_core.protocols import Selection, select
+from gradcon_core.protocols import Selection, columns_for, labeled_anomalies, select
 from gradcon_core.settings import DetectorSettings
 from gradcon_core.storage import write_bytes
 from gradcon_core.tracking import Tracker, config_params, require, start_run, tracking_uri
@@ -98,6 +99,8 @@ def train_loop_per_worker(config: dict) -> list[str]:
     from ray.train import Checkpoint
 
     cfg = TrainConfig(**config["cfg"])
+    if not cfg.verbose:
+        quiet_ray_worker_logs()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device() if cfg.use_gpu else torch.device("cpu")
@@ -118,11 +121,8 @@ def train_loop_per_worker(config: dict) -> list[str]:
     def report(r: EpochReport) -> None:
         if cfg.fail_at_epoch == r.epoch and restored is None and rank == 0:
             raise RuntimeError(f"fault drill: rank 0 fails at epoch {r.epoch}")
-        metrics = {**r.metrics, "epoch": r.epoch, "resumed": restored is not None}
+        metrics = {**r.metrics, "epoch": r.epoch, "epochs": last + 1, "resumed": restored is not None}
         tracker.log_metrics(r.metrics, step=r.epoch)
-        if rank == 0 and not cfg.quiet:  # progress on the driver's console (Ray forwards worker output)
-            print(f"epoch {r.epoch + 1}/{last + 1}  " + "  ".join(f"{k} {v:.4g}" for k, v in r.metrics.items()),
-                  flush=True)
         if not (r.improved or (r.epoch + 1) % cfg.checkpoint_every == 0 or r.epoch == last):
             ray.train.report(metrics)
             return
@@ -148,14 +148,38 @@ def train_loop_per_worker(config: dict) -> list[str]:
     return gathered
 
 
+def quiet_ray_worker_logs() -> None:
+    """Keep Ray's INFO lines off a worker's console: Data's dataset plans, and Train's dump of every report,
+    which Ray 2.60 logs through a logger named by its source file, outside `ray.train` and so outside
+    RunConfig's LoggingConfig (ray/train/v2/_internal/execution/context.py)."""
+    from ray.train.v2._internal.execution import context
+
+    for logger in (logging.getLogger("ray.data"), logging.getLogger(context.__file__)):
+        logger.setLevel(logging.WARNING)
+
+
+def epoch_lines():
+    """A Ray Train callback that prints one line per epoch on the driver, from rank 0's report (a print in a
+    worker reaches the console prefixed, and twice: Ray Train's print patch tees it)."""
+    import ray.train
+
+    class EpochLines(ray.train.UserCallback):
+        def after_report(self, run_context, metrics: list[dict], checkpoint) -> None:
+            first = metrics[0]
+            values = "  ".join(f"{k} {v:.4g}" for k, v in first.items() if isinstance(v, float))
+            print(f"epoch {first['epoch'] + 1}/{first['epochs']}  {values}", flush=True)
+
+    return EpochLines()
+
+
 def training_rows(cfg: TrainConfig, data_path: str, data_fs: pafs.FileSystem) -> tuple[Selection, dict[str, list]]:
     """The ids a run may read: train and validation rows of the class, and validation anomalies.
 
     Everything a training (or tuning) run sees goes through here; test rows are not among them.
     """
-    meta = read_columns(data_path, ["label", "split"], filesystem=data_fs)
+    meta = read_columns(data_path, columns_for(cfg.protocol), filesystem=data_fs)
     sel = select(meta.column("label").to_numpy(), meta.column("split").to_numpy(zero_copy_only=False),
-                 cfg.normal_class, cfg.protocol, cfg.seed, cfg.merge_splits)
+                 cfg.normal_class, cfg.protocol, cfg.seed, cfg.merge_splits, labeled_anomalies(meta))
     if cfg.select_by == "val_auroc" and not len(sel.val):
         raise ValueError(f"select_by=val_auroc needs validation rows; protocol {cfg.protocol!r} has none")
     ids = np.asarray(meta.column("id").to_pylist(), dtype=object)
@@ -174,7 +198,7 @@ def run(cfg: TrainConfig, callbacks: list | None = None, tracking_parent: dict |
     """
     import ray
     import ray.train
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from cluster.ray_init import data_context, init_ray
@@ -202,7 +226,7 @@ def run(cfg: TrainConfig, callbacks: list | None = None, tracking_parent: dict |
 
     if not ray.is_initialized():
         init_ray(cfg.address, min_cpus=cfg.num_workers + 2)  # an embedded Ray is sized for the check below
-    data_context()
+    data_context(cfg.verbose)
     cpus = ray.cluster_resources().get("CPU", 0)
     # Ray Data's listing and read tasks need a CPU each while the workers hold theirs, or the read waits forever.
     if cfg.num_workers + 2 > cpus or (cfg.use_gpu and cfg.num_workers > ray.cluster_resources().get("GPU", 0)):
@@ -239,8 +263,10 @@ def run(cfg: TrainConfig, callbacks: list | None = None, tracking_parent: dict |
         datasets={"train": rows_with(train_ids), "val": rows_with(val_ids + anomaly_ids)},
         dataset_config=DataConfig(datasets_to_split=[]),
         run_config=RunConfig(name=name, storage_path=store_path, storage_filesystem=store_fs if is_s3 else None,
-                             failure_config=FailureConfig(max_failures=cfg.max_failures), callbacks=callbacks,
-                             checkpoint_config=CheckpointConfig(num_to_keep=None)),
+                             failure_config=FailureConfig(max_failures=cfg.max_failures),
+                             callbacks=[*(callbacks or []), *([] if cfg.quiet else [epoch_lines()])],
+                             checkpoint_config=CheckpointConfig(num_to_keep=None),
+                             logging_config=LoggingConfig(log_level="INFO" if cfg.verbose else "WARNING")),
     )
     config_yaml = yaml.safe_dump(asdict(cfg), sort_keys=False)
     write_bytes(store_fs, f"{store_path}/{name}/config.yaml", config_yaml.encode())

@@ -37,6 +37,9 @@ def test_quick_demo_runs_end_to_end_through_s3_and_leaves_nothing_running(tmp_pa
     auroc = float(re.search(r"^AUROC (\S+)", done.stdout, re.M).group(1))
     assert 0.5 < auroc <= 1, done.stdout
     assert "s3://gradcon-demo/scores/" in done.stdout and "[7/7]" in done.stdout
+    logs = done.stdout + done.stderr  # readable: one line per epoch, no report dumps, no warnings of our own code
+    assert len(re.findall(r"epoch 1/3 ", logs)) == 1 and "epoch 3/3 " in logs, logs[-3000:]
+    assert "Reporting training result" not in logs and "FutureWarning" not in logs
     assert (out / "roc.png").stat().st_size > 0 and list((out / "results").glob("*.parquet"))
     assert (out / "checkpoint" / "model.safetensors").exists()
     assert f"report:       {out / 'report' / 'index.html'}" in done.stdout  # the demo ends with its report

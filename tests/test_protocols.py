@@ -58,3 +58,15 @@ def test_bad_protocol_and_empty_class():
         select(labels, splits, 0, "leave-one-out")
     with pytest.raises(ValueError, match="no training rows"):
         select(labels, splits, 4)
+
+
+def test_labeled_protocol_trains_on_normal_rows_and_tests_the_class_by_is_anomaly():
+    labels = np.array([0] * 12 + [1] * 4 + [0] * 6)
+    splits = np.array(["train"] * 16 + ["test"] * 6)
+    is_anomaly = np.array([False] * 11 + [True] + [False] * 4 + [False, True] * 3)  # row 11: a labeled train defect
+    sel = select(labels, splits, 0, "labeled", seed=0, is_anomaly=is_anomaly)
+    assert sorted([*sel.train, *sel.val]) == list(range(11)) and len(sel.val) == 1  # 90/10, the defect left out
+    assert list(sel.test) == list(range(16, 22)) and list(sel.test_is_anomaly) == [False, True] * 3
+    assert list(sel.anomaly_pool) == [12, 13, 14, 15]  # other classes' train rows, for validation only
+    with pytest.raises(ValueError, match="needs the image set's is_anomaly column"):
+        select(labels, splits, 0, "labeled")
