@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import math
 import platform
 from typing import Any
 
@@ -22,6 +23,10 @@ from gradcon_core.storage import exists, read_bytes, resolve, write_bytes
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.yaml"
 TRAINING_STATE_FILE = "training_state.pt"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be what it claims to be; the message names it and what is wrong."""
 
 
 def package_versions() -> dict[str, str]:
@@ -56,18 +61,39 @@ def save_checkpoint(
 
 
 def read_config(path: str, filesystem: pafs.FileSystem | None = None) -> dict[str, Any]:
+    """The checkpoint's config.yaml as a mapping (safe YAML: plain values only, no tags, no objects)."""
     fs, root = resolve(path, filesystem)
     if not exists(fs, f"{root}/{CONFIG_FILE}"):
         raise FileNotFoundError(f"{path} is not a gradcon checkpoint: no {CONFIG_FILE} in it")
-    return yaml.safe_load(read_bytes(fs, f"{root}/{CONFIG_FILE}"))
+    try:
+        config = yaml.safe_load(read_bytes(fs, f"{root}/{CONFIG_FILE}"))
+    except yaml.YAMLError as e:
+        raise CheckpointError(f"checkpoint {path}: {CONFIG_FILE} is not plain YAML ({e})".replace("\n", " ")) from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"checkpoint {path}: {CONFIG_FILE} must be a mapping, got {type(config).__name__}")
+    threshold = config.get("threshold")
+    if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))
+                                  or not math.isfinite(threshold)):
+        raise CheckpointError(f"checkpoint {path}: threshold must be a finite number or null, got {threshold!r}")
+    return config
 
 
 def load_checkpoint(
     path: str, filesystem: pafs.FileSystem | None = None
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(tensors, config), checked: readable safetensors, finite values."""
     config = read_config(path, filesystem)
     fs, root = resolve(path, filesystem)
-    return load_safetensors(read_bytes(fs, f"{root}/{WEIGHTS_FILE}")), config
+    if not exists(fs, f"{root}/{WEIGHTS_FILE}"):
+        raise CheckpointError(f"checkpoint {path}: no {WEIGHTS_FILE}")
+    try:
+        tensors = load_safetensors(read_bytes(fs, f"{root}/{WEIGHTS_FILE}"))
+    except Exception as e:  # safetensors raises its own error types on malformed bytes
+        raise CheckpointError(f"checkpoint {path}: {WEIGHTS_FILE} is not readable safetensors ({e})") from None
+    bad = sorted(k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all()))
+    if bad:
+        raise CheckpointError(f"checkpoint {path}: non-finite values (nan or inf) in {bad[:5]}")
+    return tensors, config
 
 
 def load_training_state(path: str, filesystem: pafs.FileSystem | None = None) -> dict[str, Any] | None:

@@ -166,6 +166,12 @@ def with_prefix(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torc
 def load_detector(path: str, filesystem: pafs.FileSystem | None = None) -> Detector:
     """Any registered detector from a checkpoint directory (local path, file:// or s3://)."""
     tensors, config = checkpoint.load_checkpoint(str(path), filesystem)
-    det = detector_class(config["detector"]).from_state(config, tensors)
+    if "detector" not in config:
+        raise checkpoint.CheckpointError(f"checkpoint {path}: config.yaml names no detector")
+    try:
+        det = detector_class(config["detector"]).from_state(config, tensors)
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:  # a missing key, a bad setting, a wrong shape
+        what = f"missing {e}" if isinstance(e, KeyError) else " ".join(str(e).split())[:400]
+        raise checkpoint.CheckpointError(f"checkpoint {path} does not rebuild its detector: {what}") from None
     det.threshold_ = config.get("threshold")
     return det

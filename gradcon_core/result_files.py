@@ -3,8 +3,19 @@
 A file appears under its final name only once complete (local files are written as .partial and
 renamed; S3 objects appear when their upload completes), so a killed job leaves no half file behind
 and a re-run rewrites exactly the inputs whose output is missing or incomplete.
+
+Each file says what it is the result of, in its parquet key-value metadata under "gradcon_result" (JSON):
+the model id (checkpoint content hash), the threshold setting (a value, or a contamination), and the input
+file's identity (name, size in bytes, SHA-256 of its parquet footer, which holds every row group's offsets
+and statistics). A re-run keeps a file only if all of these match and it holds one row per input row;
+any other file of ours is rescored. A parquet file without that key is not ours and is never overwritten.
 """
 from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -14,15 +25,39 @@ import pyarrow.parquet as pq
 from gradcon_core.metrics import threshold_from_scores
 from gradcon_core.result_table import SCHEMA
 
+RESULT_KEY = b"gradcon_result"
+
+
+def input_identity(fs: pafs.FileSystem, path: str) -> dict:
+    """What identifies an input file's content, cheaply: its name, size and the SHA-256 of its footer."""
+    with fs.open_input_file(path) as f:
+        size = f.size()
+        if size < 12:
+            raise ValueError(f"{path} is not a parquet file ({size} bytes)")
+        f.seek(size - 8)
+        footer_length, magic = struct.unpack("<I4s", f.read(8))
+        if magic != b"PAR1" or footer_length > size - 12:
+            raise ValueError(f"{path} is not a parquet file (no parquet footer)")
+        f.seek(size - 8 - footer_length)
+        footer = f.read(footer_length)
+    return {"name": os.path.basename(path), "bytes": size, "footer_sha256": hashlib.sha256(footer).hexdigest()}
+
+
+def result_identity(model_id: str, threshold: float | None, contamination: float | None, source: dict) -> dict:
+    """What a result file is the result of: model, threshold setting, input (input_identity)."""
+    return {"model_id": model_id, "threshold": threshold, "contamination": contamination, "input": source}
+
 
 class ResultFile:
-    """One output file, visible under its final name only once complete."""
+    """One output file, visible under its final name only once complete; `identity` (result_identity) goes
+    into its metadata."""
 
-    def __init__(self, fs: pafs.FileSystem, path: str, input_name: str):
-        self.fs, self.path, self.input_name = fs, path, input_name
+    def __init__(self, fs: pafs.FileSystem, path: str, identity: dict):
+        self.fs, self.path, self.input_name = fs, path, identity["input"]["name"]
         # S3 objects appear only when their upload completes; local files are renamed into place.
         self.tmp = f"{path}.partial" if isinstance(fs, pafs.LocalFileSystem) else path
-        self.writer = pq.ParquetWriter(self.tmp, SCHEMA, filesystem=fs, compression="zstd")
+        schema = SCHEMA.with_metadata({RESULT_KEY: json.dumps(identity, sort_keys=True).encode()})
+        self.writer = pq.ParquetWriter(self.tmp, schema, filesystem=fs, compression="zstd")
         self.rows = 0
 
     def write(self, table: pa.Table) -> None:
@@ -39,11 +74,20 @@ class ResultFile:
             self.fs.move(self.tmp, self.path)
 
 
-def is_complete(fs: pafs.FileSystem, path: str, rows: int) -> bool:
-    """The result file exists and holds one row per input row."""
+def is_complete(fs: pafs.FileSystem, path: str, rows: int, identity: dict) -> bool:
+    """The result file exists, is the result of `identity` and holds one row per input row. A file there that
+    is not one of ours (not parquet, or no gradcon_result metadata) raises ValueError: it is never overwritten."""
     if fs.get_file_info(path).type != pafs.FileType.File:
         return False
-    return pq.ParquetFile(path, filesystem=fs).metadata.num_rows == rows
+    try:
+        metadata = pq.ParquetFile(path, filesystem=fs).metadata
+    except (pa.ArrowInvalid, OSError):
+        metadata = None
+    found = (metadata.metadata or {}).get(RESULT_KEY) if metadata is not None else None
+    if found is None:
+        raise ValueError(f"{path} is in the output but is not a gradcon result file: it is left as it is; "
+                         "move it away or choose another --output")
+    return json.loads(found) == json.loads(json.dumps(identity, sort_keys=True)) and metadata.num_rows == rows
 
 
 def apply_contamination(fs: pafs.FileSystem, outputs: list[str], contamination: float) -> float:

@@ -32,7 +32,13 @@ from gradcon_core.detector import Detector
 from gradcon_core.images import ImageError, shape_of
 from gradcon_core.imageset import IMAGE, image_bytes, list_parquet_files
 from gradcon_core.progress import Progress
-from gradcon_core.result_files import ResultFile, apply_contamination, is_complete
+from gradcon_core.result_files import (
+    ResultFile,
+    apply_contamination,
+    input_identity,
+    is_complete,
+    result_identity,
+)
 from gradcon_core.result_table import PASSTHROUGH, result_rows
 from gradcon_core.storage import write_bytes
 from gradcon_core.tracking import config_params, require, start_run
@@ -105,9 +111,21 @@ def _check_fits(resources: dict, cfg: ScoreConfig) -> None:
         raise ValueError(f"{cfg.concurrency} actor(s) x {cfg.gpus_per_actor} GPU > the cluster's {gpus:g} GPU(s)")
 
 
+def _check_output_outside_input(cfg: ScoreConfig, in_fs: pafs.FileSystem, in_path: str, out_fs: pafs.FileSystem,
+                                out_root: str, files: list[str], outputs: dict[str, str]) -> None:
+    """Results written into the image set would become part of it (the next read takes them for images), or
+    overwrite its files."""
+    if type(in_fs) is not type(out_fs):
+        return
+    inside = os.path.normpath(out_root) + "/"
+    if inside.startswith(os.path.normpath(in_path) + "/") or set(outputs.values()) & set(files):
+        raise ValueError(f"--output {cfg.output} is the input image set or inside it ({cfg.input}): "
+                         "write the results somewhere else")
+
+
 def _score_files(cfg: ScoreConfig, options: S3Options, files: list[str], in_fs: pafs.FileSystem,
-                 out_fs: pafs.FileSystem, outputs: dict[str, str], threshold: float | None, model_id: str,
-                 progress: Progress) -> None:
+                 out_fs: pafs.FileSystem, outputs: dict[str, str], identities: dict[str, dict],
+                 threshold: float | None, model_id: str, progress: Progress) -> None:
     """The Ray Data pipeline over `files`; result rows come back in order and go to one writer at a time."""
     import ray
 
@@ -132,7 +150,7 @@ def _score_files(cfg: ScoreConfig, options: S3Options, files: list[str], in_fs: 
             if current is None or current.input_name != os.path.basename(path):
                 if current:
                     current.close()
-                current = ResultFile(out_fs, outputs[path], os.path.basename(path))
+                current = ResultFile(out_fs, outputs[path], identities[path])
             current.write(batch.filter(pc.equal(batch.column("path"), path)).drop_columns(["path"]))
         progress.update(batch.num_rows)
     if current:
@@ -165,10 +183,12 @@ def run(cfg: ScoreConfig) -> dict:
     outputs = {f: f"{out_root}/{os.path.basename(f)}" for f in files}
     if len(set(outputs.values())) != len(files):
         raise ValueError(f"{cfg.input} has input files with the same name in different folders")
+    _check_output_outside_input(cfg, in_fs, in_path, out_fs, out_root, files, outputs)
     rows_in = {f: pq.ParquetFile(f, filesystem=in_fs).metadata.num_rows for f in files}
+    identities = {f: result_identity(model_id, threshold, cfg.contamination, input_identity(in_fs, f)) for f in files}
 
     def complete(f: str) -> bool:
-        return is_complete(out_fs, outputs[f], rows_in[f])
+        return is_complete(out_fs, outputs[f], rows_in[f], identities[f])
 
     todo = [f for f in files if not complete(f)]
     _check_input_shape(detector, in_fs, todo or files)
@@ -177,12 +197,12 @@ def run(cfg: ScoreConfig) -> dict:
 
     if todo:
         with Progress(sum(rows_in[f] for f in todo), unit="rows", label="scoring", quiet=cfg.quiet) as progress:
-            _score_files(cfg, options, todo, in_fs, out_fs, outputs, threshold, model_id, progress)
+            _score_files(cfg, options, todo, in_fs, out_fs, outputs, identities, threshold, model_id, progress)
         for f in todo:  # empty inputs produce no batches: still one (empty) output each
             if not complete(f):
                 if rows_in[f] != 0:
                     raise RuntimeError(f"{outputs[f]} is incomplete after scoring; run the same command again")
-                ResultFile(out_fs, outputs[f], os.path.basename(f)).close()
+                ResultFile(out_fs, outputs[f], identities[f]).close()
 
     if cfg.contamination is not None:
         threshold = apply_contamination(out_fs, list(outputs.values()), cfg.contamination)

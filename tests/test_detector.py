@@ -4,7 +4,7 @@ import torch
 from safetensors.torch import load_file
 
 from gradcon_core import GradConDetector, create_model, evaluate, load_detector
-from gradcon_core.checkpoint import TRAINING_STATE_FILE, WEIGHTS_FILE, checkpoint_id, read_config
+from gradcon_core.checkpoint import TRAINING_STATE_FILE, WEIGHTS_FILE, CheckpointError, checkpoint_id, read_config
 
 
 @pytest.fixture(scope="module")
@@ -78,6 +78,52 @@ def test_threshold_lives_in_the_config_not_the_weights(fitted, tmp_path):
 def test_loading_something_that_is_not_a_checkpoint_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a gradcon checkpoint"):
         load_detector(tmp_path)
+
+
+def _tampered(source, dest, config_text=None, tensors=None):
+    """A copy of checkpoint `source` with its config.yaml text and/or its tensors replaced."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    shutil.copytree(source, dest)
+    if config_text is not None:
+        (dest / "config.yaml").write_text(config_text)
+    if tensors is not None:
+        save_file(tensors, str(dest / WEIGHTS_FILE))
+    return dest
+
+
+def test_a_damaged_or_hostile_checkpoint_is_refused_at_load_naming_it(fitted, tmp_path):
+    det, _, _, _ = fitted
+    good = tmp_path / "good"
+    det.save(good)
+    text = (good / "config.yaml").read_text()
+    weights = load_file(str(good / WEIGHTS_FILE))
+    cases = {
+        "tag": (text + "evil: !!python/object/apply:os.system [echo]\n", None, "not plain YAML"),
+        "list": ("- 1\n- 2\n", None, "must be a mapping, got list"),
+        "no_detector": (text.replace("detector: gradcon\n", ""), None, "names no detector"),
+        "unknown": (text.replace("detector: gradcon\n", "detector: magic\n"), None, "unknown detector 'magic'"),
+        "no_model": ("\n".join(line for line in text.splitlines() if not line.startswith("model:")
+                                and not line.startswith("  ")) + "\n", None, "missing 'model'"),
+        "threshold_nan": (text.replace("threshold:", "threshold: .nan\nx_threshold:"), None, "finite number"),
+        "threshold_text": (text.replace("threshold:", "threshold: abc\nx_threshold:"), None, "finite number"),
+        "shape": (None, {**weights, "model.encoder.0.weight": torch.zeros(3, 3)}, "size mismatch"),
+        "missing": (None, {k: v for k, v in weights.items() if k != "model.decoder.0.bias"}, "Missing key"),
+        "nan": (None, {**weights, "model.decoder.0.bias": weights["model.decoder.0.bias"] * float("nan")},
+                "non-finite values"),
+    }
+    for name, (config_text, tensors, message) in cases.items():
+        bad = _tampered(good, tmp_path / name, config_text, tensors)
+        with pytest.raises(CheckpointError, match=message) as caught:
+            load_detector(bad)
+        assert str(bad) in str(caught.value), name
+    (tmp_path / "torn").mkdir()
+    (tmp_path / "torn" / "config.yaml").write_text(text)
+    (tmp_path / "torn" / WEIGHTS_FILE).write_bytes(b"\x00" * 10)
+    with pytest.raises(CheckpointError, match="not readable safetensors"):
+        load_detector(tmp_path / "torn")
 
 
 def test_fit_is_reproducible_for_a_seed(mnist_train):

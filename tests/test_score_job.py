@@ -103,6 +103,16 @@ def test_rerun_completes_a_killed_job_without_duplicates(ray_local, model_dir, i
     assert {p.name: p.read_bytes() for p in out.glob("*.parquet")} == before  # same command, same files
     table, _ = _read(str(out))
     assert len(set(table.column("id").to_pylist())) == table.num_rows == 500
+    # Complete means this model, this threshold setting and this input's content: another threshold, all again.
+    again = run(ScoreConfig(model=model_dir, input=image_set, output=str(out), batch_size=128, threshold=0.0))
+    assert again["scored_now"] == 500 and set(_read(str(out))[0].column("threshold").to_pylist()) == {0.0}
+    # A file there that is not ours is never overwritten: refused before any work, by name.
+    pq.write_table(pa.table({"x": [1]}), out / "part-00001.parquet")
+    with pytest.raises(ValueError, match="part-00001.parquet is in the output but is not a gradcon result"):
+        run(cfg)
+    assert pq.read_table(out / "part-00001.parquet").column_names == ["x"]
+    with pytest.raises(ValueError, match="is the input image set or inside it"):
+        run(ScoreConfig(model=model_dir, input=image_set, output=f"{image_set}/scores"))
 
 
 def test_contamination_sets_the_threshold_from_this_runs_scores(ray_local, model_dir, image_set, tmp_path,
