@@ -84,6 +84,14 @@ def embedded_cpus(min_cpus: float = 0) -> int:
     return max(int(get_num_cpus()), math.ceil(min_cpus))
 
 
+def check_token_path() -> None:
+    """RAY_AUTH_TOKEN_PATH naming no file: say so, instead of Ray's failure to authenticate much later."""
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    if path and not os.path.isfile(os.path.expanduser(path)):
+        raise ValueError(f"RAY_AUTH_TOKEN_PATH={path} is not a file: point it at the cluster's token "
+                         "(`ray get-auth-token` on the head writes one) or unset it")
+
+
 def init_ray(address: str | None = None, num_cpus: int | None = None, min_cpus: float = 0, **kwargs: Any) -> None:
     """address (or RAY_ADDRESS) joins that cluster; neither starts a fresh local Ray for this process.
 
@@ -93,6 +101,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, min_cpus: 
     takes num_cpus, min_cpus and kwargs (ray.init's, e.g. object_store_memory).
     """
     global _embedded
+    check_token_path()
     if ray.is_initialized():
         return
     address = address or os.environ.get(ADDRESS_VARIABLE)

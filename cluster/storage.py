@@ -91,11 +91,12 @@ def filesystem_for(uri: str, options: S3Options | None = None,
     return resolve(uri)
 
 
-def check_readable(uri: str, options: S3Options | None = None) -> None:
-    """Fail early, with a clear message, when uri cannot be listed (missing bucket, bad credentials)."""
+def check_reachable(uri: str, options: S3Options | None = None) -> pafs.FileInfo:
+    """What is at uri (possibly nothing yet, for an output), or a clear StorageError when the storage cannot be
+    asked (missing bucket, bad credentials, unreachable endpoint); secrets never appear in the message."""
     fs, path = filesystem_for(uri, options)
     try:
-        info = fs.get_file_info(path)
+        return fs.get_file_info(path)
     except OSError as e:
         message = (options or S3Options.from_env()).redact(str(e))
         hint = ""
@@ -103,5 +104,9 @@ def check_readable(uri: str, options: S3Options | None = None) -> None:
         if any(w in message for w in denied):
             hint = " (check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or the instance role)"
         raise StorageError(f"cannot read {uri}: {message}{hint}") from None
-    if info.type == pafs.FileType.NotFound:
+
+
+def check_readable(uri: str, options: S3Options | None = None) -> None:
+    """Fail early, with a clear message, when uri cannot be listed (missing bucket, bad credentials) or is absent."""
+    if check_reachable(uri, options).type == pafs.FileType.NotFound:
         raise FileNotFoundError(f"{uri} does not exist")

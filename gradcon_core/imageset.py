@@ -119,6 +119,36 @@ def iter_batches(
             yield batch
 
 
+def check_image_set(uri: str, filesystem: pafs.FileSystem | None = None) -> None:
+    """Refuse, naming the file, a set the jobs would fail on halfway: a file that is not readable parquet,
+    no usable `image` column, a non-integer `label`, a non-boolean `is_anomaly`, or a column whose type
+    differs between files (Ray Data cannot concatenate them). Reads each file's footer only."""
+    fs, files = list_parquet_files(uri, filesystem)
+    seen: dict[str, tuple[pa.DataType, str]] = {}
+    for path in files:
+        try:
+            schema = pq.read_schema(path, filesystem=fs)
+        except (pa.ArrowInvalid, OSError) as e:
+            raise ValueError(f"{path} is not a readable parquet file ({' '.join(str(e).split())[:200]})") from None
+        _check_schema(schema, path)
+        image = schema.field(IMAGE).type
+        if not (pa.types.is_binary(image) or pa.types.is_large_binary(image)
+                or (pa.types.is_struct(image) and image.get_field_index("bytes") >= 0)):
+            raise ValueError(f"{path}: column {IMAGE!r} must be binary or struct<bytes, path>, got {image}")
+        for name, wanted, test in (("label", "integers", pa.types.is_integer),
+                                   ("is_anomaly", "booleans", pa.types.is_boolean)):
+            if name in schema.names and not test(schema.field(name).type):
+                raise ValueError(f"{path}: column {name!r} must hold {wanted}, got {schema.field(name).type}")
+        for name in ("id", IMAGE, "label", "split", "is_anomaly"):
+            if name not in schema.names:
+                continue
+            kind = schema.field(name).type
+            first_kind, first_path = seen.setdefault(name, (kind, path))
+            if kind != first_kind:
+                raise ValueError(f"column {name!r} is {kind} in {path} but {first_kind} in {first_path}: "
+                                 "every file of an image set needs the same column types")
+
+
 def recorded_shape(uri: str, filesystem: pafs.FileSystem | None = None) -> ImageShape | None:
     """The image shape `gradcon prepare` recorded in the set's first file, or None if it recorded none."""
     fs, files = list_parquet_files(uri, filesystem)

@@ -30,7 +30,7 @@ from gradcon_core.config import (
     save_config,
 )
 from gradcon_core.evaluation import RunResult, evaluate_class, write_outputs
-from gradcon_core.imageset import ImageShape, read_columns, recorded_shape, take_rows
+from gradcon_core.imageset import ImageShape, check_image_set, read_columns, recorded_shape, take_rows
 from gradcon_core.progress import Progress
 from gradcon_core.protocols import PROTOCOLS, columns_for, labeled_anomalies
 from gradcon_core.settings import DetectorSettings
@@ -59,6 +59,7 @@ def run(cfg: EvalConfig) -> list[dict]:
     cfg.detector_params()  # an unknown detector or setting fails here, before any work
     require(cfg.tracking)
     fs, _ = filesystem_for(cfg.data, S3Options.from_env(endpoint=cfg.s3_endpoint))
+    check_image_set(cfg.data, fs)
     meta = read_columns(cfg.data, columns_for(cfg.protocol), filesystem=fs)
     labels, splits = meta.column("label").to_numpy(), meta.column("split").to_numpy(zero_copy_only=False)
     is_anomaly = labeled_anomalies(meta)

@@ -19,9 +19,9 @@ import sys
 
 from tqdm import tqdm
 
-from cluster.storage import S3Options, filesystem_for
+from cluster.storage import S3Options, check_reachable, check_readable, filesystem_for
 from gradcon_core.defects import CLASSES, DEFAULT_COUNTS, DefectCounts
-from gradcon_core.imageset import ImageSetWriter
+from gradcon_core.imageset import ImageSetWriter, check_image_set
 from gradcon_core.models.sizes import ImageSize
 from gradcon_core.sources import SOURCES, Resizer, known_shape, tables
 
@@ -32,8 +32,13 @@ def prepare(kind: str, source: str | None, out: str, rows_per_file: int = 20000,
     """Write the set; image_size: resize to it (defects: generate at it); seed, counts, classes: the defects
     set's (gradcon_core/defects.py)."""
     options = options or S3Options.from_env()
+    check_reachable(out, options)  # bad credentials: a clear error before any work
+    source_fs = None
+    if kind == "parquet" and source is not None:
+        check_readable(source, options)
+        source_fs = filesystem_for(source, options)[0]
+        check_image_set(source, source_fs)
     fs, _ = filesystem_for(out, options)
-    source_fs = filesystem_for(source, options)[0] if kind == "parquet" else None
     shape = known_shape(kind, image_size)
     resize = Resizer(image_size, shape and shape.channels) if image_size is not None and kind != "defects" else None
     writer = ImageSetWriter(out, rows_per_file, fs, shape)

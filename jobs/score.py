@@ -30,7 +30,7 @@ from gradcon_core.checkpoint import checkpoint_id
 from gradcon_core.config import FLAGS, JobSettings, add_flags, bounded, load_config, local_path
 from gradcon_core.detector import Detector
 from gradcon_core.images import ImageError, shape_of
-from gradcon_core.imageset import IMAGE, image_bytes, list_parquet_files
+from gradcon_core.imageset import IMAGE, check_image_set, image_bytes, list_parquet_files
 from gradcon_core.progress import Progress
 from gradcon_core.result_files import (
     ResultFile,
@@ -178,6 +178,7 @@ def run(cfg: ScoreConfig) -> dict:
     check_readable(cfg.input, options)
     in_fs, in_path = filesystem_for(cfg.input, options)
     in_fs, files = list_parquet_files(in_path, in_fs)
+    check_image_set(in_path, in_fs)
     out_fs, out_root = filesystem_for(cfg.output, options)
     out_fs.create_dir(out_root, recursive=True)
     outputs = {f: f"{out_root}/{os.path.basename(f)}" for f in files}

@@ -164,6 +164,9 @@ def connect(address: str):
     from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
 
+    from cluster.ray_init import check_token_path
+
+    check_token_path()
     _send_token_if_available()
     try:
         with _api_address(address):

@@ -34,7 +34,7 @@ import pyarrow.parquet as pq
 import torch
 import yaml
 
-from cluster.storage import S3Options, filesystem_for
+from cluster.storage import S3Options, check_reachable, check_readable, filesystem_for
 from gradcon_core.checkpoint import load_checkpoint, load_training_state
 from gradcon_core.config import (
     JobSettings,
@@ -45,7 +45,15 @@ from gradcon_core.config import (
     plain_name,
 )
 from gradcon_core.images import decode_images
-from gradcon_core.imageset import IMAGE, image_bytes, list_parquet_files, read_columns, recorded_shape, take_rows
+from gradcon_core.imageset import (
+    IMAGE,
+    check_image_set,
+    image_bytes,
+    list_parquet_files,
+    read_columns,
+    recorded_shape,
+    take_rows,
+)
 from gradcon_core.parallel import AllReduceMean
 from gradcon_core.protocols import Selection, columns_for, labeled_anomalies, select
 from gradcon_core.settings import DetectorSettings
@@ -212,8 +220,11 @@ def run(cfg: TrainConfig, callbacks: list | None = None, tracking_parent: dict |
     if cfg.select_by == "val_auroc" and cfg.val_anomalies == 0:
         raise ValueError("select_by=val_auroc needs validation anomalies: set val_anomalies (e.g. -1)")
     options = S3Options.from_env(endpoint=cfg.s3_endpoint)
+    check_readable(cfg.data, options)  # bad credentials, a missing bucket: a clear error before any work
+    check_reachable(cfg.storage, options)
     data_fs, data_path = filesystem_for(cfg.data, options)
     _, files = list_parquet_files(data_path, data_fs)
+    check_image_set(data_path, data_fs)
     if "id" not in pq.ParquetFile(files[0], filesystem=data_fs).schema_arrow.names:
         raise ValueError(f"{cfg.data} has no `id` column, which distributed training selects rows by: "
                          "re-encode it with `gradcon prepare parquet`")

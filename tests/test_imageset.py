@@ -108,7 +108,7 @@ def test_image_set_and_checkpoint_on_moto_s3(s3_server, small_mnist_idx):
     np.testing.assert_array_equal(loaded.decision_function(pixels[:8]), det.decision_function(pixels[:8]))
 
 
-def test_wrong_credentials_give_a_clear_error_without_the_secret(seaweed_s3, small_mnist_idx):
+def test_wrong_credentials_give_a_clear_error_without_the_secret(seaweed_s3, small_mnist_idx, monkeypatch):
     uri = "s3://gradcon-test/sets/small"
     prepare("mnist", str(small_mnist_idx), uri, options=seaweed_s3.options)
     check_readable(uri, seaweed_s3.options)
@@ -117,6 +117,18 @@ def test_wrong_credentials_give_a_clear_error_without_the_secret(seaweed_s3, sma
         check_readable(uri, wrong)
     assert "cannot read s3://gradcon-test/sets/small" in str(err.value) and "AWS_SECRET_ACCESS_KEY" in str(err.value)
     assert "wrong-secret-4242" not in str(err.value) and seaweed_s3.secret_key not in str(err.value)
+    # prepare and train say the same before any work (rc 2 from the command line: StorageError).
+    from jobs.train import TrainConfig, run
+
+    for job in (lambda: prepare("mnist", str(small_mnist_idx), "s3://gradcon-test/sets/other", options=wrong),
+                lambda: run(TrainConfig(data=uri, storage="s3://gradcon-test/runs"))):
+        with monkeypatch.context() as env:
+            env.setenv("AWS_ENDPOINT_URL", wrong.endpoint)
+            env.setenv("AWS_ACCESS_KEY_ID", wrong.access_key)
+            env.setenv("AWS_SECRET_ACCESS_KEY", wrong.secret_key)
+            with pytest.raises(StorageError, match="cannot read s3://gradcon-test/") as err:
+                job()
+        assert "wrong-secret-4242" not in str(err.value)
 
 
 def test_folder_source_labels_by_sorted_class_name_and_keeps_splits(tmp_path, mnist_test):
@@ -200,3 +212,32 @@ def test_prepare_defects_generates_at_the_size_and_records_it(tmp_path):
     assert decode_image(table.column("image")[0].as_py(), 3, (40, 40)).shape == (40, 40, 3)
     with pytest.raises(ValueError, match="needs a --source"):
         prepare("mnist", None, str(tmp_path / "x"))
+
+
+def test_sets_the_jobs_would_fail_on_halfway_are_refused_naming_the_file(tmp_path):
+    from gradcon_core.imageset import check_image_set
+
+    def image_set(name, *tables):
+        root = tmp_path / name
+        root.mkdir()
+        for k, table in enumerate(tables):
+            pq.write_table(table, root / f"part-{k}.parquet")
+        return str(root)
+
+    png = encode_png(np.zeros((4, 4), np.uint8))
+    good = pa.table({"id": ["a"], "image": [png], "label": [1], "is_anomaly": [False]})
+    check_image_set(image_set("good", good, good))
+    cases = {
+        "ids": (pa.table({"id": [7], "image": [png]}), "column 'id' is int64 in .*part-1.parquet but string"),
+        "label": (good.set_column(2, "label", pa.array(["cat"])), "'label' must hold integers, got string"),
+        "flag": (good.set_column(3, "is_anomaly", pa.array(["yes"])), "'is_anomaly' must hold booleans"),
+        "image": (good.set_column(1, "image", pa.array([3])), "'image' must be binary or struct"),
+        "no_image": (good.drop_columns(["image"]), "has no 'image' column"),
+    }
+    for name, (second, message) in cases.items():
+        with pytest.raises(ValueError, match=message):
+            check_image_set(image_set(name, good, second))
+    broken = image_set("broken", good)
+    (tmp_path / "broken" / "part-1.parquet").write_bytes(b"")  # an empty file
+    with pytest.raises(ValueError, match="part-1.parquet is not a readable parquet file"):
+        check_image_set(broken)

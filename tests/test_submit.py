@@ -223,6 +223,17 @@ def test_no_cluster_is_a_clear_error(monkeypatch, capsys):
     assert "cannot reach the Ray job API" in capsys.readouterr().err
 
 
+def test_a_token_path_naming_no_file_is_a_clear_error(monkeypatch, capsys, tmp_path):
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "no-token"))
+    url = f"http://127.0.0.1:{_free_ports(1)[0]}"
+    assert cli_main(["submit", "score", "--no-wait", "--address", url, "--", "--model", "/m"]) == 2
+    assert f"RAY_AUTH_TOKEN_PATH={tmp_path / 'no-token'} is not a file" in capsys.readouterr().err
+    from cluster.ray_init import init_ray
+
+    with pytest.raises(ValueError, match="RAY_AUTH_TOKEN_PATH"):  # before any Ray starts
+        init_ray()
+
+
 def test_entrypoint_quotes_arguments_and_runtime_env_ships_code_only(monkeypatch, tmp_path):
     assert entrypoint("tune", ["--search", "alpha=loguniform(1e-3,1)", "x; rm -rf /"]) == \
         "python -m jobs tune --search 'alpha=loguniform(1e-3,1)' 'x; rm -rf /'"
