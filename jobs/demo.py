@@ -193,13 +193,14 @@ def run(cfg: DemoConfig) -> dict:
     sets = f"{where}/sets/{cfg.dataset}"
     source = f"--source {cfg.data_dir}" if cfg.dataset == "mnist" else \
         f"--image-size {'x'.join(map(str, cfg.image_hw() or (DEFECTS_SIZE,)))} --counts 400,100,100"
+    protocol = " protocol=labeled" if cfg.dataset == "defects" else ""
     print(f"""
 Each step alone (add AWS_ENDPOINT_URL / credentials for your S3, or use local paths):
   gradcon prepare {cfg.dataset} {source} --out {sets}
   gradcon train data={sets} normal_class={cfg.normal_class} num_workers={cfg.num_workers} \
 epochs={cfg.epochs} storage={where}/runs
   gradcon score --model <the checkpoint train prints> --input {sets}-test --output {where}/scores/RUN
-  gradcon eval data={sets} dataset={cfg.dataset} classes={cfg.normal_class}
+  gradcon eval data={sets} dataset={cfg.dataset}{protocol} classes={cfg.normal_class}
   gradcon report --results {where}/scores/RUN --images {sets}-test --model <checkpoint> --out DIR""")
     return metrics
 
