@@ -3,6 +3,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet  # noqa: F401  (pa.parquet)
 import pytest
 import torch
@@ -76,6 +77,9 @@ def test_two_workers_equal_one_worker_and_the_single_process_fit(ray_local, zero
     # --resume of a finished run: Ray restores its last checkpoint and has nothing left to train.
     again, _ = run(TrainConfig(**common, num_workers=2, resume="two"))
     assert again.metrics["epoch"] == 1 and _tensors(again.checkpoint).keys() == a.keys()
+    # ... and writes no checkpoint folder of its own: storage holds the 2 epochs' folders Ray Train lists.
+    held = {str(p) for p in (tmp_path / "two").glob("checkpoint_*") if p.is_dir()}
+    assert held == {c.path for c, _ in again.best_checkpoints} and len(held) == 2
 
 
 def test_rgb_64_two_workers_equal_one_process_and_score_resizes_96_to_the_checkpoint(ray_local, tmp_path, capsys):
@@ -126,6 +130,11 @@ def test_a_failed_worker_resumes_from_its_checkpoint_on_s3(ray_local, zeros_set,
     result, uri = run(cfg)
     assert uri.startswith("s3://gradcon-test/runs/drill/checkpoint_")
     assert result.metrics["epoch"] == 2 and result.metrics["resumed"]  # the drill did fail, and it resumed
+    # The restart leaves no unregistered checkpoint folder behind: what storage holds is what Ray Train lists.
+    fs, _ = filesystem_for(uri, s3_server)
+    held = {i.path for i in fs.get_file_info(pafs.FileSelector("gradcon-test/runs/drill"))
+            if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_")}
+    assert held == {c.path for c, _ in result.best_checkpoints} and len(held) == 3
 
     # Tracked: one MLflow run, continued by the restarted worker; an epoch's metrics once each, as reported.
     client = MlflowClient(tracking_uri=store)
@@ -139,7 +148,6 @@ def test_a_failed_worker_resumes_from_its_checkpoint_on_s3(ray_local, zeros_set,
     assert tracked.data.metrics["final_val_loss"] == pytest.approx(result.metrics["val_loss"])
     assert {"loss", "val_loss", "images_per_s"} <= set(tracked.data.metrics)
     assert [a.path for a in client.list_artifacts(tracked.info.run_id)] == ["config.yaml"]
-    fs, _ = filesystem_for(uri, s3_server)
     det = load_detector(uri, filesystem=fs)
     assert int(det.reference.count) > 0 and det.threshold_ is not None
     scores = det.decision_function(_train_images(zeros_set)[:8])
