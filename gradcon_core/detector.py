@@ -15,6 +15,7 @@ validation_loss(x). `iterative` says which kind a detector is.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -23,7 +24,7 @@ import torch
 
 from gradcon_core import checkpoint
 from gradcon_core.metrics import threshold_from_scores
-from gradcon_core.parallel import GradientSync
+from gradcon_core.parallel import GradientSync, LocalBatch
 from gradcon_core.registry import create_model, detector_class
 
 # Constructor arguments that are run-time choices, not part of the method: not saved with it.
@@ -95,6 +96,17 @@ class Detector:
         """One epoch in global batches of batch_size, this worker taking its slice of each; returns this
         worker's share of the sums over images of the step's values (summed over workers: the global sums)."""
         raise NotImplementedError(f"{self.name} is not trained in epochs")
+
+    def train_batches(self, steps: Iterable[tuple[torch.Tensor, LocalBatch]], noise: torch.Generator,
+                      sync: GradientSync | None = None) -> dict[str, float]:
+        """Steps on (this worker's images, its LocalBatch) pairs as they come (stream mode); returns this
+        worker's share of the sums over images of the steps' values."""
+        raise NotImplementedError(f"{self.name} is not trained in steps")
+
+    @property
+    def stream_problem(self) -> str | None:
+        """Why this detector cannot train from a stream of batches (data_mode=stream), or None if it can."""
+        return f"{self.name} is fitted in one go on all its images"
 
     def validation_loss(self, x) -> float:
         """The objective on held-out normal images, averaged over images; no update."""

@@ -11,9 +11,11 @@ tests use the same code.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
+import numpy as np
 import torch
 
 # torch 2.14 marks torch.distributed.nn.functional.all_reduce deprecated, but the replacement it names
@@ -30,6 +32,8 @@ class GradientSync(Protocol):
     def mean_differentiable(self, t: torch.Tensor) -> torch.Tensor: ...
 
     def mean_(self, tensors: list[torch.Tensor]) -> None: ...
+
+    def gather(self, value: np.ndarray) -> list[np.ndarray]: ...
 
 
 class AllReduceMean:
@@ -51,6 +55,12 @@ class AllReduceMean:
         flat.div_(self.world_size)
         for t, part in zip(tensors, flat.split([t.numel() for t in tensors])):
             t.copy_(part.view_as(t))
+
+    def gather(self, value: np.ndarray) -> list[np.ndarray]:
+        """Every worker's array, in rank order (stream mode's validation scores: a few floats per row)."""
+        gathered: list = [None] * self.world_size
+        torch.distributed.all_gather_object(gathered, value)
+        return gathered
 
 
 def training_generators(seed: int) -> tuple[torch.Generator, torch.Generator]:
@@ -81,6 +91,38 @@ def local_batches(order: torch.Tensor, batch_size: int, rank: int = 0, world_siz
         else:
             out.append(LocalBatch(batch[:1], 0.0, 0, len(batch), offset))
     return out
+
+
+def step_counts(own: int, rank: int, world_size: int, sync: GradientSync | None) -> list[int]:
+    """Every worker's number of images for this step, in rank order (one small all-reduce)."""
+    counts = torch.zeros(world_size, dtype=torch.float64)
+    counts[rank] = own
+    if sync is not None:
+        sync.mean_([counts])
+        counts *= world_size
+    return [round(c) for c in counts.tolist()]
+
+
+def streamed_batches(batches: Iterable[torch.Tensor], placeholder: torch.Tensor, rank: int = 0, world_size: int = 1,
+                     sync: GradientSync | None = None) -> Iterator[tuple[torch.Tensor, LocalBatch]]:
+    """Stream mode's steps: this worker's local batches as they arrive, each with its LocalBatch.
+
+    Workers read their own shards, so a step's global batch is the union of what each brings to it: the
+    workers swap their counts every step (n_r; B = their sum), which gives each its weight N * n_r / B
+    and its offset in the global batch. A worker whose shard has run out (or was empty: Ray Data hands out
+    whole blocks) joins with weight 0, on the placeholder (one image [1, C, H, W]), until every shard is
+    done: the workers' step counts need not be equal, and no row is dropped to make them so.
+    """
+    it = iter(batches)
+    while True:
+        x = next(it, None)
+        own = 0 if x is None else len(x)
+        counts = step_counts(own, rank, world_size, sync)
+        total = sum(counts)
+        if total == 0:
+            return
+        x = placeholder if not own else x  # (a batch of rows that all failed to decode is empty)
+        yield x, LocalBatch(torch.arange(len(x)), own * world_size / total, own, total, sum(counts[:rank]))
 
 
 def all_reduce_gradients(optimizer: torch.optim.Optimizer, sync: GradientSync | None) -> None:

@@ -11,7 +11,7 @@ iterative (scikit-learn's) are fitted once and reported as one epoch.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,7 +21,13 @@ import torch
 from gradcon_core.checkpoint import data_fingerprint
 from gradcon_core.detector import Detector
 from gradcon_core.metrics import auroc
-from gradcon_core.parallel import GradientSync, average_buffers, training_generators
+from gradcon_core.parallel import (
+    GradientSync,
+    LocalBatch,
+    average_buffers,
+    streamed_batches,
+    training_generators,
+)
 
 SELECT_BY = {"val_loss": "min", "val_auroc": "max"}  # the selection metric and which way is better
 
@@ -39,9 +45,34 @@ class TrainingData:
         return self.val is not None and len(self.val) > 0
 
     @property
+    def rows(self) -> int:
+        return len(self.train)
+
+    @property
     def threshold_images(self) -> torch.Tensor:
         """What the threshold is a percentile of: validation scores, else training scores."""
         return self.val if self.has_val else self.train
+
+
+@dataclass
+class StreamedData:
+    """This worker's share of the class, read while it trains (data_mode=stream): never held all at once.
+
+    train(epoch): this worker's local batches of that epoch (float [n, C, H, W]), as its data pipeline
+    delivers them; validation(): (images, is_anomaly) batches of its share of the validation rows and the
+    validation anomalies. The counts are over all workers; fingerprint identifies the training rows.
+    """
+
+    train: Callable[[int], Iterable[torch.Tensor]]
+    validation: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]]
+    rows: int
+    val_rows: int
+    anomalies: int
+    fingerprint: str
+
+    @property
+    def has_val(self) -> bool:
+        return self.val_rows > 0
 
 
 @dataclass
@@ -54,7 +85,7 @@ class EpochReport:
 
 def train_epochs(
     det: Detector,
-    data: TrainingData,
+    data: TrainingData | StreamedData,
     *,
     epochs: int,
     batch_size: int,
@@ -75,7 +106,10 @@ def train_epochs(
         raise ValueError(f"need epochs >= 1 and batch_size >= 1, got {epochs} and {batch_size}")
     if select_by not in SELECT_BY:
         raise ValueError(f"select_by must be one of {sorted(SELECT_BY)}, got {select_by!r}")
-    fingerprint = data_fingerprint(data.train)
+    streamed = isinstance(data, StreamedData)
+    if streamed and det.stream_problem:
+        raise ValueError(f"data_mode=stream cannot train {det.name}: {det.stream_problem}; use data_mode=memory")
+    fingerprint = data.fingerprint if streamed else data_fingerprint(data.train)
     order, noise = training_generators(seed)
     start_epoch, best = 0, float("inf")
     if resume is not None:
@@ -84,20 +118,26 @@ def train_epochs(
         order.set_state(resume["generator"])
         noise.set_state(resume["noise_generator"])
         start_epoch, best = resume["epoch"] + 1, resume["best_selection_key"]
-    elif det.iterative:
+    elif det.iterative and not streamed:
         det.prepare(data.train, sync)  # e.g. Deep SVDD's centre, before the first step
     last = epochs if det.iterative else 1
 
     for epoch in range(start_epoch, last):
         start = time.perf_counter()
-        if det.iterative:
+        if streamed:
+            metrics = _train_streamed_epoch(det, data, epoch, noise, rank, world_size, sync)
+        elif det.iterative:
             metrics = _train_epoch(det, data, order, noise, batch_size, rank, world_size, sync)
         else:  # fitted in one go; its "validation loss" is the mean validation score
             det.fit(data.train, epochs=epochs, batch_size=batch_size, seed=seed,
                     x_val=data.val if data.has_val else None)
             metrics = {"val_loss": float(np.mean(det.decision_function(data.threshold_images)))}
-        metrics["images_per_s"] = len(data.train) / (time.perf_counter() - start)
-        if data.has_val and data.anomalies is not None and len(data.anomalies):
+        metrics["images_per_s"] = data.rows / (time.perf_counter() - start)
+        if streamed and data.anomalies:
+            normal, anomalous = streamed_scores(det, data, sync)
+            metrics["val_auroc"] = auroc(np.concatenate([normal, anomalous]),
+                                         np.arange(len(normal) + len(anomalous)) >= len(normal))
+        elif not streamed and data.has_val and data.anomalies is not None and len(data.anomalies):
             scores = det.decision_function(torch.cat([data.val, data.anomalies]))
             metrics["val_auroc"] = auroc(scores, np.arange(len(scores)) >= len(data.val))
         if select_by not in metrics:
@@ -121,12 +161,64 @@ def train_epochs(
 def _train_epoch(det: Detector, data: TrainingData, order: torch.Generator, noise: torch.Generator,
                  batch_size: int, rank: int, world_size: int, sync: GradientSync | None) -> dict[str, float]:
     sums = det.train_epoch(data.train, order, noise, batch_size, rank, world_size, sync)
-    totals = torch.tensor(list(sums.values()), dtype=torch.float64)
-    if sync is not None:  # per-worker shares -> global sums (a mean over workers, times their number)
-        sync.mean_([totals])
-        totals *= sync.world_size
+    totals = _global_sums(list(sums.values()), sync)
+    if sync is not None:
         average_buffers(det.model, sync)
     metrics = dict(zip(sums, (totals / len(data.train)).tolist()))
     # Without validation rows the training loss stands in, as the selection metric.
     metrics["val_loss"] = det.validation_loss(data.val) if data.has_val else metrics["loss"]
     return metrics
+
+
+def _train_streamed_epoch(det: Detector, data: StreamedData, epoch: int, noise: torch.Generator, rank: int,
+                          world_size: int, sync: GradientSync | None) -> dict[str, float]:
+    placeholder = torch.zeros(1, det.channels, *det.input_size)
+    trained = 0  # this worker's images (rows that failed to decode never arrive)
+
+    def counted(steps: Iterable[tuple[torch.Tensor, LocalBatch]]):
+        nonlocal trained
+        for x, batch in steps:
+            trained += batch.own
+            yield x, batch
+
+    sums = det.train_batches(counted(streamed_batches(data.train(epoch), placeholder, rank, world_size, sync)),
+                             noise, sync)
+    *totals, images = _global_sums([*sums.values(), trained], sync)
+    if sync is not None:
+        average_buffers(det.model, sync)
+    metrics = {k: float(v / images) for k, v in zip(sums, totals)}
+    if data.has_val:  # the exact mean over every worker's share: sums and counts, all-reduced
+        loss, count = 0.0, 0
+        for x, is_anomaly in data.validation():
+            normal = x[~is_anomaly]
+            if len(normal):
+                loss, count = loss + det.validation_loss(normal) * len(normal), count + len(normal)
+        loss, count = _global_sums([loss, count], sync)
+        metrics["val_loss"] = float(loss / count)
+    else:
+        metrics["val_loss"] = metrics["loss"]
+    return metrics
+
+
+def _global_sums(values: list[float], sync: GradientSync | None) -> np.ndarray:
+    """Per-worker shares -> global sums (a mean over workers, times their number)."""
+    totals = torch.tensor(values, dtype=torch.float64)
+    if sync is not None:
+        sync.mean_([totals])
+        totals *= sync.world_size
+    return totals.numpy()
+
+
+def streamed_scores(det: Detector, data: StreamedData, sync: GradientSync | None) -> tuple[np.ndarray, np.ndarray]:
+    """Scores of every worker's validation rows, gathered: (normal rows, validation anomalies); without
+    validation rows, the training rows' scores stand in for the normal ones (what thresholds are set from)."""
+    scores, flags = [np.zeros(0, np.float32)], [np.zeros(0, bool)]
+    batches = data.validation() if data.has_val else ((x, torch.zeros(len(x), dtype=torch.bool))
+                                                      for x in data.train(0))
+    for x, is_anomaly in batches:
+        scores.append(det.decision_function(x))
+        flags.append(is_anomaly.numpy())
+    mine = np.stack([np.concatenate(scores).astype(np.float64), np.concatenate(flags)])
+    everyone = np.concatenate(sync.gather(mine), axis=1) if sync is not None else mine
+    anomalous = everyone[1].astype(bool)
+    return everyone[0][~anomalous], everyone[0][anomalous]

@@ -9,9 +9,9 @@ workers compute what one process computes on the global batch `batch_size`, what
 The scikit-learn ones (ocsvm, kde) are fitted once, in one worker. This file keeps only Ray's parts:
 the worker's context, its dataset shards, restoring from a checkpoint and ray.train.report.
 
-Input flows through Ray Data (read, keep the selected rows); every worker receives the whole
-selected train and validation rows of the normal class (a one-class set: it must fit in a
-worker's memory) because exact global batches need specific rows on specific workers.
+Input flows through Ray Data (read only the selected rows, decode them in CPU tasks; jobs/train_data.py):
+with data_mode=memory every worker holds the whole class and takes its slice of each global batch; with
+data_mode=stream each worker trains on its share as it arrives (docs/design.md §4).
 Checkpoints (docs/design.md §7) go to local storage or S3 every `checkpoint_every`
 epochs and whenever the selection metric (select_by: val_loss, or val_auroc against other classes'
 train rows) improves; a restarted or resumed run continues from the latest with optimizers,
@@ -27,8 +27,6 @@ import time
 from dataclasses import asdict, dataclass
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import torch
@@ -44,11 +42,8 @@ from gradcon_core.config import (
     local_path,
     plain_name,
 )
-from gradcon_core.images import decode_images
 from gradcon_core.imageset import (
-    IMAGE,
     check_image_set,
-    image_bytes,
     list_parquet_files,
     read_columns,
     recorded_shape,
@@ -57,9 +52,17 @@ from gradcon_core.imageset import (
 from gradcon_core.parallel import AllReduceMean
 from gradcon_core.protocols import Selection, columns_for, labeled_anomalies, select
 from gradcon_core.settings import DetectorSettings
-from gradcon_core.storage import write_bytes
+from gradcon_core.storage import read_bytes, write_bytes
 from gradcon_core.tracking import Tracker, config_params, require, start_run, tracking_uri
-from gradcon_core.training import SELECT_BY, EpochReport, TrainingData, train_epochs
+from gradcon_core.training import SELECT_BY, EpochReport, StreamedData, TrainingData, streamed_scores, train_epochs
+from jobs.train_data import (
+    BatchLog,
+    StreamedShard,
+    all_rows_to_one_worker,
+    decoded_rows,
+    held_rows,
+    resolve_data_mode,
+)
 
 RAY_METRICS = ("time_this_iter_s", "time_total_s")  # Ray's bookkeeping beside the epoch's metrics
 
@@ -77,6 +80,8 @@ class TrainConfig(DetectorSettings, JobSettings):
     select_by: str = "val_loss"  # the best checkpoint: lowest val_loss, or highest val_auroc
     num_workers: int = bounded(2, at_least=1)
     max_train_images: int = 0  # > 0: a seeded random subset of the class's training rows (smoke runs, demos)
+    data_mode: str = "auto"  # memory | stream | auto (jobs/train_data.py); the run's config.yaml records the choice
+    log_batches: bool = False  # stream mode: write each step's row ids under the run (batches/)
     use_gpu: bool = False
     storage: str = local_path("runs")  # local folder or s3://bucket/prefix
     name: str | None = plain_name()  # default gradcon-c<class>-<time>
@@ -86,20 +91,6 @@ class TrainConfig(DetectorSettings, JobSettings):
     fail_at_epoch: int | None = None  # fault drill: raise once at this epoch on rank 0 (tests)
     address: str | None = None
     s3_endpoint: str | None = None
-
-
-def _load_rows(shard, ids: list, channels: int, size: tuple[int, int]) -> torch.Tensor:
-    """The rows with these ids, in this order, decoded to [N, C, H, W]; other and undecodable rows left out."""
-    position = {i: k for k, i in enumerate(ids)}
-    found = np.full(len(ids), False)
-    pixels = np.zeros((len(ids), *size, channels), np.uint8)
-    for batch in shard.iter_batches(batch_format="pyarrow", batch_size=4096):
-        where = [position.get(i) for i in batch.column("id").to_pylist()]
-        decoded, errors = decode_images(image_bytes(batch.column(IMAGE)), channels, size)
-        for k, (pos, err) in enumerate(zip(where, errors)):
-            if pos is not None and err is None:
-                pixels[pos], found[pos] = decoded[k], True
-    return torch.from_numpy(pixels[found]).permute(0, 3, 1, 2).float().div_(255)
 
 
 def train_loop_per_worker(config: dict) -> list[str]:
@@ -114,9 +105,20 @@ def train_loop_per_worker(config: dict) -> list[str]:
     device = ray.train.torch.get_device() if cfg.use_gpu else torch.device("cpu")
     torch.manual_seed(cfg.seed)
     det = cfg.build(config["channels"], config["image_size"], device)
-    rows = {part: _load_rows(ray.train.get_dataset_shard(shard), config[f"{part}_ids"], det.channels, det.input_size)
-            for part, shard in (("train", "train"), ("val", "val"), ("anomaly", "val"))}
-    data = TrainingData(rows["train"], rows["val"], rows["anomaly"])
+    sync = AllReduceMean(world) if world > 1 else None
+    skipped: set = set()  # ids of rows that failed to decode
+    if cfg.data_mode == "stream":
+        log = BatchLog(config["store_fs"], config["run_path"], rank) if cfg.log_batches else None
+        shard = StreamedShard(ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val"),
+                              cfg.batch_size, rank, world, cfg.seed, skipped, log)
+        data = StreamedData(shard.train, shard.validation, rows=len(config["train_ids"]),
+                            val_rows=len(config["val_ids"]), anomalies=len(config["anomaly_ids"]),
+                            fingerprint=config["fingerprint"])
+    else:
+        rows = {part: held_rows(ray.train.get_dataset_shard(shard), config[f"{part}_ids"], det.channels,
+                                det.input_size, skipped)
+                for part, shard in (("train", "train"), ("val", "val"), ("anomaly", "val"))}
+        data = TrainingData(rows["train"], rows["val"], rows["anomaly"])
     restored, resume = ray.train.get_checkpoint(), None
     if restored:
         with restored.as_directory() as d:
@@ -129,22 +131,27 @@ def train_loop_per_worker(config: dict) -> list[str]:
     def report(r: EpochReport) -> None:
         if cfg.fail_at_epoch == r.epoch and restored is None and rank == 0:
             raise RuntimeError(f"fault drill: rank 0 fails at epoch {r.epoch}")
+        if skipped and (rank == 0 or cfg.data_mode == "stream"):  # (memory mode: every rank saw every row)
+            write_bytes(config["store_fs"], f"{config['run_path']}/skipped_rows-rank-{rank}.txt",
+                        "".join(f"{i}\n" for i in sorted(map(str, skipped))).encode())
         metrics = {**r.metrics, "epoch": r.epoch, "epochs": last + 1, "resumed": restored is not None}
         tracker.log_metrics(r.metrics, step=r.epoch)
         if not (r.improved or (r.epoch + 1) % cfg.checkpoint_every == 0 or r.epoch == last):
             ray.train.report(metrics)
             return
+        # The threshold is a percentile of validation scores: in stream mode every rank scores its share.
+        streamed = streamed_scores(det, data, sync)[0] if cfg.data_mode == "stream" else None
         with tempfile.TemporaryDirectory() as d:
             checkpoint = None
             if rank == 0:
-                det.set_threshold(scores=det.decision_function(data.threshold_images),
-                                  percentile=det.threshold_percentile)
+                scores = streamed if streamed is not None else det.decision_function(data.threshold_images)
+                det.set_threshold(scores=scores, percentile=det.threshold_percentile)
                 det.save(d, training_state=r.training_state())
                 checkpoint = Checkpoint.from_directory(d)
             ray.train.report(metrics, checkpoint=checkpoint)
 
     train_epochs(det, data, epochs=cfg.epochs, batch_size=cfg.batch_size, seed=cfg.seed, select_by=cfg.select_by,
-                 rank=rank, world_size=world, sync=AllReduceMean(world) if world > 1 else None, resume=resume,
+                 rank=rank, world_size=world, sync=sync, resume=resume,
                  on_epoch=report)
     # Every rank must end with the same state: a hash of it from each, for the caller to compare.
     digest = hashlib.sha256(b"".join(t.detach().cpu().numpy().tobytes()
@@ -232,8 +239,13 @@ def run(cfg: TrainConfig, callbacks: list | None = None, tracking_parent: dict |
     train_ids, val_ids, anomaly_ids = rows["train"], rows["val"], rows["anomalies"]
     shape = cfg.image_shape(recorded_shape(data_path, data_fs),
                             lambda: take_rows(data_path, sel.train[:1], filesystem=data_fs).images[0])
-    if not cfg.build(shape.channels, shape.image_size).iterative and cfg.num_workers != 1:
+    probe = cfg.build(shape.channels, shape.image_size)
+    if not probe.iterative and cfg.num_workers != 1:
         raise ValueError(f"{cfg.detector} is fitted in one process (scikit-learn): use num_workers=1")
+    cfg.data_mode = resolve_data_mode(cfg.data_mode, len(train_ids), shape.channels, shape.image_size)
+    if cfg.data_mode == "stream" and probe.stream_problem:
+        raise ValueError(f"data_mode=stream cannot train {cfg.detector}: {probe.stream_problem}; "
+                         "use data_mode=memory")
 
     if not ray.is_initialized():
         init_ray(cfg.address, min_cpus=cfg.num_workers + 2)  # an embedded Ray is sized for the check below
@@ -243,15 +255,6 @@ def run(cfg: TrainConfig, callbacks: list | None = None, tracking_parent: dict |
     if cfg.num_workers + 2 > cpus or (cfg.use_gpu and cfg.num_workers > ray.cluster_resources().get("GPU", 0)):
         raise ValueError(f"{cfg.num_workers} worker(s) (+2 CPUs for reading) do not fit this cluster "
                          f"({cpus:g} CPUs, {ray.cluster_resources().get('GPU', 0):g} GPUs)")
-
-    def rows_with(wanted: list[str]):
-        value_set = pa.array(wanted)  # string or int64 ids, as the image set stores them
-
-        def only_selected(batch: pa.Table) -> pa.Table:
-            return batch.filter(pc.is_in(batch.column("id"), value_set=value_set))
-
-        return ray.data.read_parquet(files, filesystem=data_fs).select_columns(["id", IMAGE]).map_batches(
-            only_selected, batch_format="pyarrow")
 
     store_fs, store_path = filesystem_for(cfg.storage, options)
     if cfg.resume and store_fs.get_file_info(f"{store_path}/{cfg.resume}").type == pafs.FileType.NotFound:
@@ -264,15 +267,20 @@ def run(cfg: TrainConfig, callbacks: list | None = None, tracking_parent: dict |
                         parent_run_id=parent.get("run_id"))
     tracker.log_params(config_params(cfg))
     worker_tracking = tracker.run_id and {"name": name, "uri": tracker.uri, "parent_run_id": parent.get("run_id")}
+    size = tuple(shape.image_size)
+    datasets = {"train": decoded_rows(files, data_fs, train_ids, shape.channels, size),
+                "val": decoded_rows(files, data_fs, val_ids + anomaly_ids, shape.channels, size, anomaly_ids)}
+    fingerprint = hashlib.sha256("\n".join(map(str, train_ids)).encode()).hexdigest()[:16]
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": asdict(cfg), "train_ids": train_ids, "val_ids": val_ids,
-                           "anomaly_ids": anomaly_ids, "channels": shape.channels,
-                           "image_size": list(shape.image_size), "tracking": worker_tracking},
+                           "anomaly_ids": anomaly_ids, "channels": shape.channels, "fingerprint": fingerprint,
+                           "image_size": list(size), "tracking": worker_tracking,
+                           "store_fs": store_fs, "run_path": f"{store_path}/{name}"},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu),
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
-        datasets={"train": rows_with(train_ids), "val": rows_with(val_ids + anomaly_ids)},
-        dataset_config=DataConfig(datasets_to_split=[]),
+        datasets=datasets,
+        dataset_config=all_rows_to_one_worker() if cfg.data_mode == "stream" else DataConfig(datasets_to_split=[]),
         run_config=RunConfig(name=name, storage_path=store_path, storage_filesystem=store_fs if is_s3 else None,
                              failure_config=FailureConfig(max_failures=cfg.max_failures),
                              callbacks=[*(callbacks or []), *([] if cfg.quiet else [epoch_lines()])],
@@ -291,7 +299,12 @@ def run(cfg: TrainConfig, callbacks: list | None = None, tracking_parent: dict |
         tracker.log_metrics({f"final_{k}": v for k, v in result.metrics.items()
                              if isinstance(v, float) and k not in RAY_METRICS})
         tracker.set_checkpoint(uri)
-    print(f"run {name}: final val J {result.metrics['val_loss']:.6g}; best checkpoint: {uri}")
+    skipped = [i.path for i in store_fs.get_file_info(pafs.FileSelector(f"{store_path}/{name}"))
+               if i.base_name.startswith("skipped_rows-")]
+    if skipped:
+        count = len(set().union(*(read_bytes(store_fs, p).decode().splitlines() for p in skipped)))
+        print(f"run {name}: {count} row(s) could not be decoded and were left out; ids in {', '.join(skipped)}")
+    print(f"run {name} ({cfg.data_mode} data): final val J {result.metrics['val_loss']:.6g}; best checkpoint: {uri}")
     return result, uri
 
 

@@ -1,10 +1,12 @@
 """The Ray Train job: N workers compute what one process computes on the global batch."""
+import json
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet  # noqa: F401  (pa.parquet)
+import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
@@ -16,9 +18,10 @@ from gradcon_core.checkpoint import load_checkpoint
 from gradcon_core.defects import DefectCounts, defect_tables
 from gradcon_core.images import decode_images, encode_png
 from gradcon_core.imageset import ImageShape, take_rows, write_image_set
+from gradcon_core.parallel import streamed_batches, training_generators
 from gradcon_core.protocols import select
 from gradcon_core.tracking import CHECKPOINT_TAG
-from jobs.train import TrainConfig, run
+from jobs.train import TrainConfig, run, training_rows
 
 
 @pytest.fixture(scope="module")
@@ -80,6 +83,45 @@ def test_two_workers_equal_one_worker_and_the_single_process_fit(ray_local, zero
     # ... and writes no checkpoint folder of its own: storage holds the 2 epochs' folders Ray Train lists.
     held = {str(p) for p in (tmp_path / "two").glob("checkpoint_*") if p.is_dir()}
     assert held == {c.path for c, _ in again.best_checkpoints} and len(held) == 2
+
+
+def test_stream_mode_steps_replay_in_one_process_and_bad_rows_are_listed(ray_local, zeros_set, tmp_path, capsys):
+    """data_mode=stream: two workers train from their own shards; the logged global batches (rank 0's local
+    batch, then rank 1's), replayed in one process, give the same weights and references."""
+    table = pq.read_table(zeros_set)
+    broken = pa.table({"id": ["broken"], "image": pa.array([b"not an image"], pa.binary()),
+                       "label": pa.array([0], pa.int64()), "split": ["train"]})
+    data = tmp_path / "set"
+    write_image_set(str(data), pa.concat_tables([table.select(broken.column_names), broken]), rows_per_file=50)
+    cfg = TrainConfig(data=str(data), normal_class=0, epochs=2, batch_size=16, num_workers=2, storage=str(tmp_path),
+                      name="stream", data_mode="stream", log_batches=True)
+    result, _ = run(cfg)
+    run_dir = tmp_path / "stream"
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["data_mode"] == "stream"
+    skipped = sorted(run_dir.glob("skipped_rows-rank-*.txt"))
+    assert {p.read_text() for p in skipped} == {"broken\n"}  # (a row can reach either worker in an epoch)
+    assert "1 row(s) could not be decoded" in capsys.readouterr().out
+
+    from gradcon_core.imageset import read_columns
+    ids = read_columns(str(data), ["id"]).column("id").to_pylist()
+    pixels, _ = decode_images(take_rows(str(data), np.arange(len(ids))).images, 1, (28, 28))
+    by_id = dict(zip(ids, torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255))
+    torch.manual_seed(0)
+    single = GradConDetector(create_model("gradcon_cae"), device="cpu")
+    _, noise = training_generators(0)
+    trained = []
+    for epoch in range(2):
+        ranks = [json.loads((run_dir / "batches" / f"epoch-{epoch:04d}-rank-{r}.json").read_text()) for r in (0, 1)]
+        steps = [sum((r[t] for r in ranks if t < len(r)), []) for t in range(max(map(len, ranks)))]
+        trained.append(sorted(i for step in steps for i in step))
+        batches = [torch.stack([by_id[i] for i in step]) for step in steps]
+        single.train_batches(streamed_batches(batches, placeholder=batches[0][:1]), noise)
+    # Every decodable training row once per epoch, none twice (Ray's equal split would drop rows).
+    _, selected = training_rows(cfg, str(data), pafs.LocalFileSystem())
+    assert trained[0] == trained[1] == sorted(set(selected["train"]) - {"broken"})
+    streamed = _tensors(result.checkpoint)
+    for k, v in single.state_tensors().items():
+        torch.testing.assert_close(streamed[k].double(), v.double(), rtol=1e-5, atol=1e-5, msg=k)
 
 
 def test_rgb_64_two_workers_equal_one_process_and_score_resizes_96_to_the_checkpoint(ray_local, tmp_path, capsys):

@@ -77,6 +77,12 @@ class GradConDetector(NeuralDetector):
                          gamma=self.gamma)
         return {"loss": s.loss, "recon": s.recon, "grad_loss": s.grad_loss}  # tensors: summed on the device
 
+    @property
+    def stream_problem(self) -> str | None:
+        if self.attack.enabled and self.attack.refresh == "epoch":
+            return "attack_refresh=epoch crafts the whole class's adversarial images before each epoch"
+        return super().stream_problem
+
     def begin_epoch(self, x: torch.Tensor, batches: list[LocalBatch], noise: torch.Generator) -> None:
         if not (self.attack.enabled and self.attack.refresh == "epoch"):
             return

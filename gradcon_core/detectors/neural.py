@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from collections.abc import Iterable
 
 import numpy as np
 import torch
@@ -185,11 +186,24 @@ class NeuralDetector(Detector):
         order_here = torch.randperm(len(x), generator=order).to(x.device)
         batches = local_batches(order_here, batch_size, rank, world_size)
         self.begin_epoch(x, batches, noise)
+        return self.train_batches(((x[batch.rows], batch) for batch in batches), noise, sync)
+
+    def train_batches(self, steps: Iterable[tuple[torch.Tensor, LocalBatch]], noise: torch.Generator,
+                      sync: GradientSync | None = None) -> dict[str, float]:
+        """Steps on (this worker's images, its LocalBatch) pairs: an epoch's, or stream mode's as they arrive
+        (parallel.streamed_batches); returns this worker's share of the sums over images of the steps' values."""
+        self.model.train()
         sums: dict = {}
-        for batch in batches:
-            for k, v in self.train_batch(x[batch.rows].to(self.device), batch, noise, sync).items():
+        for x, batch in steps:
+            for k, v in self.train_batch(x.to(self.device), batch, noise, sync).items():
                 sums[k] = sums.get(k, 0.0) + v * batch.own
         return {k: float(v) for k, v in sums.items()}
+
+    @property
+    def stream_problem(self) -> str | None:
+        if type(self).prepare is not Detector.prepare:
+            return f"{self.name} computes state from the whole class before training (prepare)"
+        return None
 
     def _on_device(self, x: torch.Tensor) -> torch.Tensor:
         if self.device.type != "cuda":

@@ -1,0 +1,154 @@
+"""The train job's input: Ray Data reads and decodes the class's rows; a worker holds them or streams them.
+
+Both modes read the same way: only the selected rows (an `id` filter that Ray pushes into the parquet
+read, so other rows' images are skipped by row group where the statistics allow) and only the `id` and
+image columns, decoded and resized by Ray Data CPU tasks, not in the training workers. Rows that fail
+to decode reach the workers as errors: they are left out and listed by id (skipped_rows).
+
+- data_mode=memory: every worker receives every selected row and holds the class as one tensor; each
+  step's slice is cut from a shared permutation, bit-identical to single-process `fit` with the seed.
+- data_mode=stream: the rows are split across workers (every row to exactly one worker, per epoch), each
+  worker trains on its share as it arrives, mixed in a shuffle buffer seeded by (seed, epoch, rank):
+  memory grows with the buffer, not the class. Each step is still exactly the step one process takes on
+  the union of the workers' local batches (gradcon_core/parallel.py streamed_batches); which rows meet
+  in a step is Ray Data's choice (which blocks reach which worker), so two runs need not take the same
+  steps. log_batches=true writes each step's ids (batches/epoch-E-rank-R.json under the run).
+- data_mode=auto: stream when the class's decoded training images would take more than STREAM_ABOVE_BYTES
+  in a worker (float32), memory below.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import torch
+
+from gradcon_core.images import decode_images
+from gradcon_core.imageset import IMAGE, image_bytes
+from gradcon_core.storage import write_bytes
+
+DATA_MODES = ("auto", "memory", "stream")
+STREAM_ABOVE_BYTES = 1 << 30  # auto: a class whose float32 images pass 1 GiB per worker is streamed
+SHUFFLE_BUFFER_BATCHES = 8  # stream mode mixes rows within this many local batches
+
+
+def resolve_data_mode(mode: str, rows: int, channels: int, size: tuple[int, int]) -> str:
+    if mode not in DATA_MODES:
+        raise ValueError(f"data_mode must be one of {', '.join(DATA_MODES)}, got {mode!r}")
+    if mode != "auto":
+        return mode
+    return "stream" if rows * channels * size[0] * size[1] * 4 > STREAM_ABOVE_BYTES else "memory"
+
+
+def decoded_rows(files: list[str], fs: pafs.FileSystem, ids: list, channels: int, size: tuple[int, int],
+                 anomaly_ids: list | tuple = ()):
+    """A Ray Dataset of the rows with these ids: id, pixels (uint8 [H, W, C]), error ("" if none), anomaly."""
+    import ray.data
+    from ray.data.expressions import col
+
+    return (ray.data.read_parquet(files, filesystem=fs).select_columns(["id", IMAGE])
+            .filter(expr=col("id").is_in(list(ids)))
+            .map_batches(_decode, batch_format="pyarrow",
+                         fn_kwargs={"channels": channels, "size": size, "anomalies": frozenset(anomaly_ids)}))
+
+
+def _decode(batch: pa.Table, channels: int, size: tuple[int, int], anomalies: frozenset) -> dict[str, np.ndarray]:
+    pixels, errors = decode_images(image_bytes(batch.column(IMAGE)), channels, size)
+    ids = batch.column("id").to_pylist()
+    # "" for no error: a column of Nones would reach the workers as NaNs.
+    return {"id": np.asarray(ids, dtype=object), "pixels": pixels, "error": np.asarray([e or "" for e in errors]),
+            "anomaly": np.asarray([i in anomalies for i in ids], dtype=bool)}
+
+
+def as_images(pixels: np.ndarray) -> torch.Tensor:
+    """uint8 [N, H, W, C] -> float [N, C, H, W] in [0, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(pixels)).permute(0, 3, 1, 2).float().div_(255)
+
+
+def held_rows(shard, ids: list, channels: int, size: tuple[int, int], skipped: set) -> torch.Tensor:
+    """Memory mode: the rows with these ids, in this order, as one tensor; rows that failed are added to skipped."""
+    position = {i: k for k, i in enumerate(ids)}
+    found = np.full(len(ids), False)
+    pixels = np.zeros((len(ids), *size, channels), np.uint8)
+    for batch in shard.iter_batches(batch_format="numpy", batch_size=4096):
+        for k, (i, err) in enumerate(zip(batch["id"].tolist(), batch["error"])):
+            pos = position.get(i)
+            if pos is None:
+                continue
+            if not err:
+                pixels[pos], found[pos] = batch["pixels"][k], True
+            else:
+                skipped.add(i)
+    return as_images(pixels[found])
+
+
+class StreamedShard:
+    """Stream mode: one worker's share of the train and validation rows, read again every epoch."""
+
+    def __init__(self, train, val, batch_size: int, rank: int, world: int, seed: int, skipped: set,
+                 log: BatchLog | None = None):
+        self.train_shard, self.val_shard, self.skipped, self.log = train, val, skipped, log
+        self.local_batch = len(range(rank, batch_size, world))  # the global batch's share of this rank
+        self.rank, self.seed = rank, seed
+
+    def train(self, epoch: int) -> Iterator[torch.Tensor]:
+        batches = self.train_shard.iter_batches(
+            batch_format="numpy", batch_size=self.local_batch, prefetch_batches=2,
+            local_shuffle_buffer_size=SHUFFLE_BUFFER_BATCHES * self.local_batch,
+            local_shuffle_seed=(self.seed * 1_000_003 + epoch) * 1009 + self.rank)
+        for batch in batches:
+            ok = self._good(batch)
+            if self.log is not None:
+                self.log.add(batch["id"][ok].tolist())
+            yield as_images(batch["pixels"][ok])
+        if self.log is not None:
+            self.log.flush(epoch)
+
+    def validation(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for batch in self.val_shard.iter_batches(batch_format="numpy", batch_size=256, prefetch_batches=1):
+            ok = self._good(batch)
+            yield as_images(batch["pixels"][ok]), torch.from_numpy(batch["anomaly"][ok])
+
+    def _good(self, batch: dict[str, np.ndarray]) -> np.ndarray:
+        ok = batch["error"] == ""
+        self.skipped.update(batch["id"][~ok].tolist())
+        return ok
+
+
+class BatchLog:
+    """log_batches=true: the ids of each of this worker's steps, one JSON file per epoch and rank."""
+
+    def __init__(self, fs: pafs.FileSystem, run_path: str, rank: int):
+        self.fs, self.run_path, self.rank, self.steps = fs, run_path, rank, []
+
+    def add(self, ids: list[Any]) -> None:
+        self.steps.append(ids)
+
+    def flush(self, epoch: int) -> None:
+        path = f"{self.run_path}/batches/epoch-{epoch:04d}-rank-{self.rank}.json"
+        write_bytes(self.fs, path, json.dumps(self.steps).encode())
+        self.steps = []
+
+
+def all_rows_to_one_worker():
+    """Ray Train's DataConfig with streaming_split(equal=False): every row reaches exactly one worker. Ray's
+    default (equal=True) drops up to N-1 rows per epoch to give workers equal counts; stream mode needs no
+    equal counts (a worker that runs out joins with weight 0) and so loses no row."""
+    from ray.train import DataConfig
+
+    class AllRows(DataConfig):
+        def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
+            output = [{} for _ in range(world_size)]
+            for name, ds in datasets.items():
+                ds = ds.copy(ds)
+                ds.context.execution_options = self._resolve_execution_options(name)
+                hints = worker_node_ids if self._enable_shard_locality else None
+                for rank, split in enumerate(ds.streaming_split(world_size, equal=False, locality_hints=hints)):
+                    output[rank][name] = split
+            return output
+
+    return AllRows()
