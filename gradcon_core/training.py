@@ -59,11 +59,14 @@ class StreamedData:
     """This worker's share of the class, read while it trains (data_mode=stream): never held all at once.
 
     train(epoch): this worker's local batches of that epoch (float [n, C, H, W]), as its data pipeline
-    delivers them; validation(): (images, is_anomaly) batches of its share of the validation rows and the
-    validation anomalies. The counts are over all workers; fingerprint identifies the training rows.
+    delivers them; train_rows(): its share of the training rows once more, in any batches (what a threshold
+    is set from when there are no validation rows); validation(): (images, is_anomaly) batches of its share
+    of the validation rows and the validation anomalies. The counts are over all workers; fingerprint
+    identifies the training rows.
     """
 
     train: Callable[[int], Iterable[torch.Tensor]]
+    train_rows: Callable[[], Iterable[torch.Tensor]]
     validation: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]]
     rows: int
     val_rows: int
@@ -194,9 +197,8 @@ def _train_streamed_epoch(det: Detector, data: StreamedData, epoch: int, noise: 
             if len(normal):
                 loss, count = loss + det.validation_loss(normal) * len(normal), count + len(normal)
         loss, count = _global_sums([loss, count], sync)
-        metrics["val_loss"] = float(loss / count)
-    else:
-        metrics["val_loss"] = metrics["loss"]
+    # Without validation rows (or none that decoded) the training loss stands in, as the selection metric.
+    metrics["val_loss"] = float(loss / count) if data.has_val and count else metrics["loss"]
     return metrics
 
 
@@ -214,10 +216,11 @@ def streamed_scores(det: Detector, data: StreamedData, sync: GradientSync | None
     validation rows, the training rows' scores stand in for the normal ones (what thresholds are set from)."""
     scores, flags = [np.zeros(0, np.float32)], [np.zeros(0, bool)]
     batches = data.validation() if data.has_val else ((x, torch.zeros(len(x), dtype=torch.bool))
-                                                      for x in data.train(0))
+                                                      for x in data.train_rows())
     for x, is_anomaly in batches:
-        scores.append(det.decision_function(x))
-        flags.append(is_anomaly.numpy())
+        if len(x):  # (a batch whose rows all failed to decode is empty)
+            scores.append(det.decision_function(x))
+            flags.append(is_anomaly.numpy())
     mine = np.stack([np.concatenate(scores).astype(np.float64), np.concatenate(flags)])
     everyone = np.concatenate(sync.gather(mine), axis=1) if sync is not None else mine
     anomalous = everyone[1].astype(bool)

@@ -111,7 +111,7 @@ def train_loop_per_worker(config: dict) -> list[str]:
         log = BatchLog(config["store_fs"], config["run_path"], rank) if cfg.log_batches else None
         shard = StreamedShard(ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val"),
                               cfg.batch_size, rank, world, cfg.seed, skipped, log)
-        data = StreamedData(shard.train, shard.validation, rows=len(config["train_ids"]),
+        data = StreamedData(shard.train, shard.train_rows, shard.validation, rows=len(config["train_ids"]),
                             val_rows=len(config["val_ids"]), anomalies=len(config["anomaly_ids"]),
                             fingerprint=config["fingerprint"])
     else:

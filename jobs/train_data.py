@@ -108,6 +108,10 @@ class StreamedShard:
         if self.log is not None:
             self.log.flush(epoch)
 
+    def train_rows(self) -> Iterator[torch.Tensor]:
+        for batch in self.train_shard.iter_batches(batch_format="numpy", batch_size=256, prefetch_batches=1):
+            yield as_images(batch["pixels"][self._good(batch)])
+
     def validation(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for batch in self.val_shard.iter_batches(batch_format="numpy", batch_size=256, prefetch_batches=1):
             ok = self._good(batch)

