@@ -107,6 +107,7 @@ def train_loop_per_worker(config: dict) -> list[str]:
     det = cfg.build(config["channels"], config["image_size"], device)
     sync = AllReduceMean(world) if world > 1 else None
     skipped: set = set()  # ids of rows that failed to decode
+    listed = 0  # how many of them this rank's skipped_rows file lists
     if cfg.data_mode == "stream":
         log = BatchLog(config["store_fs"], config["run_path"], rank) if cfg.log_batches else None
         shard = StreamedShard(ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val"),
@@ -129,11 +130,15 @@ def train_loop_per_worker(config: dict) -> list[str]:
     tracker = start_run("mlflow", **config["tracking"]) if rank == 0 and config["tracking"] else Tracker()
 
     def report(r: EpochReport) -> None:
+        nonlocal listed
         if cfg.fail_at_epoch == r.epoch and restored is None and rank == 0:
             raise RuntimeError(f"fault drill: rank 0 fails at epoch {r.epoch}")
-        if skipped and (rank == 0 or cfg.data_mode == "stream"):  # (memory mode: every rank saw every row)
+        # Written when it grows (memory mode: once, by rank 0, as every rank saw every row; stream mode: a row
+        # can reach another rank in a later epoch).
+        if len(skipped) > listed and (rank == 0 or cfg.data_mode == "stream"):
             write_bytes(config["store_fs"], f"{config['run_path']}/skipped_rows-rank-{rank}.txt",
                         "".join(f"{i}\n" for i in sorted(map(str, skipped))).encode())
+            listed = len(skipped)
         metrics = {**r.metrics, "epoch": r.epoch, "epochs": last + 1, "resumed": restored is not None}
         tracker.log_metrics(r.metrics, step=r.epoch)
         if not (r.improved or (r.epoch + 1) % cfg.checkpoint_every == 0 or r.epoch == last):

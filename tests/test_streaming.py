@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from gradcon_core.metrics import auroc
 from gradcon_core.parallel import streamed_batches, training_generators
 from gradcon_core.registry import create_detector
 from gradcon_core.training import StreamedData, train_epochs
@@ -102,7 +103,6 @@ def test_two_streaming_workers_take_the_steps_of_one_process_on_the_union_of_the
     final = workers[0]["reports"][-1]
     assert final["val_loss"] == pytest.approx(single.validation_loss(images[VAL]), rel=1e-5 if name == "cae" else 1e-2)
     scores = single.decision_function(images[VAL + ANOMALIES])
-    from gradcon_core.metrics import auroc
     assert final["val_auroc"] == pytest.approx(auroc(scores, np.arange(len(scores)) >= len(VAL)), abs=1e-6)
     timing = {"images_per_s"}
     assert {k: v for k, v in workers[1]["reports"][-1].items() if k not in timing} == {
