@@ -109,25 +109,29 @@ def test_stream_mode_steps_replay_in_one_process_and_bad_rows_are_listed(ray_loc
     torch.manual_seed(0)
     single = GradConDetector(create_model("gradcon_cae"), device="cpu")
     _, noise = training_generators(0)
-    trained = []
+    trained, steps_taken = [], 0
     for epoch in range(2):
         ranks = [json.loads((run_dir / "batches" / f"epoch-{epoch:04d}-rank-{r}.json").read_text()) for r in (0, 1)]
         steps = [sum((r[t] for r in ranks if t < len(r)), []) for t in range(max(map(len, ranks)))]
         trained.append(sorted(i for step in steps for i in step))
         batches = [torch.stack([by_id[i] for i in step]) for step in steps]
+        steps_taken += len(batches)
         single.train_batches(streamed_batches(batches, placeholder=batches[0][:1]), noise)
     # Every decodable training row once per epoch, none twice (Ray's equal split would drop rows).
     _, selected = training_rows(cfg, str(data), pafs.LocalFileSystem())
     assert trained[0] == trained[1] == sorted(set(selected["train"]) - {"broken"})
-    # Here 5e-7 to 6e-7 in two runs; the tolerance is the 64x64 test's. Which rows meet in a step changes from
-    # run to run, and a lopsided split (one worker's half-batch against the whole of the other's) sums a step's
-    # gradient in another order; where a weight's gradient is a cancellation of larger terms, Adam's
-    # normalisation turns that float noise into a visible difference (one CI run failed at atol 1e-5).
-    # tests/test_streaming.py holds the same contract to 1e-5 on fixed shards.
+    # Which rows meet in a step changes from run to run, and a lopsided split (one worker's half-batch against the
+    # whole of the other's) sums a step's gradient in another order. Where a weight's gradient is ~0 (a cancellation
+    # of larger terms), Adam divides it by its own size, so float noise in its sign moves that one weight by up to
+    # about lr per step: CI saw one weight of 32,768 off by 3.3e-4. So: nearly every weight to 1e-5, none beyond
+    # twice Adam's bound on a step (lr (1 - beta1) / sqrt(1 - beta2) = 3.2 lr, early on) per step. A wrong step (weighting, rows, references) moves most weights, not a handful.
+    # tests/test_streaming.py holds every weight to 1e-5 on fixed shards.
     streamed = _tensors(result.checkpoint)
     for k, v in single.state_tensors().items():
-        torch.testing.assert_close(streamed[k].double(), v.double(), rtol=1e-5, atol=2e-4,
-                                   msg=lambda m, k=k: f"{k}: {m}")
+        diff = (streamed[k].double() - v.double()).abs()
+        loose = diff > 1e-5 + 1e-5 * v.double().abs()
+        assert int(loose.sum()) <= max(1, v.numel() // 1000), f"{k}: {int(loose.sum())} of {v.numel()} differ"
+        assert float(diff.max()) <= 2 * 3.2e-3 * steps_taken, f"{k}: {float(diff.max())}"
 
 
 def test_rgb_64_two_workers_equal_one_process_and_score_resizes_96_to_the_checkpoint(ray_local, tmp_path, capsys):
