@@ -40,6 +40,8 @@ def plan(gpu: bool, quick: bool) -> dict[str, list[str]]:
         "score_pipeline": (["--rows", "4000", "--files", "4"] if quick else [])
         + (["--gpus-per-actor", "1"] if gpu else []),
         "train_scaling": ["--epochs", "1", "--steps", "10"] if quick else [],
+        "stream_memory": ["--rows", "300,1200", "--image-size", "32"] if quick else [],
+        "two_nodes": ["--rows", "100", "--epochs", "1"] if quick else [],
         "reproduce": ["--epochs", "1", "--classes", "0,1"] if quick else ["--epochs", "3"],
         "tune_arae": ["--classes", "0", "--trials", "2", "--epochs", "1", "--train-images", "300",
                       "--attack-steps", "3"] if quick else [],

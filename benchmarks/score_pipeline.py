@@ -1,12 +1,13 @@
 """Scoring pipeline: the Ray Data job vs a bare single-process loop over the same files, and memory.
 
-python benchmarks/score_pipeline.py [--rows 200000] [--files 8] [--concurrency 2]
+python benchmarks/score_pipeline.py [--rows 200000] [--files 8] [--concurrency 2] [--decode actor,tasks]
 
 The image set is synthetic but realistic: real MNIST test digits, shifted and noised so no two
 rows are the same, PNG-encoded, split over several parquet files. Both paths read parquet,
 decode, compute vectorized GradCon scores and write a result table with the same code
 (gradcon_core.result_table). Peak memory is the largest sum of the resident memory of this
-process and all its children (Ray's workers), sampled every 0.2 s, at 1x and 10x the rows.
+process and all its children (Ray's workers), sampled every 0.2 s, at 1x and 10x the rows. With several
+--decode choices (the score job's decode=actor|tasks), each runs on the same sets, side by side.
 """
 from __future__ import annotations
 
@@ -130,6 +131,7 @@ def main() -> None:
                         help="logical CPUs of the embedded Ray (default: cores + 1, room for the reads)")
     parser.add_argument("--batch-size", type=int, default=512)
     parser.add_argument("--gpus-per-actor", type=float, default=0.0)
+    parser.add_argument("--decode", default="auto", help="the score job's decode setting(s), comma-separated")
     parser.add_argument("--mnist", default="data/mnist")
     parser.add_argument("--work", default="runs/bench-score")
     parser.add_argument("--split-only", default=None, metavar="DEVICE",
@@ -162,20 +164,22 @@ def main() -> None:
     from jobs.score import ScoreConfig, run
 
     init_ray("local", num_cpus=args.ray_cpus or os.cpu_count() + 1, log_to_driver=False)
-    rates, peaks = {}, {}
-    for name, data in (("1x", small), ("10x", big)):
-        out = work / f"out-ray-{name}"
-        if out.exists():
-            for p in out.iterdir():
-                p.unlink()
-        with PeakMemory() as mem:
-            summary = run(ScoreConfig(model=str(model), input=str(data), output=str(out), batch_size=args.batch_size,
-                                      concurrency=args.concurrency, cpus_per_actor=args.cpus_per_actor,
-                                      gpus_per_actor=args.gpus_per_actor))
-        rates[name], peaks[name] = summary["images_per_s"], mem.peak / 2**20
-        print(f"  Ray Data job, {name:<3} rows      {rates[name]:>9,.0f} images/s  peak memory {peaks[name]:,.0f} MiB")
-    print(f"Ray job / bare loop (10x rows) = {rates['10x'] / (args.rows / bare):.2f}   "
-          f"peak memory 10x / 1x = {peaks['10x'] / peaks['1x']:.2f}")
+    for decode in args.decode.split(","):
+        rates, peaks = {}, {}
+        for name, data in (("1x", small), ("10x", big)):
+            out = work / f"out-ray-{name}"
+            if out.exists():
+                for p in out.iterdir():
+                    p.unlink()
+            with PeakMemory() as mem:
+                summary = run(ScoreConfig(model=str(model), input=str(data), output=str(out), decode=decode,
+                                          batch_size=args.batch_size, concurrency=args.concurrency,
+                                          cpus_per_actor=args.cpus_per_actor, gpus_per_actor=args.gpus_per_actor))
+            rates[name], peaks[name] = summary["images_per_s"], mem.peak / 2**20
+            print(f"  Ray Data job, decode={decode}, {name:<3} rows  {rates[name]:>9,.0f} images/s  "
+                  f"peak memory {peaks[name]:,.0f} MiB")
+        print(f"decode={decode}: Ray job / bare loop (10x rows) = {rates['10x'] / (args.rows / bare):.2f}   "
+              f"peak memory 10x / 1x = {peaks['10x'] / peaks['1x']:.2f}")
     ray.shutdown()
 
 

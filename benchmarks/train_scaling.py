@@ -1,6 +1,6 @@
 """Training throughput at 1 and 2 Ray Train workers, and what our gradient sync costs next to DDP's.
 
-python benchmarks/train_scaling.py [--data data/sets/mnist] [--epochs 2] [--sync-only]
+python benchmarks/train_scaling.py [--data data/sets/mnist] [--epochs 2] [--sync-only] [--projection-only]
 
 Part 1 runs the real job (jobs/train.py) on one MNIST class and reads images/s of its last epoch.
 Part 2 times, in two gloo processes without Ray, one step of: (a) GradCon with our sync
@@ -8,6 +8,9 @@ Part 2 times, in two gloo processes without Ray, one step of: (a) GradCon with o
 (b) a plain autoencoder step with our all-reduce of the gradients (one flat tensor), (c) the same plain step
 under DDP (bucketed, overlapped all-reduce). (b)/(c) is the price of not using DDP's reducer;
 (a)/(b) is the GradCon step itself.
+Part 3 (also alone, --projection-only) is arithmetic, not a measurement: from the network's real all-reduce
+sizes at each image size, the communication of one GradCon step at 8 GPUs in one node and 64 GPUs in eight,
+under the link figures in PROJECTED_LINKS, and the compute per step at which it is 10% of the step.
 """
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from gradcon_core import create_model  # noqa: E402
-from gradcon_core.objective import ReferenceGradients, gradcon_step  # noqa: E402
+from gradcon_core.objective import ReferenceGradients, constraint_layers, gradcon_step  # noqa: E402
 from gradcon_core.parallel import AllReduceMean  # noqa: E402
 
 
@@ -103,6 +106,32 @@ def job_scaling(data: str, epochs: int, normal_class: int) -> None:
           f"2 workers {rates[2]:,.0f} images/s -> {rates[2] / rates[1]:.2f}x on {os.cpu_count()} cores")
 
 
+# Assumed NCCL all-reduce figures for 1-8 MB messages (bus bandwidth in bytes/s, latency in s): what published
+# nccl-tests runs show for H100s on NVLink in one node and on 400 Gb/s InfiniBand across nodes, rounded down.
+# Assumptions, not measurements: replace them with your cluster's nccl-tests numbers.
+PROJECTED_LINKS = {8: ("8 GPUs, one node (NVLink)", 100e9, 20e-6), 64: ("64 GPUs, 8 nodes (InfiniBand)", 20e9, 50e-6)}
+
+
+def allreduce_seconds(nbytes: int, workers: int, bus_bandwidth: float, latency: float) -> float:
+    """A ring all-reduce: every worker sends and receives 2 (N - 1) / N of the message, plus a fixed latency."""
+    return latency + nbytes * 2 * (workers - 1) / workers / bus_bandwidth
+
+
+def projection(sizes: list[tuple[int, int]]) -> None:
+    """Per GradCon step: the inner all-reduce (the constrained weights' gradients, forward and backward) and the
+    final one (every gradient), one after the other, as the step cannot overlap them."""
+    print("PROJECTION (arithmetic from the all-reduce sizes and the assumed links in PROJECTED_LINKS):")
+    for size, channels in sizes:
+        model = create_model("gradcon_cae", in_channels=channels, image_size=size)
+        final = 4 * sum(p.numel() for p in model.parameters())
+        inner = 4 * sum(layer.weight.numel() for layer in constraint_layers(model))
+        for workers, (where, bandwidth, latency) in PROJECTED_LINKS.items():
+            comm = 2 * allreduce_seconds(inner, workers, bandwidth, latency) + allreduce_seconds(
+                final, workers, bandwidth, latency)
+            print(f"  {size}x{size}x{channels}: inner {inner / 2**20:.2f} MiB x2, final {final / 2**20:.2f} MiB; "
+                  f"{where}: {1e3 * comm:.2f} ms per step; 90% efficiency needs >= {9e3 * comm:.1f} ms compute")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default="data/sets/mnist")
@@ -111,7 +140,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--sync-only", action="store_true")
+    parser.add_argument("--projection-only", action="store_true")
+    parser.add_argument("--sizes", default="28:1,64:3,128:3,256:3", help="projection: SIZE:CHANNELS,...")
     args = parser.parse_args()
+    projection([tuple(int(v) for v in s.split(":")) for s in args.sizes.split(",")])
+    if args.projection_only:
+        return
     sync_costs(args.steps, args.batch)
     if not args.sync_only:
         job_scaling(args.data, args.epochs, args.normal_class)

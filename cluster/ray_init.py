@@ -142,6 +142,18 @@ def stop_ray(grace_s: float = 10.0) -> None:
         embedded.reaper.communicate(DISMISS)  # Ray is stopped; this process's other children are its own affair
 
 
+def check_shared_storage(storage: str, shared: bool) -> None:
+    """A local storage path on a Ray cluster of more than one node: refused, unless every node mounts it.
+
+    Ray Train writes each checkpoint from the worker that reports it, and a restarted worker, a resumed run
+    or a score job on another node reads it there: on a path that is each node's own disk they miss it."""
+    nodes = sum(1 for node in ray.nodes() if node["Alive"])
+    if nodes > 1 and not str(storage).startswith("s3://") and not shared:
+        raise ValueError(f"storage={storage} is a local path, and this Ray cluster has {nodes} nodes: checkpoints "
+                         "written on one node's disk are not on the others'. Use storage=s3://BUCKET/PREFIX, or, if "
+                         "every node mounts that path (NFS), say so with shared_storage=true")
+
+
 def data_context(verbose: bool = False) -> ray.data.DataContext:
     """This process's Ray Data settings, as every job here wants them (call before building a dataset).
 
@@ -157,6 +169,9 @@ def data_context(verbose: bool = False) -> ray.data.DataContext:
 
 
 def data_logs(verbose: bool = False) -> None:
-    """Ray Data's INFO lines (read estimates, execution plans) off this process's console unless verbose: the
-    jobs print their own progress."""
+    """Ray Data's INFO lines (read estimates, execution plans) and progress bars (parquet sampling, execution)
+    off this process's console unless verbose: the jobs print their own progress. (Ray Data warns once per
+    process that its bars are off: that line too.)"""
     logging.getLogger("ray.data").setLevel(logging.INFO if verbose else logging.WARNING)
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.INFO if verbose else logging.ERROR)
+    ray.data.DataContext.get_current().enable_progress_bars = verbose

@@ -47,6 +47,7 @@ from __future__ import annotations
 import functools
 import io
 import os
+import re
 import struct
 import warnings
 import zlib
@@ -86,6 +87,7 @@ _RAW_VERSION = 1
 _RAW_HEADER = struct.Struct("<4sBBxxII")  # magic, version, channels, 2 zero bytes, height, width
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _JPEG_START = b"\xff\xd8\xff"
+_ADDRESS = re.compile(r" ?<[^<>]* at 0x[0-9a-f]+>")  # an object's repr in a decoder's message
 # Baseline, extended sequential and progressive Huffman JPEG: what torchvision decodes like Pillow does.
 _FAST_JPEG_FRAMES = {0xC0, 0xC1, 0xC2}
 _JPEG_FRAMES = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
@@ -204,7 +206,8 @@ def _decode(data: bytes | None) -> _Decoded:
     except ImageError:
         raise
     except Exception as e:  # a decoder's own failure on hostile bytes, whatever its type, is this row's error
-        raise ImageError(f"undecodable image ({e.__class__.__name__}: {e})") from None
+        # (without object addresses, "<_io.BytesIO object at 0x...>": the same bytes give the same error text)
+        raise ImageError(f"undecodable image ({e.__class__.__name__}: {_ADDRESS.sub('', str(e))})") from None
 
 
 def _check_pixels(width: int, height: int) -> None:

@@ -10,18 +10,16 @@ tests use the same code.
 """
 from __future__ import annotations
 
-import warnings
+import contextlib
+import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
-from typing import Protocol
+from dataclasses import dataclass, field
+from typing import Protocol, TypeVar
 
 import numpy as np
 import torch
 
-# torch 2.14 marks torch.distributed.nn.functional.all_reduce deprecated, but the replacement it names
-# (_functional_collectives.all_reduce) has no backward, and the constraint's inner gradients need one.
-warnings.filterwarnings("ignore", message=r"torch\.distributed\.nn\.functional\.all_reduce is deprecated",
-                        category=FutureWarning)
+T = TypeVar("T")
 
 
 class GradientSync(Protocol):
@@ -36,22 +34,102 @@ class GradientSync(Protocol):
     def gather(self, value: np.ndarray) -> list[np.ndarray]: ...
 
 
-class AllReduceMean:
-    """GradientSync over torch.distributed (an initialised process group): the mean over workers."""
+STEP_PARTS = ("compute", "inner_allreduce", "final_allreduce", "data_wait")
 
-    def __init__(self, world_size: int):
-        self.world_size = world_size
+
+@dataclass
+class StepClock:
+    """Where a worker's steps spend their time: the constraint's inner all-reduces (forward and backward),
+    the final all-reduce of the gradients, waiting for data (stream mode: the next local batch and the
+    per-step count swap), and compute, the rest. A collective's time includes waiting for the slowest worker.
+    On a GPU each timed part synchronizes the device, so that its time is its own (docs/design.md §4).
+    Made when the worker starts, it also records how long the worker took to its first step (first_step_s)."""
+
+    device: torch.device | None = None
+    seconds: dict[str, float] = field(default_factory=dict)
+    first_step_s: float | None = None
+    _made: float = field(default_factory=time.perf_counter)
+    _open: bool = False
+    _start: float = 0.0
+
+    @contextlib.contextmanager
+    def part(self, name: str) -> Iterator[None]:
+        """Time the block as `name`; a part inside another (the count swap inside a data wait) is the outer's."""
+        if self._open:
+            yield
+            return
+        self._sync_device()
+        self._open, start = True, time.perf_counter()
+        try:
+            yield
+        finally:
+            self._sync_device()
+            self._open = False
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+    def waited(self, items: Iterable[T]) -> Iterator[T]:
+        """items, the time spent getting each one counted as data wait."""
+        it = iter(items)
+        while True:
+            with self.part("data_wait"):
+                item = next(it, None)
+            if item is None:
+                return
+            self.step_begins()
+            yield item
+
+    def step_begins(self) -> None:
+        if self.first_step_s is None:
+            self.first_step_s = time.perf_counter() - self._made
+
+    def restart(self) -> None:
+        """Start timing a loop of steps."""
+        self.seconds, self._start = {}, time.perf_counter()
+
+    def per_step_ms(self, steps: int) -> dict[str, float]:
+        """Per-step means, in ms, of each part of the `steps` steps since restart()."""
+        parts = {name: self.seconds.get(name, 0.0) for name in STEP_PARTS[1:]}
+        parts["compute"] = time.perf_counter() - self._start - sum(parts.values())
+        return {f"step_{name}_ms": 1000 * parts[name] / max(steps, 1) for name in STEP_PARTS}
+
+    def _sync_device(self) -> None:
+        if self.device is not None and self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """The sum over workers, whose backward is the sum of the workers' output gradients (what the constraint's
+    inner gradients need). torch.distributed.nn's is deprecated in torch 2.14 and the replacement it names has
+    no backward; this one also times itself as the inner all-reduce."""
+
+    @staticmethod
+    def forward(ctx, t: torch.Tensor, clock: StepClock | None) -> torch.Tensor:
+        ctx.clock = clock
+        out = t.clone(memory_format=torch.contiguous_format)
+        with clock.part("inner_allreduce") if clock is not None else contextlib.nullcontext():
+            torch.distributed.all_reduce(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return _AllReduceSum.apply(grad, ctx.clock), None
+
+
+class AllReduceMean:
+    """GradientSync over torch.distributed (an initialised process group): the mean over workers.
+    With a StepClock it times its collectives (mean_ as the final all-reduce, unless inside another part)."""
+
+    def __init__(self, world_size: int, clock: StepClock | None = None):
+        self.world_size, self.clock = world_size, clock
 
     def mean_differentiable(self, t: torch.Tensor) -> torch.Tensor:
-        # Its backward is an all-reduce of the gradients, which the inner-gradient constraint needs.
-        from torch.distributed.nn.functional import all_reduce
-
-        return all_reduce(t) / self.world_size
+        return _AllReduceSum.apply(t, self.clock) / self.world_size
 
     def mean_(self, tensors: list[torch.Tensor]) -> None:
         # One all-reduce of all tensors flattened together: per-tensor calls cost 2x DDP's step time.
         flat = torch.cat([t.flatten() for t in tensors])
-        torch.distributed.all_reduce(flat)
+        with self.clock.part("final_allreduce") if self.clock is not None else contextlib.nullcontext():
+            torch.distributed.all_reduce(flat)
         flat.div_(self.world_size)
         for t, part in zip(tensors, flat.split([t.numel() for t in tensors])):
             t.copy_(part.view_as(t))

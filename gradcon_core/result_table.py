@@ -25,6 +25,9 @@ SCHEMA = pa.schema([
     ("is_anomaly_true", pa.bool_()),
 ])
 PASSTHROUGH = {"label": "label", "is_anomaly": "is_anomaly_true"}  # input column -> result column
+# The score job's decode stage (jobs/score.py, decode=tasks) hands the scoring actors these columns in place of
+# the encoded images: each row's uint8 pixels [H, W, C] as one fixed-size binary value, and its decode error.
+PIXELS, DECODE_ERROR = "pixels", "decode_error"
 
 
 def score_pixels(detector: Detector, pixels: np.ndarray, errors: list[str | None]) -> dict[str, np.ndarray]:
@@ -41,6 +44,25 @@ def score_pixels(detector: Detector, pixels: np.ndarray, errors: list[str | None
     return out
 
 
+def decoded_columns(images: list[bytes | None], channels: int, size: tuple[int, int]) -> dict[str, pa.Array]:
+    """Encoded images -> {PIXELS, DECODE_ERROR}: decoded and resized, as the scoring actor would (a failed row
+    keeps black pixels and its error)."""
+    pixels, errors = decode_images(images, channels, size)
+    width = size[0] * size[1] * channels
+    column = pa.FixedSizeBinaryArray.from_buffers(pa.binary(width), len(pixels),
+                                                  [None, pa.py_buffer(np.ascontiguousarray(pixels))])
+    return {PIXELS: column, DECODE_ERROR: pa.array(errors, pa.string())}
+
+
+def pixels_of(column: pa.Array | pa.ChunkedArray, channels: int, size: tuple[int, int]) -> np.ndarray:
+    """The PIXELS column back as uint8 [N, H, W, C] (no copy for a single chunk)."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    width = size[0] * size[1] * channels
+    flat = np.frombuffer(column.buffers()[1], np.uint8, count=len(column) * width, offset=column.offset * width)
+    return flat.reshape(len(column), *size, channels)
+
+
 def result_rows(
     detector: Detector,
     ids: list,
@@ -50,8 +72,22 @@ def result_rows(
     passthrough: dict[str, pa.Array] | None = None,
 ) -> pa.Table:
     """The result table for one batch of encoded images."""
-    size = tuple(detector.input_size)
-    pixels, errors = decode_images(images, detector.channels, size)
+    pixels, errors = decode_images(images, detector.channels, tuple(detector.input_size))
+    return pixel_result_rows(detector, ids, pixels, errors, threshold, model_id, passthrough)
+
+
+def pixel_result_rows(
+    detector: Detector,
+    ids: list,
+    pixels: np.ndarray,
+    errors: list[str | None],
+    threshold: float | None,
+    model_id: str,
+    passthrough: dict[str, pa.Array] | None = None,
+) -> pa.Table:
+    """The result table for one batch of decoded images (uint8 [N, H, W, C] at the detector's size) and their
+    decode errors (None where the row decoded)."""
+    errors = list(errors)
     scores = score_pixels(detector, pixels, errors)
     failed = np.array([e is not None for e in errors], dtype=bool)
 

@@ -24,6 +24,7 @@ from gradcon_core.metrics import auroc
 from gradcon_core.parallel import (
     GradientSync,
     LocalBatch,
+    StepClock,
     average_buffers,
     streamed_batches,
     training_generators,
@@ -99,11 +100,15 @@ def train_epochs(
     sync: GradientSync | None = None,
     resume: dict[str, Any] | None = None,
     on_epoch: Callable[[EpochReport], None] | None = None,
+    clock: StepClock | None = None,
 ) -> None:
     """Train det on data, calling on_epoch after every epoch (see the module docstring).
 
     resume: a training state saved from an EpochReport (optimizers, generators, epoch, best key), to
     continue a run where it stopped. After each epoch det.fit_info_ describes the current weights.
+    clock: time the steps (the one the sync times its collectives with); each epoch's metrics then carry
+    per-step means of compute, inner and final all-reduce and data wait (step_*_ms), and the first epoch's
+    the seconds from the clock's making (the worker's start) to the first step (first_step_s).
     """
     if epochs < 1 or batch_size < 1:
         raise ValueError(f"need epochs >= 1 and batch_size >= 1, got {epochs} and {batch_size}")
@@ -128,14 +133,16 @@ def train_epochs(
     for epoch in range(start_epoch, last):
         start = time.perf_counter()
         if streamed:
-            metrics = _train_streamed_epoch(det, data, epoch, noise, rank, world_size, sync)
+            metrics = _train_streamed_epoch(det, data, epoch, noise, rank, world_size, sync, clock)
         elif det.iterative:
-            metrics = _train_epoch(det, data, order, noise, batch_size, rank, world_size, sync)
+            metrics = _train_epoch(det, data, order, noise, batch_size, rank, world_size, sync, clock)
         else:  # fitted in one go; its "validation loss" is the mean validation score
             det.fit(data.train, epochs=epochs, batch_size=batch_size, seed=seed,
                     x_val=data.val if data.has_val else None)
             metrics = {"val_loss": float(np.mean(det.decision_function(data.threshold_images)))}
         metrics["images_per_s"] = data.rows / (time.perf_counter() - start)
+        if clock is not None and epoch == start_epoch and clock.first_step_s is not None:
+            metrics["first_step_s"] = clock.first_step_s  # this worker's start to its first step
         if streamed and data.anomalies:
             normal, anomalous = streamed_scores(det, data, sync)
             metrics["val_auroc"] = auroc(np.concatenate([normal, anomalous]),
@@ -162,34 +169,42 @@ def train_epochs(
 
 
 def _train_epoch(det: Detector, data: TrainingData, order: torch.Generator, noise: torch.Generator,
-                 batch_size: int, rank: int, world_size: int, sync: GradientSync | None) -> dict[str, float]:
+                 batch_size: int, rank: int, world_size: int, sync: GradientSync | None,
+                 clock: StepClock | None) -> dict[str, float]:
+    if clock is not None:
+        clock.restart()
+        clock.step_begins()  # (the rows are held)
     sums = det.train_epoch(data.train, order, noise, batch_size, rank, world_size, sync)
+    times = clock.per_step_ms(-(-len(data.train) // batch_size)) if clock is not None else {}  # (rows held: no wait)
     totals = _global_sums(list(sums.values()), sync)
     if sync is not None:
         average_buffers(det.model, sync)
-    metrics = dict(zip(sums, (totals / len(data.train)).tolist()))
+    metrics = dict(zip(sums, (totals / len(data.train)).tolist())) | times
     # Without validation rows the training loss stands in, as the selection metric.
     metrics["val_loss"] = det.validation_loss(data.val) if data.has_val else metrics["loss"]
     return metrics
 
 
 def _train_streamed_epoch(det: Detector, data: StreamedData, epoch: int, noise: torch.Generator, rank: int,
-                          world_size: int, sync: GradientSync | None) -> dict[str, float]:
+                          world_size: int, sync: GradientSync | None, clock: StepClock | None) -> dict[str, float]:
     placeholder = torch.zeros(1, det.channels, *det.input_size)
-    trained = 0  # this worker's images (rows that failed to decode never arrive)
+    trained, steps = 0, 0  # this worker's images (rows that failed to decode never arrive), the epoch's steps
 
-    def counted(steps: Iterable[tuple[torch.Tensor, LocalBatch]]):
-        nonlocal trained
-        for x, batch in steps:
-            trained += batch.own
+    def counted(batches: Iterable[tuple[torch.Tensor, LocalBatch]]):
+        nonlocal trained, steps
+        for x, batch in batches:
+            trained, steps = trained + batch.own, steps + 1
             yield x, batch
 
-    sums = det.train_batches(counted(streamed_batches(data.train(epoch), placeholder, rank, world_size, sync)),
-                             noise, sync)
+    if clock is not None:
+        clock.restart()
+    batches = streamed_batches(data.train(epoch), placeholder, rank, world_size, sync)
+    sums = det.train_batches(counted(clock.waited(batches) if clock is not None else batches), noise, sync)
+    times = clock.per_step_ms(steps) if clock is not None else {}
     *totals, images = _global_sums([*sums.values(), trained], sync)
     if sync is not None:
         average_buffers(det.model, sync)
-    metrics = {k: float(v / images) for k, v in zip(sums, totals)}
+    metrics = {k: float(v / images) for k, v in zip(sums, totals)} | times
     if data.has_val:  # the exact mean over every worker's share: sums and counts, all-reduced
         loss, count = 0.0, 0
         for x, is_anomaly in data.validation():

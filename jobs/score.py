@@ -1,10 +1,11 @@
 """Batch-score a parquet image set with a trained detector into a result table (Ray Data).
 
 gradcon score --model CKPT --input PREFIX --output PREFIX [--batch-size 256] [--concurrency 1]
-              [--gpus-per-actor 0] [--threshold T | --contamination C] [--address ADDRESS]
+              [--gpus-per-actor 0] [--decode auto|actor|tasks] [--threshold T | --contamination C] [--address ADDRESS]
 
-Pipeline: read_parquet (local or S3, many files) -> decode and score in an actor pool (the
-detector and its reference gradients load once per actor) -> result rows. One output file per
+Pipeline: read_parquet (local or S3, many files) -> [decode=tasks: decode and resize in CPU tasks] ->
+score (and decode, unless done) in an actor pool (the detector and its reference gradients load once per
+actor) -> result rows. One output file per
 input file, same name, rows in input order: a re-run of the same command skips inputs whose
 output is complete and rewrites the rest, so a job killed halfway and started again ends complete,
 with no duplicate rows. A rewritten file has the same rows, ids, errors and flags as a clean run's;
@@ -41,12 +42,25 @@ from gradcon_core.result_files import (
     is_complete,
     result_identity,
 )
-from gradcon_core.result_table import PASSTHROUGH, result_rows
+from gradcon_core.result_table import (
+    DECODE_ERROR,
+    PASSTHROUGH,
+    PIXELS,
+    decoded_columns,
+    pixel_result_rows,
+    pixels_of,
+    result_rows,
+)
 from gradcon_core.storage import write_bytes
 from gradcon_core.tracking import config_params, require, start_run
 
 # Ray Data's file listing and parquet reads are tasks of one CPU each: leave room for them.
 READ_CPUS = 1.0
+# Where images are decoded and resized. "actor": in the scoring actor, before it scores (one process per
+# actor decodes; no pixels cross processes). "tasks": in a Ray Data CPU stage beside the reads, over every
+# free CPU of the cluster, the actors receiving uint8 pixels: a GPU actor scores far faster than one
+# process decodes. "auto": tasks when the actors have GPUs, else actor (measured on CPU: README "Benchmarks").
+DECODE_WHERE = ("auto", "actor", "tasks")
 
 
 @dataclass
@@ -59,6 +73,7 @@ class ScoreConfig(JobSettings):
     gpus_per_actor: float = bounded(0.0, at_least=0)
     cpus_per_actor: float = bounded(1.0, above=0)
     block_mb: float = bounded(2.0, above=0)  # read block size: one block goes to one actor; small blocks spread work
+    decode: str = "auto"  # actor | tasks | auto (tasks when the actors have GPUs): see DECODE_WHERE
     threshold: float | None = None  # default: the checkpoint's threshold
     contamination: float | None = None  # instead: the (1 - c) quantile of this run's scores
     address: str | None = None  # Ray cluster; default RAY_ADDRESS, else an embedded local Ray
@@ -66,7 +81,8 @@ class ScoreConfig(JobSettings):
 
 
 class Scorer:
-    """Ray Data callable class: decodes and scores batches with one detector per actor."""
+    """Ray Data callable class: scores batches with one detector per actor; decodes them first unless the decode
+    stage has (then the batch has PIXELS and DECODE_ERROR in place of the images)."""
 
     def __init__(self, model: str, options: S3Options, threshold: float | None, model_id: str):
         fs, path = filesystem_for(model, options)
@@ -77,9 +93,27 @@ class Scorer:
         names = batch.schema.names
         ids = batch.column("id").to_pylist() if "id" in names else [None] * batch.num_rows
         passthrough = {c: batch.column(c) for c in PASSTHROUGH if c in names}
-        rows = result_rows(self.detector, ids, image_bytes(batch.column(IMAGE)), self.threshold, self.model_id,
-                           passthrough)
+        det = self.detector
+        if PIXELS in names:
+            pixels = pixels_of(batch.column(PIXELS), det.channels, tuple(det.input_size))
+            rows = pixel_result_rows(det, ids, pixels, batch.column(DECODE_ERROR).to_pylist(), self.threshold,
+                                     self.model_id, passthrough)
+        else:
+            rows = result_rows(det, ids, image_bytes(batch.column(IMAGE)), self.threshold, self.model_id, passthrough)
         return rows.append_column("path", batch.column("path"))
+
+
+def decode_stage(batch: pa.Table, channels: int, size: tuple[int, int]) -> pa.Table:
+    """decode=tasks: a Ray Data CPU task's work, the images of a batch decoded and resized to the model's size."""
+    decoded = decoded_columns(image_bytes(batch.column(IMAGE)), channels, size)
+    batch = batch.drop_columns([IMAGE])
+    for name, column in decoded.items():
+        batch = batch.append_column(name, column)
+    return batch
+
+
+def decodes_in_tasks(cfg: ScoreConfig) -> bool:
+    return cfg.decode == "tasks" or (cfg.decode == "auto" and cfg.gpus_per_actor > 0)
 
 
 def _check_input_shape(detector: Detector, fs: pafs.FileSystem, files: list[str]) -> None:
@@ -125,7 +159,7 @@ def _check_output_outside_input(cfg: ScoreConfig, in_fs: pafs.FileSystem, in_pat
                          "write the results somewhere else")
 
 
-def _score_files(cfg: ScoreConfig, options: S3Options, files: list[str], in_fs: pafs.FileSystem,
+def _score_files(cfg: ScoreConfig, options: S3Options, detector: Detector, files: list[str], in_fs: pafs.FileSystem,
                  out_fs: pafs.FileSystem, outputs: dict[str, str], identities: dict[str, dict],
                  threshold: float | None, model_id: str, progress: Progress) -> None:
     """The Ray Data pipeline over `files`; result rows come back in order and go to one writer at a time."""
@@ -141,6 +175,9 @@ def _score_files(cfg: ScoreConfig, options: S3Options, files: list[str], in_fs: 
     ctx.target_max_block_size = int(cfg.block_mb * 2**20)
     ds = ray.data.read_parquet(files, filesystem=in_fs, include_paths=True)
     ds = ds.select_columns([c for c in [IMAGE, "id", *PASSTHROUGH, "path"] if c in ds.schema().names])
+    if decodes_in_tasks(cfg):
+        ds = ds.map_batches(decode_stage, batch_format="pyarrow", num_cpus=1,
+                            fn_kwargs={"channels": detector.channels, "size": tuple(detector.input_size)})
     ds = ds.map_batches(
         Scorer, batch_format="pyarrow", batch_size=cfg.batch_size, num_cpus=cfg.cpus_per_actor,
         num_gpus=cfg.gpus_per_actor, compute=ray.data.ActorPoolStrategy(size=cfg.concurrency),
@@ -164,6 +201,8 @@ def run(cfg: ScoreConfig) -> dict:
         raise ValueError("score needs --model, --input and --output")
     if cfg.threshold is not None and cfg.contamination is not None:
         raise ValueError("give --threshold or --contamination, not both")
+    if cfg.decode not in DECODE_WHERE:
+        raise ValueError(f"--decode must be one of {DECODE_WHERE}, got {cfg.decode!r}")
     require(cfg.tracking)
     start = time.perf_counter()
     options = S3Options.from_env(endpoint=cfg.s3_endpoint)
@@ -200,7 +239,8 @@ def run(cfg: ScoreConfig) -> dict:
 
     if todo:
         with Progress(sum(rows_in[f] for f in todo), unit="rows", label="scoring", quiet=cfg.quiet) as progress:
-            _score_files(cfg, options, todo, in_fs, out_fs, outputs, identities, threshold, model_id, progress)
+            _score_files(cfg, options, detector, todo, in_fs, out_fs, outputs, identities, threshold, model_id,
+                         progress)
         for f in todo:  # empty inputs produce no batches: still one (empty) output each
             if not complete(f):
                 if rows_in[f] != 0:

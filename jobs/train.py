@@ -49,7 +49,7 @@ from gradcon_core.imageset import (
     recorded_shape,
     take_rows,
 )
-from gradcon_core.parallel import AllReduceMean
+from gradcon_core.parallel import AllReduceMean, StepClock
 from gradcon_core.protocols import Selection, columns_for, labeled_anomalies, select
 from gradcon_core.settings import DetectorSettings
 from gradcon_core.storage import read_bytes, write_bytes
@@ -65,6 +65,7 @@ from jobs.train_data import (
 )
 
 RAY_METRICS = ("time_this_iter_s", "time_total_s")  # Ray's bookkeeping beside the epoch's metrics
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")  # Ray's, for the workers' bundles
 
 
 @dataclass
@@ -83,7 +84,9 @@ class TrainConfig(DetectorSettings, JobSettings):
     data_mode: str = "auto"  # memory | stream | auto (jobs/train_data.py); the run's config.yaml records the choice
     log_batches: bool = False  # stream mode: write each step's row ids under the run (batches/)
     use_gpu: bool = False
+    placement_strategy: str = "PACK"  # where the workers go: PACK, SPREAD, STRICT_PACK, STRICT_SPREAD (Ray's)
     storage: str = local_path("runs")  # local folder or s3://bucket/prefix
+    shared_storage: bool = False  # a local `storage` that every node mounts (NFS): allowed on a multi-node cluster
     name: str | None = plain_name()  # default gradcon-c<class>-<time>
     resume: str | None = plain_name()  # the name of a stopped run under `storage` to continue
     checkpoint_every: int = bounded(1, at_least=1)
@@ -98,14 +101,15 @@ def train_loop_per_worker(config: dict) -> list[str]:
     from ray.train import Checkpoint
 
     cfg = TrainConfig(**config["cfg"])
+    device = ray.train.torch.get_device() if cfg.use_gpu else torch.device("cpu")
+    clock = StepClock(device)  # where the steps spend their time, and how long this worker took to its first
     if not cfg.verbose:
         quiet_ray_worker_logs()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device() if cfg.use_gpu else torch.device("cpu")
     torch.manual_seed(cfg.seed)
     det = cfg.build(config["channels"], config["image_size"], device)
-    sync = AllReduceMean(world) if world > 1 else None
+    sync = AllReduceMean(world, clock) if world > 1 else None
     skipped: set = set()  # ids of rows that failed to decode
     listed = 0  # how many of them this rank's skipped_rows file lists
     if cfg.data_mode == "stream":
@@ -156,8 +160,7 @@ def train_loop_per_worker(config: dict) -> list[str]:
             ray.train.report(metrics, checkpoint=checkpoint)
 
     train_epochs(det, data, epochs=cfg.epochs, batch_size=cfg.batch_size, seed=cfg.seed, select_by=cfg.select_by,
-                 rank=rank, world_size=world, sync=sync, resume=resume,
-                 on_epoch=report)
+                 rank=rank, world_size=world, sync=sync, resume=resume, on_epoch=report, clock=clock)
     # Every rank must end with the same state: a hash of it from each, for the caller to compare.
     digest = hashlib.sha256(b"".join(t.detach().cpu().numpy().tobytes()
                                      for _, t in sorted(det.state_tensors().items()))).hexdigest()
@@ -169,13 +172,15 @@ def train_loop_per_worker(config: dict) -> list[str]:
 
 
 def quiet_ray_worker_logs() -> None:
-    """Keep Ray's INFO lines off a worker's console: Data's dataset plans, and Train's dump of every report,
-    which Ray 2.60 logs through a logger named by its source file, outside `ray.train` and so outside
-    RunConfig's LoggingConfig (ray/train/v2/_internal/execution/context.py)."""
+    """Keep Ray's INFO lines off a worker's console: Data's dataset plans and progress bars, and Train's dump
+    of every report, which Ray 2.60 logs through a logger named by its source file, outside `ray.train` and so
+    outside RunConfig's LoggingConfig (ray/train/v2/_internal/execution/context.py)."""
     from ray.train.v2._internal.execution import context
 
-    for logger in (logging.getLogger("ray.data"), logging.getLogger(context.__file__)):
-        logger.setLevel(logging.WARNING)
+    from cluster.ray_init import data_logs
+
+    data_logs(verbose=False)
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
 
 def epoch_lines():
@@ -185,11 +190,17 @@ def epoch_lines():
 
     class EpochLines(ray.train.UserCallback):
         def after_report(self, run_context, metrics: list[dict], checkpoint) -> None:
-            first = metrics[0]
-            values = "  ".join(f"{k} {v:.4g}" for k, v in first.items() if isinstance(v, float))
-            print(f"epoch {first['epoch'] + 1}/{first['epochs']}  {values}", flush=True)
+            print(epoch_line(metrics[0]), flush=True)
 
     return EpochLines()
+
+
+def epoch_line(metrics: dict) -> str:
+    """'epoch 2/10  loss 0.01  ...  | step ms: compute 41.2  inner all-reduce 3.1  ...' from a report."""
+    values = "  ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float) and not k.startswith("step_"))
+    steps = "  ".join(f"{k[5:-3].replace('_', ' ').replace('allreduce', 'all-reduce')} {v:.3g}"
+                      for k, v in metrics.items() if k.startswith("step_"))
+    return f"epoch {metrics['epoch'] + 1}/{metrics['epochs']}  {values}" + (f"  | step ms: {steps}" if steps else "")
 
 
 def training_rows(cfg: TrainConfig, data_path: str, data_fs: pafs.FileSystem) -> tuple[Selection, dict[str, list]]:
@@ -221,7 +232,7 @@ def run(cfg: TrainConfig, callbacks: list | None = None, tracking_parent: dict |
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from cluster.ray_init import data_context, init_ray
+    from cluster.ray_init import check_shared_storage, data_context, init_ray
 
     if cfg.batch_size < 1 or cfg.num_workers < 1 or cfg.epochs < 1:
         raise ValueError("batch_size, num_workers and epochs must be >= 1")
@@ -229,6 +240,8 @@ def run(cfg: TrainConfig, callbacks: list | None = None, tracking_parent: dict |
     require(cfg.tracking)
     if cfg.select_by not in SELECT_BY:
         raise ValueError(f"select_by must be one of {sorted(SELECT_BY)}, got {cfg.select_by!r}")
+    if cfg.placement_strategy not in PLACEMENT_STRATEGIES:
+        raise ValueError(f"placement_strategy must be one of {PLACEMENT_STRATEGIES}, got {cfg.placement_strategy!r}")
     if cfg.select_by == "val_auroc" and cfg.val_anomalies == 0:
         raise ValueError("select_by=val_auroc needs validation anomalies: set val_anomalies (e.g. -1)")
     options = S3Options.from_env(endpoint=cfg.s3_endpoint)
@@ -254,6 +267,7 @@ def run(cfg: TrainConfig, callbacks: list | None = None, tracking_parent: dict |
 
     if not ray.is_initialized():
         init_ray(cfg.address, min_cpus=cfg.num_workers + 2)  # an embedded Ray is sized for the check below
+    check_shared_storage(cfg.storage, cfg.shared_storage)
     data_context(cfg.verbose)
     cpus = ray.cluster_resources().get("CPU", 0)
     # Ray Data's listing and read tasks need a CPU each while the workers hold theirs, or the read waits forever.
@@ -282,7 +296,8 @@ def run(cfg: TrainConfig, callbacks: list | None = None, tracking_parent: dict |
                            "anomaly_ids": anomaly_ids, "channels": shape.channels, "fingerprint": fingerprint,
                            "image_size": list(size), "tracking": worker_tracking,
                            "store_fs": store_fs, "run_path": f"{store_path}/{name}"},
-        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu),
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+                                     placement_strategy=cfg.placement_strategy),
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
         datasets=datasets,
         dataset_config=all_rows_to_one_worker() if cfg.data_mode == "stream" else DataConfig(datasets_to_split=[]),

@@ -192,7 +192,7 @@ def run(cfg: TuneConfig):
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    from cluster.ray_init import init_ray
+    from cluster.ray_init import check_shared_storage, init_ray
     from cluster.sweep_state import SignState, sign, verify
 
     store_fs, store_path = sweep_storage(cfg)
@@ -216,6 +216,7 @@ def run(cfg: TuneConfig):
                                    tracking=cfg.tracking if parent else "none"))
     if not ray.is_initialized():
         init_ray(cfg.address, min_cpus=cfg.num_workers + 2 + TRIAL_DRIVER_CPU)  # one trial (_concurrency)
+    check_shared_storage(cfg.storage, cfg.shared_storage)
     trainable = tune.with_resources(tune.with_parameters(run_trial, base=base, tracking_parent=parent),
                                     {"CPU": TRIAL_DRIVER_CPU})
     is_s3 = str(cfg.storage).startswith("s3://")

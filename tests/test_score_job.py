@@ -87,6 +87,9 @@ def test_bad_rows_are_flagged_not_dropped(ray_local, model_dir, tmp_path, mnist_
         i for i, s in zip(table.column("id").to_pylist(), table.column("score").to_pylist()) if s is None}
     assert "undecodable" in errors["r3"] and "3 channel" in errors["r5"] and "empty" in errors["r9"]
     assert summary["errors"] == 3 and table.column("is_anomaly").null_count == 3
+    # Decoding in a Ray Data CPU stage (what a GPU actor pool gets by default) gives the same table.
+    run(ScoreConfig(model=model_dir, input=str(data), output=str(tmp_path / "tasks"), decode="tasks"))
+    assert _read(str(tmp_path / "tasks"))[0].equals(table)
 
 
 

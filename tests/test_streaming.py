@@ -60,14 +60,14 @@ def _streamed(x: torch.Tensor, rank: int, world: int, log: list) -> StreamedData
 
 
 def _worker(rank: int, world: int, port: int, x: torch.Tensor, name: str, params: dict, out: str) -> None:
-    from gradcon_core.parallel import AllReduceMean
+    from gradcon_core.parallel import AllReduceMean, StepClock
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
     torch.set_num_threads(1)
-    det, log, reports = _detector(name, **params), [], []
+    det, log, reports, clock = _detector(name, **params), [], [], StepClock()
     train_epochs(det, _streamed(x, rank, world, log), epochs=2, batch_size=12, seed=0, rank=rank, world_size=world,
-                 sync=AllReduceMean(world), on_epoch=lambda r: reports.append(r.metrics))
+                 sync=AllReduceMean(world, clock), on_epoch=lambda r: reports.append(r.metrics), clock=clock)
     torch.save({"state": det.state_tensors(), "log": log, "reports": reports}, f"{out}.{rank}")
     torch.distributed.destroy_process_group()
 
@@ -104,7 +104,13 @@ def test_two_streaming_workers_take_the_steps_of_one_process_on_the_union_of_the
     assert final["val_loss"] == pytest.approx(single.validation_loss(images[VAL]), rel=1e-5 if name == "cae" else 1e-2)
     scores = single.decision_function(images[VAL + ANOMALIES])
     assert final["val_auroc"] == pytest.approx(auroc(scores, np.arange(len(scores)) >= len(VAL)), abs=1e-6)
-    timing = {"images_per_s"}
+    # Where the steps' time went: only GradCon's constraint all-reduces inner gradients.
+    timing = {"images_per_s", "step_compute_ms", "step_inner_allreduce_ms", "step_final_allreduce_ms",
+              "step_data_wait_ms"}
+    assert timing <= final.keys() and all(final[k] >= 0 for k in timing)
+    assert "first_step_s" in workers[0]["reports"][0] and "first_step_s" not in final
+    assert final["step_compute_ms"] > 0 and final["step_final_allreduce_ms"] > 0
+    assert (final["step_inner_allreduce_ms"] > 0) == (name == "gradcon")
     assert {k: v for k, v in workers[1]["reports"][-1].items() if k not in timing} == {
         k: v for k, v in final.items() if k not in timing}  # every rank reports the same global metrics
 

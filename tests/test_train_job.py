@@ -21,7 +21,7 @@ from gradcon_core.imageset import ImageShape, take_rows, write_image_set
 from gradcon_core.parallel import streamed_batches, training_generators
 from gradcon_core.protocols import select
 from gradcon_core.tracking import CHECKPOINT_TAG
-from jobs.train import TrainConfig, run, training_rows
+from jobs.train import TrainConfig, epoch_line, run, training_rows
 
 
 @pytest.fixture(scope="module")
@@ -55,6 +55,20 @@ def _tensors(checkpoint):
         return load_checkpoint(d)[0]
 
 
+def _assert_same_training(trained: dict, single: dict, steps: int, close: float = 1e-5, share: float = 1e-3) -> None:
+    """The same steps up to float rounding. Data-parallel workers sum a step's gradient in another order than one
+    process (threads, reduction order). Where a weight's gradient is ~0 (a cancellation of larger terms), Adam
+    divides it by its own size, so rounding noise in its sign moves that one weight by up to about lr a step: CI
+    saw one weight of 32,768 off by 3.3e-4. So: all but `share` of each tensor's weights to `close`, none beyond
+    twice Adam's bound on a step (lr (1 - beta1) / sqrt(1 - beta2) = 3.2 lr, early on) per step. A wrong step
+    (weighting, rows, references) moves most weights, not a handful (a dropped step: 511 of 512)."""
+    for k, v in single.items():
+        diff = (trained[k].double() - v.double()).abs()
+        loose = diff > close + 1e-5 * v.double().abs()
+        assert int(loose.sum()) <= max(1, share * v.numel()), f"{k}: {int(loose.sum())} of {v.numel()} differ"
+        assert float(diff.max()) <= 2 * 3.2e-3 * steps, f"{k}: {float(diff.max())}"
+
+
 def test_two_workers_equal_one_worker_and_the_single_process_fit(ray_local, zeros_set, tmp_path):
     common = dict(data=zeros_set, normal_class=0, epochs=2, batch_size=16, storage=str(tmp_path))
     two, _ = run(TrainConfig(**common, num_workers=2, name="two"))
@@ -63,6 +77,9 @@ def test_two_workers_equal_one_worker_and_the_single_process_fit(ray_local, zero
     assert len(two.return_value) == 2 and two.return_value[0] == two.return_value[1]
     a, b = _tensors(two.checkpoint), _tensors(one.checkpoint)
     assert set(a) == set(b) and int(a["reference.count"]) == 2 * 7  # 108 images / 16 per global batch
+    # Each report says where its steps' time went; one worker has nothing to all-reduce.
+    assert one.metrics["step_inner_allreduce_ms"] == one.metrics["step_final_allreduce_ms"] == 0
+    assert two.metrics["step_inner_allreduce_ms"] > 0 and two.metrics["step_final_allreduce_ms"] > 0
     for k in a:
         torch.testing.assert_close(a[k].double(), b[k].double(), rtol=1e-5, atol=1e-5, msg=k)
 
@@ -101,6 +118,11 @@ def test_stream_mode_steps_replay_in_one_process_and_bad_rows_are_listed(ray_loc
     skipped = sorted(run_dir.glob("skipped_rows-rank-*.txt"))
     assert {p.read_text() for p in skipped} == {"broken\n"}  # (a row can reach either worker in an epoch)
     assert "1 row(s) could not be decoded" in capsys.readouterr().out
+    # The epoch line (printed by the Train controller, which the tests' Ray keeps off the console) says where
+    # rank 0's steps spent their time.
+    line = epoch_line(result.metrics)
+    assert line.startswith("epoch 2/2  loss ") and "  | step ms: compute " in line
+    assert all(f" {part} " in line for part in ("inner all-reduce", "final all-reduce", "data wait"))
 
     from gradcon_core.imageset import read_columns
     ids = read_columns(str(data), ["id"]).column("id").to_pylist()
@@ -120,18 +142,10 @@ def test_stream_mode_steps_replay_in_one_process_and_bad_rows_are_listed(ray_loc
     # Every decodable training row once per epoch, none twice (Ray's equal split would drop rows).
     _, selected = training_rows(cfg, str(data), pafs.LocalFileSystem())
     assert trained[0] == trained[1] == sorted(set(selected["train"]) - {"broken"})
-    # Which rows meet in a step changes from run to run, and a lopsided split (one worker's half-batch against the
-    # whole of the other's) sums a step's gradient in another order. Where a weight's gradient is ~0 (a cancellation
-    # of larger terms), Adam divides it by its own size, so float noise in its sign moves that one weight by up to
-    # about lr per step: CI saw one weight of 32,768 off by 3.3e-4. So: nearly every weight to 1e-5, none beyond
-    # twice Adam's bound on a step (lr (1 - beta1) / sqrt(1 - beta2) = 3.2 lr, early on) per step. A wrong step (weighting, rows, references) moves most weights, not a handful.
-    # tests/test_streaming.py holds every weight to 1e-5 on fixed shards.
-    streamed = _tensors(result.checkpoint)
-    for k, v in single.state_tensors().items():
-        diff = (streamed[k].double() - v.double()).abs()
-        loose = diff > 1e-5 + 1e-5 * v.double().abs()
-        assert int(loose.sum()) <= max(1, v.numel() // 1000), f"{k}: {int(loose.sum())} of {v.numel()} differ"
-        assert float(diff.max()) <= 2 * 3.2e-3 * steps_taken, f"{k}: {float(diff.max())}"
+    # Which rows meet in a step changes from run to run; a lopsided split (one worker's half-batch against the
+    # whole of the other's) sums a step's gradient in another order. tests/test_streaming.py holds every weight to
+    # 1e-5 on fixed shards.
+    _assert_same_training(_tensors(result.checkpoint), single.state_tensors(), steps_taken)
 
 
 def test_rgb_64_two_workers_equal_one_process_and_score_resizes_96_to_the_checkpoint(ray_local, tmp_path, capsys):
@@ -155,11 +169,11 @@ def test_rgb_64_two_workers_equal_one_process_and_score_resizes_96_to_the_checkp
     torch.manual_seed(0)
     single = GradConDetector(create_model("gradcon_cae", in_channels=3, image_size=64), device="cpu")
     single.fit(decode_images(take_rows(data, sel.train).images, 3, (64, 64))[0], epochs=2, batch_size=8, seed=0)
-    # 33 train rows: the last global batch of 1 leaves worker 1 empty (weight 0). Same math, other float
-    # rounding (threads, reduction order); Adam divides by sqrt(v), so rounding in a near-zero gradient can move a
-    # weight by a fraction of lr (1e-3) per step: 5e-5 seen at most here, on weights of about 0.05.
-    for k, v in single.state_tensors().items():
-        torch.testing.assert_close(final[k].double(), v.double(), rtol=1e-5, atol=2e-4, msg=k)
+    # 33 train rows: the last global batch of 1 leaves worker 1 empty (weight 0). 2 epochs of 5 steps. A 64x64x3
+    # weight's gradient sums thousands of positions, and how much rounding Adam amplifies depends on the CPU's
+    # kernels: 5e-5 at most on one machine; on another up to 0.67% of a tensor beyond 1e-4 and 1.9e-3 at most,
+    # with the code of a run that passed on the first (the same numbers in every run on each).
+    _assert_same_training(final, single.state_tensors(), steps=10, close=1e-4, share=0.02)
 
     big, table = image_set("set96", 96, DefectCounts(train=0, test_normal=3, test_defective=3), None)
     capsys.readouterr()
@@ -215,6 +229,23 @@ def test_bad_input_fails_fast_with_a_clear_error(ray_local, zeros_set, tmp_path)
         run(TrainConfig(data=zeros_set, normal_class=0, storage=str(tmp_path), resume="nope"))
     with pytest.raises(ValueError, match="do not fit this cluster"):
         run(TrainConfig(data=zeros_set, normal_class=0, num_workers=16, storage=str(tmp_path)))
+    with pytest.raises(ValueError, match="placement_strategy must be one of"):
+        run(TrainConfig(data=zeros_set, normal_class=0, placement_strategy="ANYWHERE", storage=str(tmp_path)))
+
+
+def test_a_local_storage_path_is_refused_on_a_cluster_of_several_nodes(monkeypatch):
+    """(benchmarks/two_nodes.py shows it on a real two-node cluster.)"""
+    from cluster import ray_init
+
+    nodes = [{"Alive": True}, {"Alive": True}, {"Alive": False}]
+    monkeypatch.setattr(ray_init.ray, "nodes", lambda: nodes)
+    with pytest.raises(ValueError, match=r"storage=/runs is a local path, and this Ray cluster has 2 nodes.*"
+                                         r"storage=s3://BUCKET/PREFIX.*shared_storage=true"):
+        ray_init.check_shared_storage("/runs", shared=False)
+    ray_init.check_shared_storage("s3://bucket/runs", shared=False)
+    ray_init.check_shared_storage("/mnt/nfs/runs", shared=True)
+    nodes[1]["Alive"] = False
+    ray_init.check_shared_storage("/runs", shared=False)  # one node: its disk is everyone's
 
 
 @pytest.mark.parametrize(("detector", "params", "workers"), [
