@@ -5,13 +5,12 @@ gradcon score --model CKPT --input PREFIX --output PREFIX [--batch-size 256] [--
 
 Pipeline: read_parquet (local or S3, many files) -> [decode=tasks: decode and resize in CPU tasks] ->
 score (and decode, unless done) in an actor pool (the detector and its reference gradients load once per
-actor) -> result rows. One output file per
-input file, same name, rows in input order: a re-run of the same command skips inputs whose
-output is complete and rewrites the rest, so a job killed halfway and started again ends complete,
-with no duplicate rows. A rewritten file has the same rows, ids, errors and flags as a clean run's;
-its scores can differ in the last bits (about 1e-8): the batched scorer's sums depend on which rows
-share a batch, and Ray Data batches span files. Result rows are small (a few numbers per image), so
-they stream back in order and the driver writes them; images never reach the driver.
+actor) -> result rows. One output file per input file, same name, rows in input order: a re-run of the
+same command skips inputs whose output is complete and rewrites the rest, so a job killed halfway and
+started again ends complete, with no duplicate rows. A rewritten file has the same rows, ids, errors and
+flags as a clean run's; its scores can differ in the last bits (about 1e-8): the batched scorer's sums
+depend on which rows share a batch, and Ray Data batches span files. Result rows are small (a few numbers
+per image), so they stream back in order and the driver writes them; images never reach the driver.
 """
 from __future__ import annotations
 
