@@ -61,7 +61,8 @@ def _assert_same_training(trained: dict, single: dict, steps: int, close: float 
     divides it by its own size, so rounding noise in its sign moves that one weight by up to about lr a step: CI
     saw one weight of 32,768 off by 3.3e-4. So: all but `share` of each tensor's weights to `close`, none beyond
     twice Adam's bound on a step (lr (1 - beta1) / sqrt(1 - beta2) = 3.2 lr, early on) per step. A wrong step
-    (weighting, rows, references) moves most weights, not a handful (a dropped step: 511 of 512)."""
+    (weighting, rows, references) moves most weights, not a handful (a dropped step: 511 of 512 beyond 1e-5,
+    509 beyond 1e-4)."""
     for k, v in single.items():
         diff = (trained[k].double() - v.double()).abs()
         loose = diff > close + 1e-5 * v.double().abs()
@@ -143,9 +144,10 @@ def test_stream_mode_steps_replay_in_one_process_and_bad_rows_are_listed(ray_loc
     _, selected = training_rows(cfg, str(data), pafs.LocalFileSystem())
     assert trained[0] == trained[1] == sorted(set(selected["train"]) - {"broken"})
     # Which rows meet in a step changes from run to run; a lopsided split (one worker's half-batch against the
-    # whole of the other's) sums a step's gradient in another order. tests/test_streaming.py holds every weight to
-    # 1e-5 on fixed shards.
-    _assert_same_training(_tensors(result.checkpoint), single.state_tensors(), steps_taken)
+    # whole of the other's) sums a step's gradient in another order, so how many weights Adam's amplified rounding
+    # reaches changes too: 0 or 1 beyond 1e-5 in most runs, 66 of 32,768 in one. tests/test_streaming.py holds
+    # every weight to 1e-5 on fixed shards.
+    _assert_same_training(_tensors(result.checkpoint), single.state_tensors(), steps_taken, close=1e-4, share=0.02)
 
 
 def test_rgb_64_two_workers_equal_one_process_and_score_resizes_96_to_the_checkpoint(ray_local, tmp_path, capsys):
