@@ -123,8 +123,8 @@ def projection(sizes: list[tuple[int, int]]) -> None:
     print("PROJECTION (arithmetic from the all-reduce sizes and the assumed links in PROJECTED_LINKS):")
     for size, channels in sizes:
         model = create_model("gradcon_cae", in_channels=channels, image_size=size)
-        final = 4 * sum(p.numel() for p in model.parameters())
-        inner = 4 * sum(layer.weight.numel() for layer in constraint_layers(model))
+        final = sum(p.numel() * p.element_size() for p in model.parameters())
+        inner = sum(layer.weight.numel() * layer.weight.element_size() for layer in constraint_layers(model))
         for workers, (where, bandwidth, latency) in PROJECTED_LINKS.items():
             comm = 2 * allreduce_seconds(inner, workers, bandwidth, latency) + allreduce_seconds(
                 final, workers, bandwidth, latency)

@@ -29,7 +29,6 @@ from gradcon_core.defects import DefectCounts, defect_tables  # noqa: E402
 from gradcon_core.imageset import ImageShape, write_image_set  # noqa: E402
 
 BUCKET = "two-nodes"
-NODES = ("head", "second")
 BIN = Path(sys.executable).parent
 
 

@@ -97,6 +97,10 @@ class StepClock:
             torch.cuda.synchronize(self.device)
 
 
+def _timed(clock: StepClock | None, part: str) -> contextlib.AbstractContextManager:
+    return clock.part(part) if clock is not None else contextlib.nullcontext()
+
+
 class _AllReduceSum(torch.autograd.Function):
     """The sum over workers, whose backward is the sum of the workers' output gradients (what the constraint's
     inner gradients need). torch.distributed.nn's is deprecated in torch 2.14 and the replacement it names has
@@ -106,7 +110,7 @@ class _AllReduceSum(torch.autograd.Function):
     def forward(ctx, t: torch.Tensor, clock: StepClock | None) -> torch.Tensor:
         ctx.clock = clock
         out = t.clone(memory_format=torch.contiguous_format)
-        with clock.part("inner_allreduce") if clock is not None else contextlib.nullcontext():
+        with _timed(clock, "inner_allreduce"):
             torch.distributed.all_reduce(out)
         return out
 
@@ -128,7 +132,7 @@ class AllReduceMean:
     def mean_(self, tensors: list[torch.Tensor]) -> None:
         # One all-reduce of all tensors flattened together: per-tensor calls cost 2x DDP's step time.
         flat = torch.cat([t.flatten() for t in tensors])
-        with self.clock.part("final_allreduce") if self.clock is not None else contextlib.nullcontext():
+        with _timed(self.clock, "final_allreduce"):
             torch.distributed.all_reduce(flat)
         flat.div_(self.world_size)
         for t, part in zip(tensors, flat.split([t.numel() for t in tensors])):
