@@ -22,6 +22,13 @@ import torch.nn.functional as F
 REFRESH = ("batch", "epoch")
 
 
+def code(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """An autoencoder's code of x: its `encode` where it has one (the VAE's posterior mean), else its encoder's
+    output."""
+    encode = getattr(model, "encode", None)
+    return encode(x) if encode is not None else model.encoder(x)
+
+
 @dataclass
 class LatentAttack:
     """ARAE's settings: epsilon (0 = off), PGD steps, latent weight gamma, and when x* is refreshed.
@@ -60,11 +67,11 @@ class LatentAttack:
         was_training = model.training
         model.eval()
         with torch.no_grad():
-            target = model.encoder(x)
+            target = code(model, x)
         for _ in range(self.steps):
             x_adv = (x + delta).clamp(0, 1).requires_grad_(True)
             # Sum over images (not mean): each image's ascent direction is its own gradient's sign.
-            distance = (model.encoder(x_adv) - target).pow(2).flatten(1).mean(1).sum()
+            distance = (code(model, x_adv) - target).pow(2).flatten(1).mean(1).sum()
             (g,) = torch.autograd.grad(distance, x_adv)
             delta = (delta + step * g.sign()).clamp(-self.epsilon, self.epsilon)
         model.train(was_training)

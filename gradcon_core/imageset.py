@@ -27,6 +27,7 @@ from gradcon_core.storage import resolve
 
 IMAGE = "image"
 SHAPE_KEY = b"gradcon"
+DATASET_KEY = b"gradcon.dataset"  # which known dataset the set was prepared from (mnist, cifar10, ...)
 
 
 @dataclass(frozen=True)
@@ -149,10 +150,20 @@ def check_image_set(uri: str, filesystem: pafs.FileSystem | None = None) -> None
                                  "every file of an image set needs the same column types")
 
 
+def _first_file_metadata(uri: str, filesystem: pafs.FileSystem | None) -> tuple[dict[bytes, bytes], str]:
+    fs, files = list_parquet_files(uri, filesystem)
+    return pq.read_schema(files[0], filesystem=fs).metadata or {}, files[0]
+
+
 def recorded_shape(uri: str, filesystem: pafs.FileSystem | None = None) -> ImageShape | None:
     """The image shape `gradcon prepare` recorded in the set's first file, or None if it recorded none."""
-    fs, files = list_parquet_files(uri, filesystem)
-    return ImageShape.from_metadata(pq.read_schema(files[0], filesystem=fs).metadata, files[0])
+    return ImageShape.from_metadata(*_first_file_metadata(uri, filesystem))
+
+
+def recorded_dataset(uri: str, filesystem: pafs.FileSystem | None = None) -> str | None:
+    """The known dataset (mnist, fashion-mnist, cifar10, defects) `gradcon prepare` made the set from, if any."""
+    metadata, _ = _first_file_metadata(uri, filesystem)
+    return metadata[DATASET_KEY].decode() if DATASET_KEY in metadata else None
 
 
 def read_columns(uri: str, columns: list[str], filesystem: pafs.FileSystem | None = None) -> pa.Table:
@@ -203,15 +214,16 @@ def take_rows(uri: str, rows: np.ndarray, filesystem: pafs.FileSystem | None = N
 class ImageSetWriter:
     """Writes part-00000.parquet, part-00001.parquet, ... of rows_per_file rows each, from tables
     appended in order. Names and bytes depend only on the rows, so a re-run rewrites identical files.
-    shape: the one shape of every image, recorded in each file (see the module docstring)."""
+    shape: the one shape of every image, recorded in each file (see the module docstring); dataset: the known
+    dataset the rows come from, recorded too (eval compares with the papers only for those)."""
 
     def __init__(self, uri: str, rows_per_file: int = 20000, filesystem: pafs.FileSystem | None = None,
-                 shape: ImageShape | None = None):
+                 shape: ImageShape | None = None, dataset: str | None = None):
         if rows_per_file < 1:
             raise ValueError(f"rows_per_file must be >= 1, got {rows_per_file}")
         self.fs, self.root = resolve(uri, filesystem)
         self.fs.create_dir(self.root, recursive=True)
-        self.rows_per_file, self.shape = rows_per_file, shape
+        self.rows_per_file, self.shape, self.dataset = rows_per_file, shape, dataset
         self.pending: list[pa.Table] = []
         self.pending_rows = 0
         self.paths: list[str] = []
@@ -225,8 +237,12 @@ class ImageSetWriter:
 
     def _flush(self, rows: int) -> None:
         table = pa.concat_tables(self.pending)
+        metadata = dict(table.schema.metadata or {})
         if self.shape is not None:
-            table = table.replace_schema_metadata({**(table.schema.metadata or {}), **self.shape.metadata()})
+            metadata.update(self.shape.metadata())
+        if self.dataset is not None:
+            metadata[DATASET_KEY] = self.dataset.encode()
+        table = table.replace_schema_metadata(metadata or None)
         path = f"{self.root}/part-{len(self.paths):05d}.parquet"
         pq.write_table(table.slice(0, rows), path, filesystem=self.fs, compression="zstd")
         self.paths.append(path)

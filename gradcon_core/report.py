@@ -1,4 +1,4 @@
-"""Per-class result tables (CSV + Markdown, beside the papers' numbers) and plots (ROC, histograms)."""
+"""Per-class result tables (CSV + Markdown) and plots (ROC, histograms)."""
 from __future__ import annotations
 
 import csv
@@ -12,14 +12,6 @@ import numpy as np  # noqa: E402
 from sklearn.metrics import roc_curve  # noqa: E402
 
 METRICS = ("auroc", "aupr", "f1", "fpr95")
-# Mean AUROC published for the same protocol (docs/design.md §8).
-PAPER_MEAN_AUROC = {
-    ("gradcon", "mnist"): ("GradCon (Kwon et al. 2020)", 0.973),
-    ("gradcon", "cifar10"): ("GradCon (Kwon et al. 2020)", 0.664),
-    ("full", "mnist"): ("ARAE (Salehi et al. 2020)", 0.975),
-    ("full", "fashion-mnist"): ("ARAE (Salehi et al. 2020)", 0.936),
-    ("full", "cifar10"): ("Puzzle-AE (Salehi et al. 2020)", 0.7247),
-}
 
 
 def summarize(rows: list[dict]) -> list[dict]:
@@ -48,18 +40,14 @@ def write_csv(rows: list[dict], path: Path) -> None:
         writer.writerows(rows)
 
 
-def markdown(table: list[dict], protocol: str, dataset: str, title: str, paper: bool = True) -> str:
-    """The per-class table; paper=True adds the published GradCon/ARAE/Puzzle-AE mean for this protocol."""
+def markdown(table: list[dict], title: str) -> str:
+    """The per-class table of every metric, mean +- std over seeds (gradcon_core/papers.py puts it beside the
+    papers)."""
     lines = [f"# {title}", "", "| class | AUROC | AUPR | F1 | FPR@95%TPR | seeds |", "|---|---|---|---|---|---|"]
     for e in table:
         cells = [f"{e[m]:.4f} ± {e[f'{m}_std']:.4f}" for m in METRICS]
         name = f"**{e['class']}**" if e["class"] == "mean" else str(e["class"])
         lines.append(f"| {name} | {' | '.join(cells)} | {e['seeds']} |")
-    paper = PAPER_MEAN_AUROC.get((protocol, dataset)) if paper else None
-    if paper:
-        ours = table[-1]["auroc"]
-        lines += ["", f"Paper: {paper[0]}, mean AUROC **{paper[1]:.4f}** on {dataset} ({protocol} protocol); "
-                      f"ours {ours:.4f} (difference {ours - paper[1]:+.4f})."]
     return "\n".join(lines) + "\n"
 
 

@@ -25,6 +25,7 @@ from gradcon_core.imageset import IMAGE, ImageShape, image_bytes, iter_batches
 from gradcon_core.models.sizes import ImageSize, as_hw
 
 SOURCES = ("mnist", "fashion-mnist", "cifar10", "folder", "parquet", "defects")
+KNOWN_DATASETS = ("mnist", "fashion-mnist", "cifar10", "defects")  # recorded in the set (a folder is the user's)
 # What the fixed-format sources hold; folder and parquet images may have any shape, each its own.
 NATIVE_SHAPES = {"mnist": ImageShape((28, 28), 1), "fashion-mnist": ImageShape((28, 28), 1),
                  "cifar10": ImageShape((32, 32), 3)}

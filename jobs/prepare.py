@@ -23,7 +23,7 @@ from cluster.storage import S3Options, check_reachable, check_readable, filesyst
 from gradcon_core.defects import CLASSES, DEFAULT_COUNTS, DefectCounts
 from gradcon_core.imageset import ImageSetWriter, check_image_set
 from gradcon_core.models.sizes import ImageSize
-from gradcon_core.sources import SOURCES, Resizer, known_shape, tables
+from gradcon_core.sources import KNOWN_DATASETS, SOURCES, Resizer, known_shape, tables
 
 
 def prepare(kind: str, source: str | None, out: str, rows_per_file: int = 20000, download: bool = False,
@@ -41,7 +41,7 @@ def prepare(kind: str, source: str | None, out: str, rows_per_file: int = 20000,
     fs, _ = filesystem_for(out, options)
     shape = known_shape(kind, image_size)
     resize = Resizer(image_size, shape and shape.channels) if image_size is not None and kind != "defects" else None
-    writer = ImageSetWriter(out, rows_per_file, fs, shape)
+    writer = ImageSetWriter(out, rows_per_file, fs, shape, dataset=kind if kind in KNOWN_DATASETS else None)
     with tqdm(desc=f"prepare {kind}", unit=" images", file=sys.stderr, disable=None) as bar:
         for table in tables(kind, source, source_fs, download, image_size, seed, counts, classes):
             if resize:

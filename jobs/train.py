@@ -83,7 +83,8 @@ class TrainConfig(DetectorSettings, JobSettings):
     max_train_images: int = 0  # > 0: a seeded random subset of the class's training rows (smoke runs, demos)
     data_mode: str = "auto"  # memory | stream | auto (jobs/train_data.py); the run's config.yaml records the choice
     log_batches: bool = False  # stream mode: write each step's row ids under the run (batches/)
-    use_gpu: bool = False
+    use_gpu: bool = False  # one GPU per worker (NCCL), unless gpus_per_worker says otherwise
+    gpus_per_worker: float | None = bounded(None, at_least=0)  # e.g. 0.25: four 1-worker runs (trials) share a GPU
     placement_strategy: str = "PACK"  # where the workers go: PACK, SPREAD, STRICT_PACK, STRICT_SPREAD (Ray's)
     storage: str = local_path("runs")  # local folder or s3://bucket/prefix
     shared_storage: bool = False  # a local `storage` that every node mounts (NFS): allowed on a multi-node cluster
@@ -95,13 +96,24 @@ class TrainConfig(DetectorSettings, JobSettings):
     address: str | None = None
     s3_endpoint: str | None = None
 
+    def __post_init__(self):
+        if self.num_workers > 1 and 0 < self.worker_gpus < 1:
+            raise ValueError(f"gpus_per_worker={self.worker_gpus:g} with {self.num_workers} workers: Ray may put two "
+                             "workers of this run on one GPU, which NCCL cannot run; give each worker a whole GPU "
+                             "(gpus_per_worker=1), or use num_workers=1 to share GPUs between runs")
+
+    @property
+    def worker_gpus(self) -> float:
+        """The GPUs each worker holds: gpus_per_worker, else 1 with use_gpu, else 0."""
+        return self.gpus_per_worker if self.gpus_per_worker is not None else float(self.use_gpu)
+
 
 def train_loop_per_worker(config: dict) -> list[str]:
     import ray.train
     from ray.train import Checkpoint
 
     cfg = TrainConfig(**config["cfg"])
-    device = ray.train.torch.get_device() if cfg.use_gpu else torch.device("cpu")
+    device = ray.train.torch.get_device() if cfg.worker_gpus > 0 else torch.device("cpu")
     clock = StepClock(device)  # where the steps spend their time, and how long this worker took to its first
     if not cfg.verbose:
         quiet_ray_worker_logs()
@@ -271,7 +283,7 @@ def run(cfg: TrainConfig, callbacks: list | None = None, tracking_parent: dict |
     data_context(cfg.verbose)
     cpus = ray.cluster_resources().get("CPU", 0)
     # Ray Data's listing and read tasks need a CPU each while the workers hold theirs, or the read waits forever.
-    if cfg.num_workers + 2 > cpus or (cfg.use_gpu and cfg.num_workers > ray.cluster_resources().get("GPU", 0)):
+    if cfg.num_workers + 2 > cpus or cfg.num_workers * cfg.worker_gpus > ray.cluster_resources().get("GPU", 0):
         raise ValueError(f"{cfg.num_workers} worker(s) (+2 CPUs for reading) do not fit this cluster "
                          f"({cpus:g} CPUs, {ray.cluster_resources().get('GPU', 0):g} GPUs)")
 
@@ -296,9 +308,10 @@ def run(cfg: TrainConfig, callbacks: list | None = None, tracking_parent: dict |
                            "anomaly_ids": anomaly_ids, "channels": shape.channels, "fingerprint": fingerprint,
                            "image_size": list(size), "tracking": worker_tracking,
                            "store_fs": store_fs, "run_path": f"{store_path}/{name}"},
-        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
-                                     placement_strategy=cfg.placement_strategy),
-        torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.worker_gpus > 0,
+                                     resources_per_worker={"CPU": 1, "GPU": cfg.worker_gpus} if cfg.worker_gpus > 0
+                                     else None, placement_strategy=cfg.placement_strategy),
+        torch_config=TorchConfig(backend="nccl" if cfg.worker_gpus > 0 else "gloo"),
         datasets=datasets,
         dataset_config=all_rows_to_one_worker() if cfg.data_mode == "stream" else DataConfig(datasets_to_split=[]),
         run_config=RunConfig(name=name, storage_path=store_path, storage_filesystem=store_fs if is_s3 else None,

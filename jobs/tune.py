@@ -67,6 +67,7 @@ class TuneConfig(TrainConfig):
     trust_storage: bool = False  # resume state your key did not sign (cluster/sweep_state.py): only your own
 
     def __post_init__(self):
+        super().__post_init__()
         if self.metric not in SELECT_BY:
             raise ValueError(f"metric must be one of {sorted(SELECT_BY)}, got {self.metric!r}")
         if self.scheduler not in ("asha", "fifo") or self.search_alg not in ("random", "optuna"):
@@ -158,8 +159,8 @@ def _concurrency(cfg: TuneConfig) -> int:
     # short of any of it, the trial's reads wait forever.
     per_trial = cfg.num_workers + 2 + TRIAL_DRIVER_CPU
     fits = math.floor(resources.get("CPU", 0) / per_trial)
-    if cfg.use_gpu:
-        fits = min(fits, math.floor(resources.get("GPU", 0) / cfg.num_workers))
+    if cfg.worker_gpus > 0:  # gpus_per_worker=0.25: four 1-worker trials on each GPU
+        fits = min(fits, math.floor(resources.get("GPU", 0) / (cfg.num_workers * cfg.worker_gpus) + 1e-9))
     if fits < 1:
         raise ValueError(f"one trial of {cfg.num_workers} worker(s) needs {per_trial:g} CPUs (workers, 2 for Ray Data "
                          f"reads, its driver); this cluster has {resources.get('CPU', 0):g}")

@@ -1,4 +1,5 @@
-"""ARAE: the latent PGD attack, the adversarial loss inside GradCon, and exact data parallelism with it."""
+"""ARAE: the latent PGD attack, the adversarial loss inside GradCon and every other autoencoder, and exact data
+parallelism with it."""
 import os
 import socket
 
@@ -7,10 +8,12 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from gradcon_core import GradConDetector, create_model
+from gradcon_core import GradConDetector, create_model, list_detectors
 from gradcon_core.adversarial import LatentAttack, arae_loss
+from gradcon_core.detectors.autoencoder import AutoencoderDetector
 from gradcon_core.objective import gradcon_step
 from gradcon_core.parallel import training_generators
+from gradcon_core.registry import create_detector, detector_class
 
 
 @pytest.fixture(scope="module")
@@ -76,6 +79,43 @@ def test_arae_training_learns_and_round_trips(zeros, refresh, tmp_path, mnist_te
     xt, _ = mnist_test
     x = torch.from_numpy(xt[:20]).unsqueeze(1).float() / 255
     np.testing.assert_array_equal(loaded.decision_function(x), det.decision_function(x))
+
+
+AUTOENCODERS = [n for n in list_detectors() if issubclass(detector_class(n), AutoencoderDetector)]
+
+
+def test_every_autoencoder_but_puzzle_ae_takes_epsilon():
+    """Puzzle-AE keeps its own paper's epsilon (an FGSM step against the reconstruction loss)."""
+    assert AUTOENCODERS == ["aae", "cae", "dae", "gradcon", "vae", "vae_grad", "wae"]
+    for name in AUTOENCODERS:
+        assert {"epsilon", "gamma", "attack_steps", "attack_refresh"} <= set(detector_class(name).param_names())
+    with pytest.raises(TypeError, match="epsilon"):
+        create_detector("deep_svdd", epsilon=0.1)  # not an autoencoder: nothing to attack
+
+
+@pytest.mark.parametrize("name", AUTOENCODERS)
+def test_arae_trains_every_autoencoder_on_its_attacked_images(zeros, name):
+    fits = {}
+    for epsilon in (0.0, 0.2):
+        torch.manual_seed(0)
+        det = create_detector(name, device="cpu", epsilon=epsilon, attack_steps=3)
+        torch.manual_seed(0)
+        det.fit(zeros[:48], epochs=1, batch_size=16, seed=0)
+        fits[epsilon] = det
+    clean, robust = fits[0.0], fits[0.2]
+    assert robust.attack.enabled and robust.get_params()["epsilon"] == 0.2
+    if name != "gradcon":  # GradCon reports the ARAE loss as its recon; the others add the code term on its own
+        assert robust.history_[0]["latent"] > 0 and "latent" not in clean.history_[0]
+    moved = [not torch.equal(a, b) for a, b in zip(clean.model.parameters(), robust.model.parameters())]
+    assert sum(moved) >= len(moved) - 1, moved  # (the output bias may take Adam's same lr-sized steps in both)
+
+
+def test_the_cae_adversarial_loss_is_araes(zeros):
+    torch.manual_seed(0)
+    det = create_detector("cae", device="cpu", epsilon=0.2, attack_steps=3, gamma=0.3)
+    x = zeros[:16]
+    x_adv = det.attack.craft(det.model, x, det.attack.random_start(x.shape, torch.Generator().manual_seed(0)))
+    torch.testing.assert_close(det.training_losses(x, x_adv)["loss"], arae_loss(det.model, x, x_adv, 0.3))
 
 
 def test_bad_arae_settings_are_clear_errors():

@@ -233,6 +233,15 @@ def test_bad_input_fails_fast_with_a_clear_error(ray_local, zeros_set, tmp_path)
         run(TrainConfig(data=zeros_set, normal_class=0, num_workers=16, storage=str(tmp_path)))
     with pytest.raises(ValueError, match="placement_strategy must be one of"):
         run(TrainConfig(data=zeros_set, normal_class=0, placement_strategy="ANYWHERE", storage=str(tmp_path)))
+    with pytest.raises(ValueError, match=r"do not fit this cluster \(\d+ CPUs, 0 GPUs\)"):  # a GPU, even a quarter
+        run(TrainConfig(data=zeros_set, normal_class=0, num_workers=1, gpus_per_worker=0.25, storage=str(tmp_path)))
+
+
+def test_workers_of_one_run_never_share_a_gpu():
+    with pytest.raises(ValueError, match="gpus_per_worker=0.5 with 2 workers: .* NCCL cannot run"):
+        TrainConfig(num_workers=2, gpus_per_worker=0.5)
+    assert TrainConfig(num_workers=1, gpus_per_worker=0.25).worker_gpus == 0.25  # runs (trials) may share one
+    assert TrainConfig(num_workers=2, use_gpu=True).worker_gpus == 1.0 and TrainConfig().worker_gpus == 0.0
 
 
 def test_a_local_storage_path_is_refused_on_a_cluster_of_several_nodes(monkeypatch):
@@ -279,5 +288,5 @@ def test_bad_detector_settings_fail_before_training(ray_local, zeros_set, tmp_pa
         run(TrainConfig(data=zeros_set, detector="deep_svdd", params={"objectiv": "x"}, storage=str(tmp_path)))
     with pytest.raises(ValueError, match="use num_workers=1"):
         run(TrainConfig(data=zeros_set, detector="kde", num_workers=2, storage=str(tmp_path)))
-    with pytest.raises(ValueError, match=r"detector 'cae' has no setting\(s\) \['epsilon'\]"):
-        run(TrainConfig(data=zeros_set, detector="cae", epsilon=0.1, storage=str(tmp_path)))
+    with pytest.raises(ValueError, match=r"detector 'deep_svdd' has no setting\(s\) \['epsilon'\]"):
+        run(TrainConfig(data=zeros_set, detector="deep_svdd", epsilon=0.1, storage=str(tmp_path)))

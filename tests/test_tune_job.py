@@ -232,19 +232,21 @@ def test_a_sweep_killed_midway_resumes_and_finishes(ray_local, digits_set, tmp_p
         assert child.data.tags["stopped_early"] == str(row["stopped_early"])
 
 
-@pytest.mark.parametrize(("resources", "workers", "use_gpu", "expected"), [
-    ({"CPU": 4}, 1, False, 1),  # 1 worker + 2 for reads + the driver's 0.01
-    ({"CPU": 16}, 2, False, 3),
-    ({"CPU": 64, "GPU": 4}, 1, True, 4),  # GPUs bound it
-    ({"CPU": 3}, 1, False, "needs 3.01 CPUs"),  # reads would starve: refused, not hung
+@pytest.mark.parametrize(("resources", "workers", "gpus", "expected"), [
+    ({"CPU": 4}, 1, {}, 1),  # 1 worker + 2 for reads + the driver's 0.01
+    ({"CPU": 16}, 2, {}, 3),
+    ({"CPU": 64, "GPU": 4}, 1, {"use_gpu": True}, 4),  # GPUs bound it
+    ({"CPU": 64, "GPU": 2}, 1, {"gpus_per_worker": 0.25}, 8),  # four trials share each GPU
+    ({"CPU": 64, "GPU": 1}, 1, {"gpus_per_worker": 0.3}, 3),
+    ({"CPU": 3}, 1, {}, "needs 3.01 CPUs"),  # reads would starve: refused, not hung
 ])
-def test_concurrent_trials_leave_room_for_their_reads(monkeypatch, resources, workers, use_gpu, expected):
+def test_concurrent_trials_leave_room_for_their_reads(monkeypatch, resources, workers, gpus, expected):
     import ray
 
     from jobs.tune import _concurrency
 
     monkeypatch.setattr(ray, "cluster_resources", lambda: resources)
-    cfg = TuneConfig(search={"alpha": "uniform(0,1)"}, num_workers=workers, use_gpu=use_gpu)
+    cfg = TuneConfig(search={"alpha": "uniform(0,1)"}, num_workers=workers, **gpus)
     if isinstance(expected, str):
         with pytest.raises(ValueError, match=expected):
             _concurrency(cfg)

@@ -1,6 +1,7 @@
 """AAE (Makhzani et al. 2016): an autoencoder whose codes a latent discriminator pushes towards N(0, I).
 
-Three steps per batch, each with its own Adam: reconstruction (encoder + decoder, MSE), discriminator
+Three steps per batch, each with its own Adam: reconstruction (encoder + decoder, MSE; ARAE's loss with
+epsilon > 0: gradcon_core/detectors/autoencoder.py), discriminator
 (prior samples = real, codes = fake, BCE), generator (the encoder fools the discriminator).
 Score = reconstruction MSE; validation loss = reconstruction MSE.
 
@@ -13,24 +14,26 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from gradcon_core.detectors.autoencoder import AutoencoderDetector
 from gradcon_core.detectors.cae import recon_error
-from gradcon_core.detectors.neural import NeuralDetector
 from gradcon_core.parallel import GradientSync
 from gradcon_core.registry import register_detector
 
 
 @register_detector("aae")
-class AAEDetector(NeuralDetector):
+class AAEDetector(AutoencoderDetector):
     default_model = "aae_net"
 
     def __init__(self, model: nn.Module, adversarial_weight: float = 1.0, lr: float = 1e-3, disc_lr: float = 2e-4,
                  device: str | torch.device = "auto", score_batch_size: int | None = None,
-                 threshold_percentile: float = 95.0):
+                 threshold_percentile: float = 95.0, epsilon: float = 0.0, gamma: float = 0.1, attack_steps: int = 40,
+                 attack_refresh: str = "batch"):
         if not hasattr(model, "discriminator"):
             raise ValueError(f"{type(model).__name__} has no latent discriminator: "
                              "build it with create_model('aae_net')")
         self.adversarial_weight, self.disc_lr = adversarial_weight, disc_lr
-        super().__init__(model, lr, device, score_batch_size, threshold_percentile)
+        super().__init__(model, lr, device, score_batch_size, threshold_percentile, epsilon, gamma, attack_steps,
+                         attack_refresh)
 
     def make_optimizers(self) -> list[torch.optim.Optimizer]:
         m = self.model
@@ -39,13 +42,14 @@ class AAEDetector(NeuralDetector):
                 torch.optim.Adam(m.discriminator.parameters(), lr=self.disc_lr, betas=(0.5, 0.999)),
                 torch.optim.Adam(m.encoder.parameters(), lr=self.disc_lr, betas=(0.5, 0.999))]
 
-    def batch_loss(self, x: torch.Tensor) -> torch.Tensor:
-        return F.mse_loss(self.model(x), x)
+    def losses(self, x_in: torch.Tensor, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"loss": F.mse_loss(self.model(x_in), x)}
 
-    def train_step(self, x: torch.Tensor, sync: GradientSync | None = None, scale: float = 1.0) -> dict[str, float]:
+    def train_step(self, x: torch.Tensor, sync: GradientSync | None = None, scale: float = 1.0,
+                   x_adv: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         ae_opt, disc_opt, gen_opt = self.optimizers
-        recon = self.batch_loss(x)
-        self.update(ae_opt, scale * recon, sync)
+        parts = self.training_losses(x, x_adv)  # with x_adv: ARAE's (autoencoder.py)
+        self.update(ae_opt, scale * parts["loss"], sync)
 
         z = self.model.encode(x)
         real, fake = self.model.discriminator(torch.randn_like(z)), self.model.discriminator(z.detach())
@@ -56,7 +60,7 @@ class AAEDetector(NeuralDetector):
         fooled = self.model.discriminator(z)
         gen = F.binary_cross_entropy_with_logits(fooled, torch.ones_like(fooled))
         self.update(gen_opt, scale * self.adversarial_weight * gen, sync)
-        return {"loss": float(recon.detach()), "disc": float(disc.detach()), "gen": float(gen.detach())}
+        return {**{k: v.detach() for k, v in parts.items()}, "disc": disc.detach(), "gen": gen.detach()}
 
     def score_batch(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         err = recon_error(self.model(x), x)

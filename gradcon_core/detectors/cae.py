@@ -1,13 +1,14 @@
 """CAE: GradCon's autoencoder without the gradient constraint; score = per-image reconstruction MSE.
 
-Distributed: exact (the loss is a per-sample mean).
+With epsilon > 0 it is ARAE (gradcon_core/detectors/autoencoder.py) on GradCon's network.
+Distributed: exact (the loss is a per-sample mean; ARAE's attack is per image).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from gradcon_core.detectors.neural import NeuralDetector
+from gradcon_core.detectors.autoencoder import AutoencoderDetector
 from gradcon_core.registry import register_detector
 
 
@@ -17,9 +18,9 @@ def recon_error(x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 @register_detector("cae")
-class CAEDetector(NeuralDetector):
-    def batch_loss(self, x: torch.Tensor) -> torch.Tensor:
-        return F.mse_loss(self.model(x), x)
+class CAEDetector(AutoencoderDetector):
+    def losses(self, x_in: torch.Tensor, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"loss": F.mse_loss(self.model(x_in), x)}
 
     def score_batch(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         err = recon_error(self.model(x), x)

@@ -16,12 +16,14 @@ from gradcon_core.registry import register_detector
 @register_detector("dae")
 class DAEDetector(CAEDetector):
     def __init__(self, model: nn.Module, noise_std: float = 0.2, lr: float = 1e-3, device: str | torch.device = "auto",
-                 score_batch_size: int | None = None, threshold_percentile: float = 95.0):
+                 score_batch_size: int | None = None, threshold_percentile: float = 95.0, epsilon: float = 0.0,
+                 gamma: float = 0.1, attack_steps: int = 40, attack_refresh: str = "batch"):
         if noise_std <= 0:
             raise ValueError(f"need noise_std > 0, got {noise_std}")
         self.noise_std = noise_std
-        super().__init__(model, lr, device, score_batch_size, threshold_percentile)
+        super().__init__(model, lr, device, score_batch_size, threshold_percentile, epsilon, gamma, attack_steps,
+                         attack_refresh)
 
-    def batch_loss(self, x: torch.Tensor) -> torch.Tensor:
-        noisy = (x + self.noise_std * torch.randn_like(x)).clamp(0, 1)
-        return F.mse_loss(self.model(noisy), x)
+    def losses(self, x_in: torch.Tensor, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        noisy = (x_in + self.noise_std * torch.randn_like(x_in)).clamp(0, 1)
+        return {"loss": F.mse_loss(self.model(noisy), x)}

@@ -1,26 +1,24 @@
 """GradConDetector: the GradCon autoencoder, trained with the gradient constraint, scored by its gradients.
 
-A NeuralDetector whose score-time state is its ReferenceGradients, whose step is the official
-gradcon_step (gradcon_core/objective.py) and whose score is gradcon_core/scoring.py's. What it adds is
-ARAE's adversarial training (epsilon > 0): random starts for the whole global batch are drawn from the
-run's noise generator, each worker attacking its own slice of them, so N workers craft exactly the x*
-one process would (with refresh="epoch", x* of every row this worker uses is crafted before the epoch).
+An AutoencoderDetector whose score-time state is its ReferenceGradients, whose step is the official
+gradcon_step (gradcon_core/objective.py) and whose score is gradcon_core/scoring.py's. With epsilon > 0 it
+trains adversarially (ARAE: gradcon_core/detectors/autoencoder.py), the constraint acting on the gradients
+of ARAE's loss.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
 
-from gradcon_core.adversarial import LatentAttack
-from gradcon_core.detectors.neural import NeuralDetector
+from gradcon_core.detectors.autoencoder import AutoencoderDetector
 from gradcon_core.objective import ReferenceGradients, gradcon_step, validation_loss
-from gradcon_core.parallel import GradientSync, LocalBatch
+from gradcon_core.parallel import GradientSync
 from gradcon_core.registry import register_detector
 from gradcon_core.scoring import METHODS, score_components
 
 
 @register_detector("gradcon")
-class GradConDetector(NeuralDetector):
+class GradConDetector(AutoencoderDetector):
     """Autoencoder trained with the gradient constraint (weight alpha); score = recon + beta * grad score.
 
     alpha = 0 trains a plain autoencoder (the reference gradients are still tracked, so the
@@ -51,10 +49,8 @@ class GradConDetector(NeuralDetector):
         if alpha < 0 or beta < 0:
             raise ValueError(f"need alpha >= 0 and beta >= 0; got alpha={alpha}, beta={beta}")
         self.alpha, self.beta, self.score_method = alpha, beta, score_method
-        self.epsilon, self.gamma, self.attack_steps, self.attack_refresh = epsilon, gamma, attack_steps, attack_refresh
-        self.attack = LatentAttack(epsilon, attack_steps, gamma, attack_refresh)
-        self._x_adv: torch.Tensor | None = None  # this epoch's x* (refresh="epoch")
-        super().__init__(model, lr, device, score_batch_size, threshold_percentile)
+        super().__init__(model, lr, device, score_batch_size, threshold_percentile, epsilon, gamma, attack_steps,
+                         attack_refresh)
 
     def make_aux(self) -> nn.Module:
         return ReferenceGradients.for_model(self.model)
@@ -76,34 +72,6 @@ class GradConDetector(NeuralDetector):
         s = gradcon_step(self.model, self.aux, self.optimizer, x, self.alpha, sync, scale, x_adv=x_adv,
                          gamma=self.gamma)
         return {"loss": s.loss, "recon": s.recon, "grad_loss": s.grad_loss}  # tensors: summed on the device
-
-    @property
-    def stream_problem(self) -> str | None:
-        if self.attack.enabled and self.attack.refresh == "epoch":
-            return "attack_refresh=epoch crafts the whole class's adversarial images before each epoch"
-        return super().stream_problem
-
-    def begin_epoch(self, x: torch.Tensor, batches: list[LocalBatch], noise: torch.Generator) -> None:
-        if not (self.attack.enabled and self.attack.refresh == "epoch"):
-            return
-        # Official schedule: x* for the whole set with this epoch's weights, from random starts drawn for every
-        # row; this worker crafts only its own rows (the others stay clean images, used only with weight 0).
-        start = self.attack.random_start(x.shape, noise)
-        rows = torch.cat([b.rows[: b.own] for b in batches])
-        self._x_adv = x.clone()
-        self._x_adv[rows] = self.attack.craft(self.model, x[rows].to(self.device), start[rows.cpu()]).to(x.device)
-
-    def train_batch(self, x: torch.Tensor, batch: LocalBatch, noise: torch.Generator,
-                    sync: GradientSync | None) -> dict[str, float]:
-        x_adv = None
-        if self.attack.enabled and self.attack.refresh == "epoch":
-            x_adv = self._x_adv[batch.rows].to(self.device)
-        elif self.attack.enabled:
-            # Random starts for the whole global batch (as one process draws them), this worker's slice.
-            start = self.attack.random_start((batch.global_size, *x.shape[1:]), noise)
-            mine = start[batch.offset: batch.offset + batch.own] if batch.own else start[:1]
-            x_adv = self.attack.craft(self.model, x, mine)
-        return self.train_step(x, sync, batch.scale, x_adv)
 
     def validation_loss(self, x) -> float:
         """The official validation J on held-out normal images (first order, batches of 64), averaged."""

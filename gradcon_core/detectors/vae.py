@@ -13,8 +13,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from gradcon_core.detectors.autoencoder import AutoencoderDetector
 from gradcon_core.detectors.cae import recon_error
-from gradcon_core.detectors.neural import NeuralDetector
 from gradcon_core.objective import ReferenceGradients, constrained_update, gradient_constraint
 from gradcon_core.parallel import GradientSync
 from gradcon_core.registry import register_detector
@@ -29,34 +29,28 @@ def kl_divergence(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
 
 
 @register_detector("vae")
-class VAEDetector(NeuralDetector):
+class VAEDetector(AutoencoderDetector):
     default_model = "conv_vae"
 
     def __init__(self, model: nn.Module, score: str = "recon", kl_weight: float = 1.0, lr: float = 1e-3,
                  device: str | torch.device = "auto", score_batch_size: int | None = None,
-                 threshold_percentile: float = 95.0):
+                 threshold_percentile: float = 95.0, epsilon: float = 0.0, gamma: float = 0.1, attack_steps: int = 40,
+                 attack_refresh: str = "batch"):
         if not getattr(model, "variational", False):
             raise ValueError(f"{type(model).__name__} is not variational: build the VAE with create_model('conv_vae')")
         if score not in SCORES:
             raise ValueError(f"unknown score {score!r}; choose one of {SCORES}")
         self.score, self.kl_weight = score, kl_weight
-        super().__init__(model, lr, device, score_batch_size, threshold_percentile)
+        super().__init__(model, lr, device, score_batch_size, threshold_percentile, epsilon, gamma, attack_steps,
+                         attack_refresh)
 
-    def losses(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(loss, recon MSE, KL per pixel) of a batch, the reconstruction from a sampled z."""
-        mu, logvar = self.model.posterior(x)
+    def losses(self, x_in: torch.Tensor, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """loss, recon MSE and KL per pixel: x reconstructed from a z sampled from x_in's posterior."""
+        mu, logvar = self.model.posterior(x_in)
         z = mu + (0.5 * logvar).exp() * torch.randn_like(mu)
         recon = F.mse_loss(self.model.decoder(z), x)
         kl = kl_divergence(mu, logvar).mean() / x[0].numel()
-        return recon + self.kl_weight * kl, recon, kl
-
-    def batch_loss(self, x: torch.Tensor) -> torch.Tensor:
-        return self.losses(x)[0]
-
-    def train_step(self, x: torch.Tensor, sync: GradientSync | None = None, scale: float = 1.0) -> dict[str, float]:
-        loss, recon, kl = self.losses(x)
-        self.update(self.optimizers[0], scale * loss, sync)
-        return {"loss": float(loss.detach()), "recon": float(recon.detach()), "kl": float(kl.detach())}
+        return {"loss": recon + self.kl_weight * kl, "recon": recon, "kl": kl}
 
     def score_batch(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         mu, logvar = self.model.posterior(x)
@@ -79,37 +73,42 @@ class VAEGradDetector(VAEDetector):
 
     def __init__(self, model: nn.Module, alpha: float = 0.03, beta: float = 0.12, kl_weight: float = 1.0,
                  lr: float = 1e-3, device: str | torch.device = "auto", score_batch_size: int | None = None,
-                 threshold_percentile: float = 95.0):
+                 threshold_percentile: float = 95.0, epsilon: float = 0.0, gamma: float = 0.1, attack_steps: int = 40,
+                 attack_refresh: str = "batch"):
         if alpha < 0 or beta < 0:
             raise ValueError(f"need alpha >= 0 and beta >= 0, got alpha={alpha}, beta={beta}")
         self.alpha, self.beta = alpha, beta
-        super().__init__(model, "recon", kl_weight, lr, device, score_batch_size, threshold_percentile)
+        super().__init__(model, "recon", kl_weight, lr, device, score_batch_size, threshold_percentile, epsilon, gamma,
+                         attack_steps, attack_refresh)
 
     def make_aux(self) -> nn.Module:
         return ReferenceGradients.for_model(self.model)
 
     def constrained_losses(self, x: torch.Tensor, create_graph: bool, sync: GradientSync | None = None,
-                           scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(J, recon, kl, L_grad): GradCon's constraint on the gradient of the reconstruction term."""
-        loss, recon, kl = self.losses(x)
+                           scale: float = 1.0, x_adv: torch.Tensor | None = None
+                           ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+        """(J, the loss's parts, L_grad): GradCon's constraint on the gradient of the reconstruction term (of x
+        from x* with adversarial images; ARAE's code term has no decoder gradient)."""
+        parts = self.training_losses(x, x_adv)
         if self.alpha == 0:
-            return scale * loss, recon, kl, recon.new_zeros(())
-        grad_loss = gradient_constraint(scale * recon, self.model, self.aux, create_graph=create_graph, sync=sync)
-        return scale * loss + self.alpha * grad_loss, recon, kl, grad_loss
+            return scale * parts["loss"], parts, parts["recon"].new_zeros(())
+        grad_loss = gradient_constraint(scale * parts["recon"], self.model, self.aux, create_graph=create_graph,
+                                        sync=sync)
+        return scale * parts["loss"] + self.alpha * grad_loss, parts, grad_loss
 
-    def train_step(self, x: torch.Tensor, sync: GradientSync | None = None, scale: float = 1.0) -> dict[str, float]:
-        loss, recon, kl, grad_loss = self.constrained_losses(x, True, sync, scale)
+    def train_step(self, x: torch.Tensor, sync: GradientSync | None = None, scale: float = 1.0,
+                   x_adv: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        loss, parts, grad_loss = self.constrained_losses(x, True, sync, scale, x_adv)
         constrained_update(self.model, self.aux, self.optimizers[0], loss, sync)
-        recon, kl, grad_loss = float(recon.detach()), float(kl.detach()), float(grad_loss.detach())
-        return {"loss": recon + self.kl_weight * kl + self.alpha * grad_loss, "recon": recon, "kl": kl,
-                "grad_loss": grad_loss}
+        parts, grad_loss = {k: v.detach() for k, v in parts.items()}, grad_loss.detach()
+        return {**parts, "loss": parts["loss"] + self.alpha * grad_loss, "grad_loss": grad_loss}
 
     def validation_loss(self, x) -> float:
         x = self._batch(x)
         self.model.eval()
         total = 0.0
         for xb in x.split(self.score_batch_size):
-            loss, *_ = self.constrained_losses(xb.to(self.device), create_graph=False)
+            loss, _, _ = self.constrained_losses(xb.to(self.device), create_graph=False)
             total += float(loss.detach()) * len(xb)
         return total / len(x)
 

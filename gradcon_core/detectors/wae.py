@@ -15,9 +15,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from gradcon_core.detectors.autoencoder import AutoencoderDetector
 from gradcon_core.detectors.cae import recon_error
-from gradcon_core.detectors.neural import NeuralDetector
-from gradcon_core.parallel import GradientSync
 from gradcon_core.registry import register_detector
 
 SCALES = (0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
@@ -39,28 +38,22 @@ def mmd_imq(z: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
 
 
 @register_detector("wae")
-class WAEDetector(NeuralDetector):
+class WAEDetector(AutoencoderDetector):
     default_model = "latent_ae"
 
     def __init__(self, model: nn.Module, mmd_weight: float = 10.0, lr: float = 1e-3,
                  device: str | torch.device = "auto", score_batch_size: int | None = None,
-                 threshold_percentile: float = 95.0):
+                 threshold_percentile: float = 95.0, epsilon: float = 0.0, gamma: float = 0.1, attack_steps: int = 40,
+                 attack_refresh: str = "batch"):
         self.mmd_weight = mmd_weight
-        super().__init__(model, lr, device, score_batch_size, threshold_percentile)
+        super().__init__(model, lr, device, score_batch_size, threshold_percentile, epsilon, gamma, attack_steps,
+                         attack_refresh)
 
-    def losses(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        z = self.model.encode(x)
+    def losses(self, x_in: torch.Tensor, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        z = self.model.encode(x_in)
         recon = F.mse_loss(self.model.decoder(z), x)
         mmd = mmd_imq(z, torch.randn_like(z))
-        return recon + self.mmd_weight * mmd / x[0].numel(), recon, mmd
-
-    def batch_loss(self, x: torch.Tensor) -> torch.Tensor:
-        return self.losses(x)[0]
-
-    def train_step(self, x: torch.Tensor, sync: GradientSync | None = None, scale: float = 1.0) -> dict[str, float]:
-        loss, recon, mmd = self.losses(x)
-        self.update(self.optimizers[0], scale * loss, sync)
-        return {"loss": float(loss.detach()), "recon": float(recon.detach()), "mmd": float(mmd.detach())}
+        return {"loss": recon + self.mmd_weight * mmd / x[0].numel(), "recon": recon, "mmd": mmd}
 
     def score_batch(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         err = recon_error(self.model(x), x)
