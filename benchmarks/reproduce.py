@@ -15,6 +15,7 @@ same method where the papers have one.
 from __future__ import annotations
 
 import argparse
+import csv
 import os
 import platform
 import subprocess
@@ -65,8 +66,12 @@ def machine() -> str:
     return f"{text}; torch {torch.__version__}"
 
 
-def write_docs(out: Path, dataset: str, args: argparse.Namespace, seconds: float) -> Path:
-    """docs/results/<dataset>-<epochs>ep.md: the eval's table.md under a header saying how it was made."""
+def write_docs(out: Path, dataset: str, args: argparse.Namespace, seconds: float, resumed: int) -> Path:
+    """docs/results/<dataset>-<epochs>ep.md: the eval's table.md under a header saying how it was made (resumed:
+    runs an earlier, stopped invocation had finished, whose time this one's wall time leaves out)."""
+    runs = list(csv.DictReader(open(out / "results.csv")))
+    earlier = (f" ({resumed} of the {len(runs)} runs were finished by an earlier invocation that was stopped; "
+               "this wall time leaves them out)" if resumed else "")
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                             text=True).stdout.strip() or "unknown"
     header = (f"<!-- made by `make reproduce-{'fmnist' if dataset == 'fashion-mnist' else dataset} "
@@ -74,8 +79,9 @@ def write_docs(out: Path, dataset: str, args: argparse.Namespace, seconds: float
               f"- machine: {machine()}\n"
               f"- budget: {args.epochs} epochs per class and seed (the GradCon paper: 1000), seeds {args.seeds}, "
               f"{args.cpus_per_run:g} CPU and {args.gpus_per_run:g} GPU per run\n"
-              f"- wall time: {seconds / 60:.1f} min for all runs, on {time.strftime('%Y-%m-%d')}, at commit "
-              f"{commit}\n\n")
+              f"- wall time: {seconds / 60:.1f} min{earlier}, on {time.strftime('%Y-%m-%d')}, at commit {commit}; "
+              f"one run's training and scoring took {min(float(r['seconds']) for r in runs):.0f}-"
+              f"{max(float(r['seconds']) for r in runs):.0f} s\n\n")
     path = ROOT / "docs" / "results" / f"{dataset}-{args.epochs}ep.md"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(header + (out / "table.md").read_text())
@@ -106,11 +112,13 @@ def main() -> None:
                     gpus_per_run=args.gpus_per_run)
     if args.detectors is None:
         name = f"reproduce-{args.dataset}-{args.epochs}ep"
+        saved = (Path(args.out) / name / "runs").glob("class-*-seed-*.json")  # by an earlier, stopped invocation
+        resumed = sum(1 for p in saved if int(p.stem.rsplit("-", 1)[1]) in seeds)
         run(EvalConfig(**settings, name=name))
         seconds = time.perf_counter() - start
         print(f"budget: {args.epochs} epochs per class (paper: 1000), seeds {seeds}, {seconds:.0f} s in all")
         if args.write_docs:
-            print(f"wrote {write_docs(Path(args.out) / name, args.dataset, args, seconds)}")
+            print(f"wrote {write_docs(Path(args.out) / name, args.dataset, args, seconds, resumed)}")
         return
     names = list_detectors() if args.detectors == "all" else args.detectors.split(",")
     unknown = sorted(set(names) - set(list_detectors()))

@@ -1,18 +1,21 @@
 """Scoring pipeline: the Ray Data job vs a bare single-process loop over the same files, and memory.
 
-python benchmarks/score_pipeline.py [--rows 200000] [--files 8] [--concurrency 2] [--decode actor,tasks]
+python benchmarks/score_pipeline.py [--rows 200000] [--files 8] [--concurrency 1,2,4] [--decode actor,tasks]
 
 The image set is synthetic but realistic: real MNIST test digits, shifted and noised so no two
 rows are the same, PNG-encoded, split over several parquet files. Both paths read parquet,
 decode, compute vectorized GradCon scores and write a result table with the same code
 (gradcon_core.result_table). Peak memory is the largest sum of the resident memory of this
-process and all its children (Ray's workers), sampled every 0.2 s, at 1x and 10x the rows. With several
---decode choices (the score job's decode=actor|tasks), each runs on the same sets, side by side.
+process and all its children (Ray's workers), sampled every 0.2 s, at 1x and 10x the rows. The driver's
+CPU time (this process alone: what a funnel through the driver would load) is given per second of the job.
+With several --decode choices (the score job's decode=actor|tasks) or --concurrency values (scoring actors),
+each runs on the same sets, side by side.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 import threading
 import time
@@ -50,10 +53,10 @@ def make_set(path: Path, rows: int, files: int, mnist_dir: str) -> None:
 
 
 class PeakMemory:
-    """Largest RSS of this process plus its children, sampled in a thread."""
+    """Largest RSS of this process plus its children, sampled in a thread (whose own CPU time is `cpu`)."""
 
     def __init__(self):
-        self.peak = 0
+        self.peak, self.cpu = 0, 0.0
         self._stop = threading.Event()
 
     def _sample(self) -> None:
@@ -66,6 +69,7 @@ class PeakMemory:
                 except psutil.Error:
                     pass
             self.peak = max(self.peak, total)
+            self.cpu = time.thread_time()
             time.sleep(0.2)
 
     def __enter__(self):
@@ -125,7 +129,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=200_000)
     parser.add_argument("--files", type=int, default=8)
-    parser.add_argument("--concurrency", type=int, default=2)
+    parser.add_argument("--concurrency", default="2", help="scoring actors, comma-separated (e.g. 1,2,4)")
     parser.add_argument("--cpus-per-actor", type=float, default=1.0)
     parser.add_argument("--ray-cpus", type=int, default=None,
                         help="logical CPUs of the embedded Ray (default: cores + 1, room for the reads)")
@@ -163,23 +167,29 @@ def main() -> None:
     from cluster.ray_init import init_ray
     from jobs.score import ScoreConfig, run
 
-    init_ray("local", num_cpus=args.ray_cpus or os.cpu_count() + 1, log_to_driver=False)
+    actors = [int(n) for n in args.concurrency.split(",")]
+    # Room for the largest pool and the reads (time-sliced on a small machine: the driver's load is the point).
+    init_ray("local", num_cpus=args.ray_cpus or max(os.cpu_count() + 1, int(max(actors) * args.cpus_per_actor) + 1),
+             log_to_driver=False)
+    driver = psutil.Process()
     for decode in args.decode.split(","):
-        rates, peaks = {}, {}
-        for name, data in (("1x", small), ("10x", big)):
-            out = work / f"out-ray-{name}"
-            if out.exists():
-                for p in out.iterdir():
-                    p.unlink()
-            with PeakMemory() as mem:
-                summary = run(ScoreConfig(model=str(model), input=str(data), output=str(out), decode=decode,
-                                          batch_size=args.batch_size, concurrency=args.concurrency,
-                                          cpus_per_actor=args.cpus_per_actor, gpus_per_actor=args.gpus_per_actor))
-            rates[name], peaks[name] = summary["images_per_s"], mem.peak / 2**20
-            print(f"  Ray Data job, decode={decode}, {name:<3} rows  {rates[name]:>9,.0f} images/s  "
-                  f"peak memory {peaks[name]:,.0f} MiB")
-        print(f"decode={decode}: Ray job / bare loop (10x rows) = {rates['10x'] / (args.rows / bare):.2f}   "
-              f"peak memory 10x / 1x = {peaks['10x'] / peaks['1x']:.2f}")
+        for concurrency in actors:
+            rates, peaks = {}, {}
+            for name, data in (("1x", small), ("10x", big)):
+                out = work / f"out-ray-{name}"
+                shutil.rmtree(out, ignore_errors=True)
+                cpu_before = sum(driver.cpu_times()[:2])
+                with PeakMemory() as mem:
+                    summary = run(ScoreConfig(model=str(model), input=str(data), output=str(out), decode=decode,
+                                              batch_size=args.batch_size, concurrency=concurrency, quiet=True,
+                                              cpus_per_actor=args.cpus_per_actor, gpus_per_actor=args.gpus_per_actor))
+                driver_cpu = sum(driver.cpu_times()[:2]) - cpu_before - mem.cpu  # not the sampler's
+                rates[name], peaks[name] = summary["images_per_s"], mem.peak / 2**20
+                print(f"  Ray Data job, decode={decode}, {concurrency} actor(s), {name:<3} rows  {rates[name]:>9,.0f} "
+                      f"images/s  peak memory {peaks[name]:,.0f} MiB  driver CPU {driver_cpu:.1f} s "
+                      f"({100 * driver_cpu / summary['seconds']:.0f}% of one core)")
+            print(f"decode={decode}, {concurrency} actor(s): Ray job / bare loop (10x rows) = "
+                  f"{rates['10x'] / (args.rows / bare):.2f}   peak memory 10x / 1x = {peaks['10x'] / peaks['1x']:.2f}")
     ray.shutdown()
 
 

@@ -4,6 +4,12 @@ A file appears under its final name only once complete (local files are written 
 renamed; S3 objects appear when their upload completes), so a killed job leaves no half file behind
 and a re-run rewrites exactly the inputs whose output is missing or incomplete.
 
+The scoring workers write what they score themselves, as pieces: the rows of one input file from row
+`start` on, under <output>/_parts/<input name>/ (write_piece); once every row is scored, join_pieces puts
+an input's pieces together in row order into its result file and removes them. Nothing funnels through
+one process, and a piece is as atomic as a result file. Readers skip _parts (pyarrow ignores names
+starting with "_").
+
 Each file says what it is the result of, in its parquet key-value metadata under "gradcon_result" (JSON):
 the model id (checkpoint content hash), the threshold setting (a value, or a contamination), and the input
 file's identity (name, size in bytes, SHA-256 of its parquet footer, which holds every row group's offsets
@@ -17,6 +23,7 @@ import json
 import os
 import struct
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
@@ -26,6 +33,70 @@ from gradcon_core.metrics import threshold_from_scores
 from gradcon_core.result_table import SCHEMA
 
 RESULT_KEY = b"gradcon_result"
+PARTS = "_parts"
+ROW = "row"  # a piece's rows: their row numbers in the input file
+
+
+def parts_dir(out_root: str, input_name: str) -> str:
+    return f"{out_root}/{PARTS}/{input_name}"
+
+
+def _write_atomically(fs: pafs.FileSystem, path: str, table: pa.Table) -> None:
+    tmp = f"{path}.partial" if isinstance(fs, pafs.LocalFileSystem) else path
+    pq.write_table(table, tmp, filesystem=fs, compression="zstd")
+    if tmp != path:
+        fs.move(tmp, path)
+
+
+def write_piece(fs: pafs.FileSystem, out_root: str, input_name: str, rows: pa.Table) -> None:
+    """Result rows of one input file (with their ROW numbers, in any order) as pieces of consecutive rows."""
+    rows = rows.sort_by(ROW)
+    numbers = rows.column(ROW).to_numpy()
+    breaks = [0, *(np.flatnonzero(np.diff(numbers) != 1) + 1), len(numbers)]
+    folder = parts_dir(out_root, input_name)
+    fs.create_dir(folder, recursive=True)
+    for lo, hi in zip(breaks, breaks[1:]):
+        _write_atomically(fs, f"{folder}/{int(numbers[lo]):012d}.parquet", rows.slice(lo, hi - lo))
+
+
+def clear_pieces(fs: pafs.FileSystem, out_root: str, input_name: str) -> None:
+    """Pieces a killed run left: its input is scored again from the start."""
+    if fs.get_file_info(parts_dir(out_root, input_name)).type == pafs.FileType.Directory:
+        fs.delete_dir(parts_dir(out_root, input_name))
+
+
+def join_pieces(fs: pafs.FileSystem, out_root: str, output: str, identity: dict, rows: int) -> None:
+    """The input's result file from its pieces, which must cover rows 0 .. rows-1 exactly once; then the pieces
+    go. An input of no rows gets an empty result file."""
+    folder = parts_dir(out_root, identity["input"]["name"])
+    found = fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
+    pieces = sorted(i.path for i in found if i.path.endswith(".parquet"))
+    result = ResultFile(fs, output, identity)
+    covered = 0
+    for path in pieces:
+        piece = pq.read_table(path, filesystem=fs)
+        first = piece.column(ROW)[0].as_py()
+        if first != covered:
+            result.abandon()
+            raise RuntimeError(f"the scored rows of {identity['input']['name']} do not follow each other (row "
+                               f"{first} after {covered} of {rows}): run the same command again")
+        covered += piece.num_rows
+        result.write(piece.drop_columns([ROW]))
+    if covered != rows:
+        result.abandon()
+        raise RuntimeError(f"{covered} of {rows} rows of {identity['input']['name']} were scored: run the same "
+                           "command again")
+    result.close()
+    if pieces:
+        fs.delete_dir(folder)
+
+
+def remove_parts_folder(fs: pafs.FileSystem, out_root: str) -> None:
+    """The (now empty) folder of pieces, once every input is joined."""
+    folder = f"{out_root}/{PARTS}"
+    info = fs.get_file_info(folder)
+    if info.type == pafs.FileType.Directory and not fs.get_file_info(pafs.FileSelector(folder)):
+        fs.delete_dir(folder)
 
 
 def input_identity(fs: pafs.FileSystem, path: str) -> dict:
@@ -72,6 +143,11 @@ class ResultFile:
         self.writer.close()
         if self.tmp != self.path:
             self.fs.move(self.tmp, self.path)
+
+    def abandon(self) -> None:
+        """Stop without a result file (an S3 upload closed here does appear: it is removed)."""
+        self.writer.close()
+        self.fs.delete_file(self.tmp)
 
 
 def is_complete(fs: pafs.FileSystem, path: str, rows: int, identity: dict) -> bool:

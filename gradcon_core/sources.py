@@ -20,7 +20,7 @@ import pyarrow.fs as pafs
 
 from gradcon_core.defects import CLASSES, DEFAULT_COUNTS, DefectCounts, defect_tables
 from gradcon_core.idx import load_mnist
-from gradcon_core.images import ImageError, channels_of, decode_images, encode_png
+from gradcon_core.images import ImageError, channels_of, decode_images, encode_png, encode_raw
 from gradcon_core.imageset import IMAGE, ImageShape, image_bytes, iter_batches
 from gradcon_core.models.sizes import ImageSize, as_hw
 
@@ -133,14 +133,19 @@ def known_shape(kind: str, image_size: ImageSize | None = None) -> ImageShape | 
     return native
 
 
+ENCODINGS = {"png": encode_png, "raw": encode_raw}  # how prepare stores images it decodes (images.py: raw)
+
+
 class Resizer:
     """Decodes every image of the tables it is given (tables of one set, in turn) to one (height, width) and
-    re-encodes it as PNG. The channel count is the first decodable image's unless given; rows that fail the
-    decoding policy (gradcon_core/images.py: unreadable, too large, another channel count) are left out and
-    kept in `skipped` as (id, reason)."""
+    re-encodes it (PNG, or raw pixels). The channel count is the first decodable image's unless given; rows
+    that fail the decoding policy (gradcon_core/images.py: unreadable, too large, another channel count) are
+    left out and kept in `skipped` as (id, reason)."""
 
-    def __init__(self, image_size: ImageSize, channels: int | None = None):
-        self.hw, self.channels = as_hw(image_size), channels
+    def __init__(self, image_size: ImageSize, channels: int | None = None, encoding: str = "png"):
+        if encoding not in ENCODINGS:
+            raise ValueError(f"unknown encoding {encoding!r}; choose one of {sorted(ENCODINGS)}")
+        self.hw, self.channels, self.encode = as_hw(image_size), channels, ENCODINGS[encoding]
         self.skipped: list[tuple[str, str]] = []
 
     @property
@@ -158,7 +163,7 @@ class Resizer:
         keep = [i for i, e in enumerate(errors) if e is None]
         ids = table.column("id").to_pylist()  # every source gives ids
         self.skipped += [(str(ids[i]), e) for i, e in enumerate(errors) if e is not None]
-        images = pa.array([encode_png(pixels[i, ..., 0] if self.channels == 1 else pixels[i]) for i in keep],
+        images = pa.array([self.encode(pixels[i, ..., 0] if self.channels == 1 else pixels[i]) for i in keep],
                           pa.binary())
         table = table.take(pa.array(keep, pa.int64()))
         return table.set_column(table.schema.get_field_index(IMAGE), IMAGE, images)

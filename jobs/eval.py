@@ -81,6 +81,8 @@ def run(cfg: EvalConfig) -> list[dict]:
     if cfg.protocol not in PROTOCOLS:
         raise ValueError(f"unknown protocol {cfg.protocol!r}; choose one of {PROTOCOLS}")
     cfg.detector_params()  # an unknown detector or setting fails here, before any work
+    if cfg.device == "cuda" and cfg.gpus_per_run == 0:
+        raise ValueError("device=cuda needs gpus_per_run > 0 (Ray gives a run only the GPUs it asks for)")
     require(cfg.tracking)
     options = S3Options.from_env(endpoint=cfg.s3_endpoint)
     fs, _ = filesystem_for(cfg.data, options)
@@ -149,8 +151,6 @@ def _evaluate(cfg: EvalConfig, options: S3Options, shape: ImageShape, labels: np
         print(f"eval: {len(done)} of {len(tasks)} runs finished earlier, in {folder}: not run again", flush=True)
     todo = [task for task in tasks if task not in done]
     if todo:
-        if cfg.device == "cuda" and cfg.gpus_per_run == 0:
-            raise ValueError("device=cuda needs gpus_per_run > 0 (Ray gives a run only the GPUs it asks for)")
         init_ray(cfg.address, min_cpus=cfg.cpus_per_run)
         remote = ray.remote(_evaluate_one).options(num_cpus=cfg.cpus_per_run, num_gpus=cfg.gpus_per_run)
         shared = [ray.put(v) for v in (cfg, options, shape, labels, splits, is_anomaly)]  # once, not per run

@@ -7,6 +7,7 @@ gradcon prepare folder --source photos/ --out data/sets/photos  (one subfolder p
 gradcon prepare parquet --source hf.parquet --out data/sets/x      (re-encode an existing parquet / HF export)
 gradcon prepare defects --image-size 128 --out data/sets/defects  (generated RGB textures with defects)
 
+--encoding raw stores uint8 pixels instead of PNG (gradcon_core/images.py), which scoring reads with no decoding.
 --image-size S (or HxW) resizes every image to that size, stored as PNG; without it folder and parquet images
 keep their bytes (a JPEG stays that JPEG). When every image has one known shape (mnist, cifar10, defects, any
 resized set) the files record it, and train, eval, tune and demo size their networks by it
@@ -23,14 +24,21 @@ from cluster.storage import S3Options, check_reachable, check_readable, filesyst
 from gradcon_core.defects import CLASSES, DEFAULT_COUNTS, DefectCounts
 from gradcon_core.imageset import ImageSetWriter, check_image_set
 from gradcon_core.models.sizes import ImageSize
-from gradcon_core.sources import KNOWN_DATASETS, SOURCES, Resizer, known_shape, tables
+from gradcon_core.sources import ENCODINGS, KNOWN_DATASETS, SOURCES, Resizer, known_shape, tables
 
 
 def prepare(kind: str, source: str | None, out: str, rows_per_file: int = 20000, download: bool = False,
             options: S3Options | None = None, image_size: ImageSize | None = None, seed: int = 0,
-            counts: DefectCounts = DEFAULT_COUNTS, classes: tuple[str, ...] = CLASSES) -> list[str]:
+            counts: DefectCounts = DEFAULT_COUNTS, classes: tuple[str, ...] = CLASSES,
+            encoding: str = "png") -> list[str]:
     """Write the set; image_size: resize to it (defects: generate at it); seed, counts, classes: the defects
-    set's (gradcon_core/defects.py)."""
+    set's (gradcon_core/defects.py); encoding: png, or raw (uint8 pixels, no decoding when scored; needs one
+    known size)."""
+    if encoding not in ENCODINGS:
+        raise ValueError(f"unknown encoding {encoding!r}; choose one of {sorted(ENCODINGS)}")
+    if encoding == "raw" and image_size is None and known_shape(kind) is None:
+        raise ValueError(f"--encoding raw stores every image at one size, and {kind} images have sizes of their "
+                         "own: give --image-size")
     options = options or S3Options.from_env()
     check_reachable(out, options)  # bad credentials: a clear error before any work
     source_fs = None
@@ -40,7 +48,9 @@ def prepare(kind: str, source: str | None, out: str, rows_per_file: int = 20000,
         check_image_set(source, source_fs)
     fs, _ = filesystem_for(out, options)
     shape = known_shape(kind, image_size)
-    resize = Resizer(image_size, shape and shape.channels) if image_size is not None and kind != "defects" else None
+    resize = None
+    if encoding != "png" or (image_size is not None and kind != "defects"):  # decoded, resized, stored again
+        resize = Resizer(shape.image_size if shape else image_size, shape and shape.channels, encoding)
     writer = ImageSetWriter(out, rows_per_file, fs, shape, dataset=kind if kind in KNOWN_DATASETS else None)
     with tqdm(desc=f"prepare {kind}", unit=" images", file=sys.stderr, disable=None) as bar:
         for table in tables(kind, source, source_fs, download, image_size, seed, counts, classes):
@@ -85,6 +95,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="defects: images per texture kind: TRAIN,TEST_NORMAL,TEST_DEFECTIVE (default 200,40,40)")
     parser.add_argument("--classes", type=lambda text: tuple(text.split(",")), default=CLASSES,
                         help=f"defects: texture kinds, comma-separated (default {','.join(CLASSES)})")
+    parser.add_argument("--encoding", choices=sorted(ENCODINGS), default="png",
+                        help="raw: uint8 pixels, scored with no decoding (one size: the source's or --image-size)")
     parser.add_argument("--rows-per-file", type=int, default=20000)
     parser.add_argument("--download", action="store_true", help="mnist/fashion-mnist: fetch with torchvision")
     parser.add_argument("--s3-endpoint", help="S3 endpoint URL (default: AWS_ENDPOINT_URL or AWS)")
@@ -93,6 +105,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     paths = prepare(args.kind, args.source, args.out, args.rows_per_file, args.download,
                     S3Options.from_env(endpoint=args.s3_endpoint), args.image_size, args.seed, args.counts,
-                    args.classes)
+                    args.classes, args.encoding)
     print(f"wrote {len(paths)} file(s) under {args.out}")
     return 0

@@ -3,14 +3,15 @@
 gradcon score --model CKPT --input PREFIX --output PREFIX [--batch-size 256] [--concurrency 1]
               [--gpus-per-actor 0] [--decode auto|actor|tasks] [--threshold T | --contamination C] [--address ADDRESS]
 
-Pipeline: read_parquet (local or S3, many files) -> [decode=tasks: decode and resize in CPU tasks] ->
-score (and decode, unless done) in an actor pool (the detector and its reference gradients load once per
-actor) -> result rows. One output file per input file, same name, rows in input order: a re-run of the
-same command skips inputs whose output is complete and rewrites the rest, so a job killed halfway and
-started again ends complete, with no duplicate rows. A rewritten file has the same rows, ids, errors and
-flags as a clean run's; its scores can differ in the last bits (about 1e-8): the batched scorer's sums
-depend on which rows share a batch, and Ray Data batches span files. Result rows are small (a few numbers
-per image), so they stream back in order and the driver writes them; images never reach the driver.
+Pipeline: read the input files' row groups in CPU tasks (local or S3, many files; each row keeps its file and
+row number) -> [decode=tasks: decode and resize in CPU tasks] -> score (and decode, unless done) in an actor
+pool (the detector and its reference gradients load once per actor), each actor writing the result rows it
+scored as pieces of its input files -> one task per input file joins its pieces, in row order, into one
+output file of the same name (gradcon_core/result_files.py). Neither images nor result rows reach the
+driver, which only counts rows. A re-run of the same command skips inputs whose output is complete and
+scores the rest again, so a job killed halfway and started again ends complete, with no duplicate rows.
+A rewritten file has the same rows, ids, errors and flags as a clean run's; its scores can differ in the
+last bits (about 1e-8): the batched scorer's sums depend on which rows share a batch, and batches span files.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
 import pyarrow as pa
@@ -35,11 +37,15 @@ from gradcon_core.images import ImageError, shape_of
 from gradcon_core.imageset import IMAGE, check_image_set, image_bytes, list_parquet_files
 from gradcon_core.progress import Progress
 from gradcon_core.result_files import (
-    ResultFile,
+    ROW,
     apply_contamination,
+    clear_pieces,
     input_identity,
     is_complete,
+    join_pieces,
+    remove_parts_folder,
     result_identity,
+    write_piece,
 )
 from gradcon_core.result_table import (
     DECODE_ERROR,
@@ -79,18 +85,48 @@ class ScoreConfig(JobSettings):
     s3_endpoint: str | None = None
 
 
-class Scorer:
-    """Ray Data callable class: scores batches with one detector per actor; decodes them first unless the decode
-    stage has (then the batch has PIXELS and DECODE_ERROR in place of the images)."""
+# What the read stage passes on, typed: a file without one of these gets nulls, so every block has one schema.
+READ_COLUMNS = {"id": pa.string(), "label": pa.int64(), "is_anomaly": pa.bool_()}
 
-    def __init__(self, model: str, options: S3Options, threshold: float | None, model_id: str):
+
+def read_rows(items: pa.Table, input_uri: str, options: S3Options, block_mb: float) -> Iterator[pa.Table]:
+    """Ray Data read stage: the row groups `items` name (path, row_group, start: its first row's number), in
+    blocks of about block_mb, each row with its file ("path") and its row number there (ROW)."""
+    fs, _ = filesystem_for(input_uri, options)
+    for path, group, start in zip(*(items.column(c).to_pylist() for c in ("path", "row_group", "start"))):
+        pf = pq.ParquetFile(path, filesystem=fs)
+        meta = pf.metadata.row_group(group)
+        rows_per_block = max(1, int(block_mb * 2**20 * meta.num_rows / max(meta.total_byte_size, 1)))
+        names = pf.schema_arrow.names
+        row = start
+        for batch in pf.iter_batches(batch_size=rows_per_block, row_groups=[group],
+                                     columns=[c for c in [IMAGE, *READ_COLUMNS] if c in names]):
+            table = pa.Table.from_batches([batch])
+            if "id" in names and table.column("id").type != pa.string():  # int64 ids, as strings (as results have)
+                table = table.set_column(table.schema.get_field_index("id"), "id", table.column("id").cast(pa.string()))
+            for name, kind in READ_COLUMNS.items():
+                if name not in table.schema.names:
+                    table = table.append_column(name, pa.nulls(table.num_rows, kind))
+            n = table.num_rows
+            yield (table.append_column("path", pa.array([path] * n, pa.string()))
+                   .append_column(ROW, pa.array(range(row, row + n), pa.int64())))
+            row += n
+
+
+class Scorer:
+    """Ray Data callable class: scores batches with one detector per actor (decoding them first unless the decode
+    stage has: then the batch has PIXELS and DECODE_ERROR in place of the images) and writes the result rows
+    as pieces of their input files; returns only how many rows of which file it wrote."""
+
+    def __init__(self, model: str, options: S3Options, threshold: float | None, model_id: str, output: str):
         fs, path = filesystem_for(model, options)
         self.detector = load_detector(path, fs)
         self.threshold, self.model_id = threshold, model_id
+        self.out_fs, self.out_root = filesystem_for(output, options)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         names = batch.schema.names
-        ids = batch.column("id").to_pylist() if "id" in names else [None] * batch.num_rows
+        ids = batch.column("id").to_pylist()
         passthrough = {c: batch.column(c) for c in PASSTHROUGH if c in names}
         det = self.detector
         if PIXELS in names:
@@ -99,7 +135,13 @@ class Scorer:
                                      self.model_id, passthrough)
         else:
             rows = result_rows(det, ids, image_bytes(batch.column(IMAGE)), self.threshold, self.model_id, passthrough)
-        return rows.append_column("path", batch.column("path"))
+        rows = rows.append_column(ROW, batch.column(ROW))
+        paths, counts = batch.column("path"), {}
+        for path in pc.unique(paths).to_pylist():
+            piece = rows.filter(pc.equal(paths, path))
+            write_piece(self.out_fs, self.out_root, os.path.basename(path), piece)
+            counts[path] = piece.num_rows
+        return pa.table({"path": list(counts), "rows": list(counts.values())})
 
 
 def decode_stage(batch: pa.Table, channels: int, size: tuple[int, int]) -> pa.Table:
@@ -159,9 +201,9 @@ def _check_output_outside_input(cfg: ScoreConfig, in_fs: pafs.FileSystem, in_pat
 
 
 def _score_files(cfg: ScoreConfig, options: S3Options, detector: Detector, files: list[str], in_fs: pafs.FileSystem,
-                 out_fs: pafs.FileSystem, outputs: dict[str, str], identities: dict[str, dict],
+                 out_root: str, outputs: dict[str, str], identities: dict[str, dict], rows_in: dict[str, int],
                  threshold: float | None, model_id: str, progress: Progress) -> None:
-    """The Ray Data pipeline over `files`; result rows come back in order and go to one writer at a time."""
+    """The Ray Data pipeline over `files`, its actors writing the result pieces; a task per file joins them."""
     import ray
 
     from cluster.ray_init import data_logs, init_ray
@@ -169,30 +211,45 @@ def _score_files(cfg: ScoreConfig, options: S3Options, detector: Detector, files
     init_ray(cfg.address, min_cpus=cfg.concurrency * cfg.cpus_per_actor + READ_CPUS)  # embedded: sized for _check_fits
     _check_fits(ray.cluster_resources(), cfg)
     data_logs(cfg.verbose)
-    ctx = ray.data.DataContext.get_current()
-    ctx.execution_options.preserve_order = True
-    ctx.target_max_block_size = int(cfg.block_mb * 2**20)
-    ds = ray.data.read_parquet(files, filesystem=in_fs, include_paths=True)
-    ds = ds.select_columns([c for c in [IMAGE, "id", *PASSTHROUGH, "path"] if c in ds.schema().names])
-    if decodes_in_tasks(cfg):
-        ds = ds.map_batches(decode_stage, batch_format="pyarrow", num_cpus=1,
-                            fn_kwargs={"channels": detector.channels, "size": tuple(detector.input_size)})
-    ds = ds.map_batches(
-        Scorer, batch_format="pyarrow", batch_size=cfg.batch_size, num_cpus=cfg.cpus_per_actor,
-        num_gpus=cfg.gpus_per_actor, compute=ray.data.ActorPoolStrategy(size=cfg.concurrency),
-        fn_constructor_kwargs={"model": cfg.model, "options": options, "threshold": threshold, "model_id": model_id},
-    )
-    current: ResultFile | None = None
-    for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-        for path in pc.unique(batch.column("path")).to_pylist():
-            if current is None or current.input_name != os.path.basename(path):
-                if current:
-                    current.close()
-                current = ResultFile(out_fs, outputs[path], identities[path])
-            current.write(batch.filter(pc.equal(batch.column("path"), path)).drop_columns(["path"]))
-        progress.update(batch.num_rows)
-    if current:
-        current.close()
+    ray.data.DataContext.get_current().target_max_block_size = int(cfg.block_mb * 2**20)
+    groups = []  # one read item per row group: (path, its index, the file's row number of its first row)
+    for path in files:
+        meta, start = pq.ParquetFile(path, filesystem=in_fs).metadata, 0
+        for g in range(meta.num_row_groups):
+            groups.append({"path": path, "row_group": g, "start": start})
+            start += meta.row_group(g).num_rows
+
+    def join(path: str) -> None:
+        out_fs, _ = filesystem_for(cfg.output, options)
+        join_pieces(out_fs, out_root, outputs[path], identities[path], rows_in[path])
+
+    # A file's pieces are joined (in a task) as soon as all its rows are scored, so a job killed later keeps it.
+    join_task, left = ray.remote(join).options(num_cpus=0.5), {path: rows_in[path] for path in files}
+    joins = [join_task.remote(path) for path in files if rows_in[path] == 0]
+    if groups:
+        ds = ray.data.from_items(groups, override_num_blocks=len(groups))
+        ds = ds.map_batches(read_rows, batch_format="pyarrow", batch_size=1, num_cpus=READ_CPUS,
+                            fn_kwargs={"input_uri": cfg.input, "options": options, "block_mb": cfg.block_mb})
+        if decodes_in_tasks(cfg):
+            ds = ds.map_batches(decode_stage, batch_format="pyarrow", num_cpus=1,
+                                fn_kwargs={"channels": detector.channels, "size": tuple(detector.input_size)})
+        ds = ds.map_batches(
+            Scorer, batch_format="pyarrow", batch_size=cfg.batch_size, num_cpus=cfg.cpus_per_actor,
+            num_gpus=cfg.gpus_per_actor, compute=ray.data.ActorPoolStrategy(size=cfg.concurrency),
+            fn_constructor_kwargs={"model": cfg.model, "options": options, "threshold": threshold,
+                                   "model_id": model_id, "output": cfg.output},
+        )
+        for counts in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+            for path, rows in zip(counts.column("path").to_pylist(), counts.column("rows").to_pylist()):
+                left[path] -= rows
+                if left[path] == 0:
+                    joins.append(join_task.remote(path))
+            progress.update(int(pc.sum(counts.column("rows")).as_py()))
+    ray.get(joins)
+    unscored = [os.path.basename(p) for p, n in left.items() if n != 0]
+    if unscored:
+        raise RuntimeError(f"not every row of {', '.join(unscored)} was scored once: run the same command again")
+    remove_parts_folder(filesystem_for(cfg.output, options)[0], out_root)
 
 
 def run(cfg: ScoreConfig) -> dict:
@@ -232,19 +289,16 @@ def run(cfg: ScoreConfig) -> dict:
         return is_complete(out_fs, outputs[f], rows_in[f], identities[f])
 
     todo = [f for f in files if not complete(f)]
+    for f in todo:
+        clear_pieces(out_fs, out_root, os.path.basename(f))  # what a killed run of this output left
     _check_input_shape(detector, in_fs, todo or files)
     print(f"scoring {sum(rows_in[f] for f in todo)} rows in {len(todo)} file(s) "
           f"({len(files) - len(todo)} already complete) with model {model_id}", file=sys.stderr)
 
     if todo:
         with Progress(sum(rows_in[f] for f in todo), unit="rows", label="scoring", quiet=cfg.quiet) as progress:
-            _score_files(cfg, options, detector, todo, in_fs, out_fs, outputs, identities, threshold, model_id,
-                         progress)
-        for f in todo:  # empty inputs produce no batches: still one (empty) output each
-            if not complete(f):
-                if rows_in[f] != 0:
-                    raise RuntimeError(f"{outputs[f]} is incomplete after scoring; run the same command again")
-                ResultFile(out_fs, outputs[f], identities[f]).close()
+            _score_files(cfg, options, detector, todo, in_fs, out_root, outputs, identities, rows_in, threshold,
+                         model_id, progress)
 
     if cfg.contamination is not None:
         threshold = apply_contamination(out_fs, list(outputs.values()), cfg.contamination)

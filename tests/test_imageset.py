@@ -5,6 +5,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 from PIL import Image
 
 from cluster.storage import S3Options, StorageError, check_readable, filesystem_for
@@ -37,6 +38,32 @@ def test_prepare_round_trip_is_pixel_exact_and_idempotent(small_mnist_idx, mnist
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     # Every file records the one shape of its images, for the jobs to size their networks by.
     assert {recorded_shape(str(p)) for p in out.iterdir()} == {ImageShape((28, 28), 1)}
+
+
+def test_a_raw_encoded_set_scores_as_its_png_set_does(small_mnist_idx, tmp_path, mnist_train):
+    """--encoding raw: the same rows, ids and pixels as the PNG set, so the same result table; RGB and resized
+    too; a source of many sizes needs --image-size."""
+    from gradcon_core.images import RAW_MAGIC
+    from gradcon_core.result_table import result_rows
+
+    prepare("mnist", str(small_mnist_idx), str(tmp_path / "png"))
+    prepare("mnist", str(small_mnist_idx), str(tmp_path / "raw"), encoding="raw")
+    png, raw = (take_rows(str(tmp_path / name), np.arange(500)) for name in ("png", "raw"))
+    assert raw.ids == png.ids and all(image.startswith(RAW_MAGIC) for image in raw.images)
+    assert recorded_shape(str(tmp_path / "raw")) == ImageShape((28, 28), 1)
+    torch.manual_seed(0)
+    det = GradConDetector(create_model("gradcon_cae"), device="cpu").fit(mnist_train[0][:128], epochs=1)
+    tables = [result_rows(det, rows.ids, rows.images, det.threshold_, "m") for rows in (png, raw)]
+    assert tables[0].equals(tables[1])
+    folder = tmp_path / "photos" / "a"
+    folder.mkdir(parents=True)
+    for i, size in enumerate([(20, 30), (40, 24)]):
+        Image.fromarray(np.full((*size, 3), 60 * i, np.uint8)).save(folder / f"{i}.png")
+    with pytest.raises(ValueError, match="give --image-size"):
+        prepare("folder", str(tmp_path / "photos"), str(tmp_path / "f"), encoding="raw")
+    prepare("folder", str(tmp_path / "photos"), str(tmp_path / "f"), encoding="raw", image_size=16)
+    pixels, errors = decode_images(take_rows(str(tmp_path / "f"), np.arange(2)).images, 3, (16, 16))
+    assert errors == [None, None] and pixels[1].min() == pixels[1].max() == 60
 
 
 def test_rerun_with_fewer_files_removes_stale_parts(small_mnist_idx, tmp_path):

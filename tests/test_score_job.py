@@ -22,7 +22,7 @@ from gradcon_core.imageset import read_columns, take_rows, write_image_set
 from gradcon_core.result_table import SCHEMA
 from gradcon_core.tracking import CHECKPOINT_TAG
 from jobs.prepare import prepare
-from jobs.score import ScoreConfig, run
+from jobs.score import ScoreConfig, Scorer, read_rows, run
 from tests.test_images import bomb_png
 
 
@@ -104,6 +104,26 @@ def test_a_decompression_bomb_is_a_row_error_even_as_the_first_row(ray_local, mo
     assert summary["rows"] == 4 and summary["errors"] == 1 and table.column("score").null_count == 1
     assert "20000x20000" in errors["bomb"] and "GRADCON_MAX_IMAGE_PIXELS" in errors["bomb"]
     assert errors["a"] is errors["b"] is errors["c"] is None
+
+def test_the_actors_write_the_results_and_the_driver_gets_only_counts(model_dir, image_set, tmp_path):
+    """No funnel: the read stage numbers each row in its file, an actor writes what it scores as pieces of
+    its input files and returns how many rows of which file it wrote (all the driver receives)."""
+    first = sorted(glob.glob(f"{image_set}/*.parquet"))[0]
+    items = pa.table({"path": [first], "row_group": [0], "start": [0]})
+    blocks = list(read_rows(items, image_set, S3Options(), block_mb=0.01))  # 180 rows in blocks of ~30
+    assert len(blocks) > 2 and pa.concat_tables(blocks).column("row").to_pylist() == list(range(180))
+    scorer = Scorer(model_dir, S3Options(), threshold=0.5, model_id="m", output=str(tmp_path / "out"))
+    batch = pa.concat_tables(blocks[1:3])  # rows from the middle of the file
+    returned = scorer(batch)
+    assert returned.to_pydict() == {"path": [first], "rows": [batch.num_rows]}
+    (piece,) = (tmp_path / "out" / "_parts" / os.path.basename(first)).iterdir()
+    written = pq.read_table(piece)
+    assert piece.name == f"{blocks[1].column('row')[0].as_py():012d}.parquet"
+    assert written.column("id").to_pylist() == batch.column("id").to_pylist()
+    expected = load_detector(model_dir).decision_function(
+        np.stack([np.asarray(Image.open(io.BytesIO(b))) for b in batch.column("image").to_pylist()]))
+    np.testing.assert_allclose(written.column("score").to_numpy(), expected, rtol=1e-5)
+
 
 def test_rerun_completes_a_killed_job_without_duplicates(ray_local, model_dir, image_set, tmp_path):
     out = tmp_path / "out"
