@@ -74,15 +74,17 @@ def write_docs(out: Path, dataset: str, args: argparse.Namespace, seconds: float
                "this wall time leaves them out)" if resumed else "")
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                             text=True).stdout.strip() or "unknown"
+    recipe = f" PARAMS=\"{' '.join(args.param)}\"" if args.param else ""
     header = (f"<!-- made by `make reproduce-{'fmnist' if dataset == 'fashion-mnist' else dataset} "
-              f"EPOCHS={args.epochs} SEEDS={args.seeds}` -->\n\n"
+              f"EPOCHS={args.epochs} SEEDS={args.seeds}{recipe}` -->\n\n"
               f"- machine: {machine()}\n"
               f"- budget: {args.epochs} epochs per class and seed (the GradCon paper: 1000), seeds {args.seeds}, "
-              f"{args.cpus_per_run:g} CPU and {args.gpus_per_run:g} GPU per run\n"
+              f"{args.cpus_per_run:g} CPU and {args.gpus_per_run:g} GPU per run; recipe: "
+              f"{', '.join(args.param) or 'the official one'}\n"
               f"- wall time: {seconds / 60:.1f} min{earlier}, on {time.strftime('%Y-%m-%d')}, at commit {commit}; "
               f"one run's training and scoring took {min(float(r['seconds']) for r in runs):.0f}-"
               f"{max(float(r['seconds']) for r in runs):.0f} s\n\n")
-    path = ROOT / "docs" / "results" / f"{dataset}-{args.epochs}ep.md"
+    path = ROOT / "docs" / "results" / f"{out.name.removeprefix('reproduce-')}.md"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(header + (out / "table.md").read_text())
     return path
@@ -101,7 +103,10 @@ def main() -> None:
     parser.add_argument("--write-docs", action="store_true", help="write the table to docs/results/")
     parser.add_argument("--detectors", default=None, help="comma list of registered detectors, or all")
     parser.add_argument("--max-train", type=int, default=None, help="cap on training images per class")
+    parser.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
+                        help="a detector setting, e.g. output_init=mean (the fast-start recipe); repeatable")
     args = parser.parse_args()
+    params = dict(p.split("=", 1) for p in args.param)
     data = args.data or str(ROOT / "data" / "sets" / args.dataset)
     if not Path(data).exists():
         prepare(args.dataset, str(ROOT / SOURCES[args.dataset]), data)
@@ -109,9 +114,9 @@ def main() -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     settings = dict(data=data, dataset=args.dataset, protocol="gradcon", classes=args.classes, seeds=seeds,
                     epochs=args.epochs, out=args.out, max_train=args.max_train, cpus_per_run=args.cpus_per_run,
-                    gpus_per_run=args.gpus_per_run)
+                    gpus_per_run=args.gpus_per_run, params=params)
     if args.detectors is None:
-        name = f"reproduce-{args.dataset}-{args.epochs}ep"
+        name = "-".join([f"reproduce-{args.dataset}-{args.epochs}ep", *(f"{k}-{v}" for k, v in params.items())])
         saved = (Path(args.out) / name / "runs").glob("class-*-seed-*.json")  # by an earlier, stopped invocation
         resumed = sum(1 for p in saved if int(p.stem.rsplit("-", 1)[1]) in seeds)
         run(EvalConfig(**settings, name=name))

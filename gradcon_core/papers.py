@@ -85,7 +85,7 @@ def published_rows(protocol: str, dataset: str) -> list[PublishedRow]:
 
 def our_method(detector: str, params: dict) -> str:
     """The papers' name for what was run: gradcon with epsilon > 0 and alpha = beta = 0 is ARAE."""
-    if detector == "gradcon" and params.get("epsilon", 0) > 0 and params.get("alpha", 1) == 0:
+    if detector == "gradcon" and params.get("epsilon", 0) > 0 and params.get("alpha") == params.get("beta") == 0:
         return "ARAE"
     return PAPER_NAMES.get(detector, detector)
 

@@ -290,3 +290,4 @@ def test_bad_detector_settings_fail_before_training(ray_local, zeros_set, tmp_pa
         run(TrainConfig(data=zeros_set, detector="kde", num_workers=2, storage=str(tmp_path)))
     with pytest.raises(ValueError, match=r"detector 'deep_svdd' has no setting\(s\) \['epsilon'\]"):
         run(TrainConfig(data=zeros_set, detector="deep_svdd", epsilon=0.1, storage=str(tmp_path)))
+

@@ -16,6 +16,8 @@ from gradcon_core.parallel import GradientSync
 from gradcon_core.registry import register_detector
 from gradcon_core.scoring import METHODS, score_components
 
+OUTPUT_INITS = ("default", "mean")
+
 
 @register_detector("gradcon")
 class GradConDetector(AutoencoderDetector):
@@ -24,6 +26,12 @@ class GradConDetector(AutoencoderDetector):
     alpha = 0 trains a plain autoencoder (the reference gradients are still tracked, so the
     gradient score stays defined). epsilon > 0 trains it adversarially (ARAE, gradcon_core.adversarial):
     alpha = beta = 0 with epsilon > 0 is ARAE itself, alpha > 0 GradCon + ARAE.
+
+    output_init="mean" (a recipe, not the official code's; docs/design.md §3): before the first step the
+    output layer's bias is set so the untrained network outputs the training images' mean intensity (per
+    channel, over every worker's images). With PyTorch's default init the output starts near 0.5 and the
+    first Adam steps drive the sigmoid towards 0, the background; with some initial weights it saturates there
+    for good (every image reconstructed as black, the gradients vanish, AUROC near 0.5).
     """
 
     cpu_score_batch_size = 64  # the per-image gradient work stays in cache
@@ -43,14 +51,45 @@ class GradConDetector(AutoencoderDetector):
         gamma: float = 0.1,
         attack_steps: int = 40,
         attack_refresh: str = "batch",
+        output_init: str = "default",
     ):
+        if output_init not in OUTPUT_INITS:
+            raise ValueError(f"unknown output_init {output_init!r}; choose one of {OUTPUT_INITS}")
         if score_method not in METHODS:
             raise ValueError(f"unknown score_method {score_method!r}; choose one of {METHODS}")
         if alpha < 0 or beta < 0:
             raise ValueError(f"need alpha >= 0 and beta >= 0; got alpha={alpha}, beta={beta}")
-        self.alpha, self.beta, self.score_method = alpha, beta, score_method
+        self.alpha, self.beta, self.score_method, self.output_init = alpha, beta, score_method, output_init
         super().__init__(model, lr, device, score_batch_size, threshold_percentile, epsilon, gamma, attack_steps,
                          attack_refresh)
+        if output_init == "mean":
+            self._output_bias()  # a network it cannot apply to fails here, not at the first step
+
+    def _output_bias(self) -> torch.Tensor:
+        """The bias of the convolution right before the decoder's final Sigmoid, one value per channel."""
+        decoder = list(self.model.decoder)
+        if len(decoder) < 2 or not isinstance(decoder[-1], nn.Sigmoid) or \
+                not isinstance(decoder[-2], (nn.Conv2d, nn.ConvTranspose2d)) or decoder[-2].bias is None:
+            raise ValueError("output_init=mean needs a decoder ending in a biased convolution and a Sigmoid "
+                             f"(as gradcon_cae's), not {type(self.model).__name__}'s")
+        return decoder[-2].bias
+
+    def prepare(self, x: torch.Tensor, sync: GradientSync | None = None) -> None:
+        if self.output_init != "mean":
+            return
+        sums = torch.zeros(self.channels, device=self.device)
+        for xb in self._batch(x).split(self.score_batch_size):
+            sums += xb.to(self.device).sum((0, 2, 3))
+        count = torch.tensor(float(len(x) * self.input_size[0] * self.input_size[1]), device=self.device)
+        if sync is not None:
+            sync.mean_([sums, count])  # mean of sums / mean of counts = the mean over every worker's images
+        mean = (sums / count).clamp(1e-3, 1 - 1e-3)
+        with torch.no_grad():
+            self._output_bias().copy_(torch.log(mean / (1 - mean)))  # sigmoid(bias) = the mean intensity
+
+    @property
+    def prepares(self) -> bool:
+        return self.output_init == "mean"
 
     def make_aux(self) -> nn.Module:
         return ReferenceGradients.for_model(self.model)

@@ -201,9 +201,14 @@ class NeuralDetector(Detector):
 
     @property
     def stream_problem(self) -> str | None:
-        if type(self).prepare is not Detector.prepare:
+        if self.prepares:
             return f"{self.name} computes state from the whole class before training (prepare)"
         return None
+
+    @property
+    def prepares(self) -> bool:
+        """Whether prepare() computes anything (from the whole class, which stream mode never holds)."""
+        return type(self).prepare is not Detector.prepare
 
     def _on_device(self, x: torch.Tensor) -> torch.Tensor:
         if self.device.type != "cuda":
