@@ -249,7 +249,6 @@ def _score_files(cfg: ScoreConfig, options: S3Options, detector: Detector, files
     unscored = [os.path.basename(p) for p, n in left.items() if n != 0]
     if unscored:
         raise RuntimeError(f"not every row of {', '.join(unscored)} was scored once: run the same command again")
-    remove_parts_folder(filesystem_for(cfg.output, options)[0], out_root)
 
 
 def run(cfg: ScoreConfig) -> dict:
@@ -299,6 +298,7 @@ def run(cfg: ScoreConfig) -> dict:
         with Progress(sum(rows_in[f] for f in todo), unit="rows", label="scoring", quiet=cfg.quiet) as progress:
             _score_files(cfg, options, detector, todo, in_fs, out_root, outputs, identities, rows_in, threshold,
                          model_id, progress)
+        remove_parts_folder(out_fs, out_root)  # every input joined: the folder of pieces is empty
 
     if cfg.contamination is not None:
         threshold = apply_contamination(out_fs, list(outputs.values()), cfg.contamination)
