@@ -26,6 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from gradcon_core import list_detectors  # noqa: E402
+from gradcon_core.evaluation import saved_runs  # noqa: E402
 from gradcon_core.papers import our_method, published_rows  # noqa: E402
 from jobs.eval import EvalConfig, run  # noqa: E402
 from jobs.prepare import prepare  # noqa: E402
@@ -117,8 +118,8 @@ def main() -> None:
                     gpus_per_run=args.gpus_per_run, params=params)
     if args.detectors is None:
         name = "-".join([f"reproduce-{args.dataset}-{args.epochs}ep", *(f"{k}-{v}" for k, v in params.items())])
-        saved = (Path(args.out) / name / "runs").glob("class-*-seed-*.json")  # by an earlier, stopped invocation
-        resumed = sum(1 for p in saved if int(p.stem.rsplit("-", 1)[1]) in seeds)
+        saved = saved_runs(Path(args.out) / name / "runs")  # by an earlier, stopped invocation
+        resumed = sum(1 for _, seed in saved if seed in seeds)
         run(EvalConfig(**settings, name=name))
         seconds = time.perf_counter() - start
         print(f"budget: {args.epochs} epochs per class (paper: 1000), seeds {seeds}, {seconds:.0f} s in all")

@@ -6,6 +6,7 @@ import contextlib
 import logging
 import math
 import os
+import re
 import socket
 import subprocess
 from collections.abc import Iterator
@@ -15,6 +16,7 @@ from typing import Any
 import psutil
 import ray
 import ray._private.ray_constants as ray_constants
+from ray.data.context import DEFAULT_RETRIED_IO_ERRORS
 
 from cluster.processes import DISMISS, descendants, start_reaper, stop
 
@@ -161,9 +163,18 @@ def data_context(verbose: bool = False) -> ray.data.DataContext:
     for every read; on a small cluster starting them costs far more than the read itself (a 2-worker train
     run of 160 rows on 2 cores: 138 s with it, 45 s with the classic reader). The classic reader does the
     same reads without the pool.
+
+    Ray Data retries a read that fails with a storage error it deems transient at three nested levels (opening
+    the file, reading its fragments, the read task), each up to 10 times with back-offs up to 32 s: with the
+    S3 endpoint gone, a training run waited on its reads for hours instead of failing. An unreachable endpoint
+    (NETWORK_CONNECTION: no connection could be made) is left to the S3 client's own retries (pyarrow's
+    default: a few, within a second or two); throttling and 5xx answers, which a busy S3 does give, are still
+    retried by Ray Data.
     """
     ctx = ray.data.DataContext.get_current()
     ctx.use_datasource_v2 = False
+    # As regular expressions: Ray Data is retiring its substring matching.
+    ctx.retried_io_errors = [re.escape(e) for e in DEFAULT_RETRIED_IO_ERRORS if "NETWORK_CONNECTION" not in e]
     data_logs(verbose)
     return ctx
 

@@ -91,6 +91,15 @@ def filesystem_for(uri: str, options: S3Options | None = None,
     return resolve(uri)
 
 
+def storage_failure(error: Exception, options: S3Options | None = None) -> str | None:
+    """The line of a failure's message (a Ray job's, which carries its workers' tracebacks) that says the S3
+    storage failed, secrets redacted; None when it says no such thing."""
+    for line in str(error).splitlines():
+        if "AWS Error" in line:
+            return (options or S3Options.from_env()).redact(line.strip())
+    return None
+
+
 def check_reachable(uri: str, options: S3Options | None = None) -> pafs.FileInfo:
     """What is at uri (possibly nothing yet, for an output), or a clear StorageError when the storage cannot be
     asked (missing bucket, bad credentials, unreachable endpoint); secrets never appear in the message."""

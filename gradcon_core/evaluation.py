@@ -66,6 +66,12 @@ def run_stem(normal_class: int, seed: int) -> str:
     return f"class-{normal_class}-seed-{seed}"
 
 
+def saved_runs(folder: Path) -> list[tuple[int, int]]:
+    """(class, seed) of every finished run saved under `folder` by RunResult.save."""
+    return sorted((info["metrics"]["class"], info["metrics"]["seed"])
+                  for info in (json.loads(p.read_text()) for p in folder.glob("class-*-seed-*.json")))
+
+
 def _decode(rows: ImageRows, channels: int, size: tuple[int, int], part: str,
             skipped: list[dict]) -> tuple[np.ndarray, np.ndarray]:
     """Decoded images and the kept positions; failed rows are listed in `skipped` by id and left out."""

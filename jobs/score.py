@@ -6,10 +6,11 @@ gradcon score --model CKPT --input PREFIX --output PREFIX [--batch-size 256] [--
 Pipeline: read the input files' row groups in CPU tasks (local or S3, many files; each row keeps its file and
 row number) -> [decode=tasks: decode and resize in CPU tasks] -> score (and decode, unless done) in an actor
 pool (the detector and its reference gradients load once per actor), each actor writing the result rows it
-scored as pieces of its input files -> one task per input file joins its pieces, in row order, into one
-output file of the same name (gradcon_core/result_files.py). Neither images nor result rows reach the
-driver, which only counts rows. A re-run of the same command skips inputs whose output is complete and
-scores the rest again, so a job killed halfway and started again ends complete, with no duplicate rows.
+scored as pieces of its input files -> one joining actor joins each input file's pieces, in row order, into
+one output file of the same name, as soon as its last row is scored (gradcon_core/result_files.py).
+Neither images nor result rows reach the driver, which only counts rows. A re-run of the same command skips
+inputs whose output is complete and scores the rest again, so a job killed halfway and started again ends
+complete, with no duplicate rows.
 A rewritten file has the same rows, ids, errors and flags as a clean run's; its scores can differ in the
 last bits (about 1e-8): the batched scorer's sums depend on which rows share a batch, and batches span files.
 """
@@ -200,10 +201,20 @@ def _check_output_outside_input(cfg: ScoreConfig, in_fs: pafs.FileSystem, in_pat
                          "write the results somewhere else")
 
 
+class Joiner:
+    """Joins result files' pieces (join_pieces), one file after another, with one output filesystem."""
+
+    def __init__(self, output: str, options: S3Options, out_root: str):
+        self.fs, self.out_root = filesystem_for(output, options)[0], out_root
+
+    def join(self, output: str, identity: dict, rows: int) -> None:
+        join_pieces(self.fs, self.out_root, output, identity, rows)
+
+
 def _score_files(cfg: ScoreConfig, options: S3Options, detector: Detector, files: list[str], in_fs: pafs.FileSystem,
                  out_root: str, outputs: dict[str, str], identities: dict[str, dict], rows_in: dict[str, int],
                  threshold: float | None, model_id: str, progress: Progress) -> None:
-    """The Ray Data pipeline over `files`, its actors writing the result pieces; a task per file joins them."""
+    """The Ray Data pipeline over `files`, its actors writing the result pieces; a Joiner joins them."""
     import ray
 
     from cluster.ray_init import data_logs, init_ray
@@ -219,13 +230,16 @@ def _score_files(cfg: ScoreConfig, options: S3Options, detector: Detector, files
             groups.append({"path": path, "row_group": g, "start": start})
             start += meta.row_group(g).num_rows
 
-    def join(path: str) -> None:
-        out_fs, _ = filesystem_for(cfg.output, options)
-        join_pieces(out_fs, out_root, outputs[path], identities[path], rows_in[path])
+    # A file's pieces are joined as soon as all its rows are scored, so a job killed later keeps it. One actor
+    # joins them all, in turn: a result row is a few dozen bytes, and a task per file would start a process
+    # per file (importing pyarrow) while the pipeline holds the CPUs, so files appeared only near the end.
+    joiner = ray.remote(Joiner).options(num_cpus=0).remote(cfg.output, options, out_root)
+    left = {path: rows_in[path] for path in files}
 
-    # A file's pieces are joined (in a task) as soon as all its rows are scored, so a job killed later keeps it.
-    join_task, left = ray.remote(join).options(num_cpus=0.5), {path: rows_in[path] for path in files}
-    joins = [join_task.remote(path) for path in files if rows_in[path] == 0]
+    def join(path: str) -> ray.ObjectRef:
+        return joiner.join.remote(outputs[path], identities[path], rows_in[path])
+
+    joins = [join(path) for path in files if rows_in[path] == 0]
     if groups:
         ds = ray.data.from_items(groups, override_num_blocks=len(groups))
         ds = ds.map_batches(read_rows, batch_format="pyarrow", batch_size=1, num_cpus=READ_CPUS,
@@ -243,7 +257,7 @@ def _score_files(cfg: ScoreConfig, options: S3Options, detector: Detector, files
             for path, rows in zip(counts.column("path").to_pylist(), counts.column("rows").to_pylist()):
                 left[path] -= rows
                 if left[path] == 0:
-                    joins.append(join_task.remote(path))
+                    joins.append(join(path))
             progress.update(int(pc.sum(counts.column("rows")).as_py()))
     ray.get(joins)
     unscored = [os.path.basename(p) for p, n in left.items() if n != 0]

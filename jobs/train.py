@@ -32,7 +32,14 @@ import pyarrow.parquet as pq
 import torch
 import yaml
 
-from cluster.storage import S3Options, check_reachable, check_readable, filesystem_for
+from cluster.storage import (
+    S3Options,
+    StorageError,
+    check_reachable,
+    check_readable,
+    filesystem_for,
+    storage_failure,
+)
 from gradcon_core.checkpoint import load_checkpoint, load_training_state
 from gradcon_core.config import (
     JobSettings,
@@ -241,7 +248,15 @@ def run(cfg: TrainConfig, callbacks: list | None = None, tracking_parent: dict |
     """
     import ray
     import ray.train
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train import (
+        CheckpointConfig,
+        DataConfig,
+        FailureConfig,
+        LoggingConfig,
+        RunConfig,
+        ScalingConfig,
+        TrainingFailedError,
+    )
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from cluster.ray_init import check_shared_storage, data_context, init_ray
@@ -324,7 +339,13 @@ def run(cfg: TrainConfig, callbacks: list | None = None, tracking_parent: dict |
     write_bytes(store_fs, f"{store_path}/{name}/config.yaml", config_yaml.encode())
     with tracker:  # FAILED in MLflow when the run fails
         tracker.log_text(config_yaml, "config.yaml")
-        result = trainer.fit()
+        try:
+            result = trainer.fit()
+        except TrainingFailedError as e:
+            if (cause := storage_failure(e, options)) is None:
+                raise
+            raise StorageError(f"run {name} stopped: its storage failed: {cause}. The checkpoints it had written "
+                               f"are kept: once the storage answers again, run it again with resume={name}") from e
         best = (result.get_best_checkpoint(metric=cfg.select_by, mode=SELECT_BY[cfg.select_by])
                 if result.best_checkpoints else result.checkpoint)
         uri = f"s3://{best.path}" if is_s3 else best.path

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from gradcon_core.evaluation import RunResult, write_outputs
+from gradcon_core.evaluation import RunResult, saved_runs, write_outputs
 from gradcon_core.idx import load_mnist
 from gradcon_core.imageset import recorded_dataset
 from gradcon_core.papers import PUBLISHED, Comparison, our_method, paired_test, published_rows, reference_row
@@ -61,6 +61,17 @@ def _runs(classes, seeds=(0, 1)):
             runs.append(RunResult({"class": c, "seed": s, "auroc": 0.9 + 0.005 * c + 0.001 * s, "aupr": 0.9,
                                    "f1": 0.8, "fpr95": 0.1}, scores, labels, {}))
     return runs
+
+
+def test_a_saved_run_loads_as_it_was_and_is_listed(tmp_path):
+    for run in _runs([3, 7], seeds=(0,)):
+        run.save(tmp_path)
+    (tmp_path / "class-5-seed-0.npz").write_bytes(b"")  # a run stopped before its .json: not finished
+    assert saved_runs(tmp_path) == [(3, 0), (7, 0)]
+    loaded = RunResult.load(tmp_path, 7, 0)
+    assert loaded.metrics["auroc"] == _runs([3, 7], seeds=(0,))[1].metrics["auroc"]
+    np.testing.assert_array_equal(loaded.scores, _runs([3, 7], seeds=(0,))[1].scores)
+    assert RunResult.load(tmp_path, 5, 0) is None
 
 
 def test_outputs_beside_the_papers_only_for_their_datasets(tmp_path):
