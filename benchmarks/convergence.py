@@ -24,23 +24,24 @@ sys.path.insert(0, str(ROOT))
 from gradcon_core import GradConDetector, create_model  # noqa: E402
 from gradcon_core.images import decode_images  # noqa: E402
 from gradcon_core.imageset import read_columns, take_rows  # noqa: E402
+from gradcon_core.inputs import as_image_batch  # noqa: E402
 from gradcon_core.metrics import auroc  # noqa: E402
 from gradcon_core.protocols import select  # noqa: E402
 from gradcon_core.training import EpochReport, TrainingData, train_epochs  # noqa: E402
 
 
-def images(data: str, rows: np.ndarray) -> torch.Tensor:
-    pixels, _ = decode_images(take_rows(data, rows).images, 1, (28, 28))
-    return torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255
+def images(data: str, rows: np.ndarray, det: GradConDetector) -> torch.Tensor:
+    pixels, _ = decode_images(take_rows(data, rows).images, det.channels, det.input_size)
+    return as_image_batch(pixels, det.channels, det.input_size)
 
 
 def study(data: str, labels: np.ndarray, splits: np.ndarray, normal_class: int, seed: int, epochs: int,
           max_train: int) -> list[dict]:
-    sel = select(labels, splits, normal_class, "gradcon", seed)
-    train, val, test = images(data, sel.train[:max_train]), images(data, sel.val), images(data, sel.test)
-    mean_image = train.mean(0, keepdim=True)
     torch.manual_seed(seed)
     det = GradConDetector(create_model("gradcon_cae"), device="cpu")
+    sel = select(labels, splits, normal_class, "gradcon", seed)
+    train, val, test = (images(data, rows, det) for rows in (sel.train[:max_train], sel.val, sel.test))
+    mean_image = train.mean(0, keepdim=True)
     history: list[dict] = []
 
     def measure(report: EpochReport) -> None:
