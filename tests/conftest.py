@@ -37,9 +37,8 @@ def _seed_and_threads():
     torch.set_num_threads(2)
 
 
-@pytest.fixture(scope="session")
-def s3_server():
-    """moto's S3 on 127.0.0.1 (in-process), with a bucket; yields cluster.storage.S3Options for it."""
+def start_moto_s3(bucket: str, access_key: str, secret_key: str):
+    """moto's S3 on 127.0.0.1 (in-process) with `bucket`: (the server, cluster.storage.S3Options for it)."""
     import boto3
     from moto.server import ThreadedMotoServer
 
@@ -48,11 +47,18 @@ def s3_server():
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
-    options = S3Options(endpoint=f"http://{host}:{port}", access_key="testing-key", secret_key="testing-secret",
+    options = S3Options(endpoint=f"http://{host}:{port}", access_key=access_key, secret_key=secret_key,
                         region="us-east-1")
     client = boto3.client("s3", endpoint_url=options.endpoint, aws_access_key_id=options.access_key,
                           aws_secret_access_key=options.secret_key, region_name="us-east-1")
-    client.create_bucket(Bucket="gradcon-test")
+    client.create_bucket(Bucket=bucket)
+    return server, options
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3 with the bucket gradcon-test; yields cluster.storage.S3Options for it."""
+    server, options = start_moto_s3("gradcon-test", "testing-key", "testing-secret")
     yield options
     server.stop()
 

@@ -15,7 +15,7 @@ import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
-from cluster.storage import S3Options, StorageError, filesystem_for
+from cluster.storage import StorageError, filesystem_for
 from gradcon_core import GradConDetector, create_model, load_detector
 from gradcon_core.checkpoint import load_checkpoint
 from gradcon_core.defects import DefectCounts, defect_tables
@@ -25,6 +25,7 @@ from gradcon_core.parallel import streamed_batches, training_generators
 from gradcon_core.protocols import select
 from gradcon_core.tracking import CHECKPOINT_TAG
 from jobs.train import TrainConfig, epoch_line, run, training_rows
+from tests.conftest import start_moto_s3
 
 
 @pytest.fixture(scope="module")
@@ -227,17 +228,12 @@ def test_an_s3_outage_mid_run_fails_with_the_storage_error_and_the_run_resumes(r
     """Stream mode, images and checkpoints on S3, the S3 server stopped once the first checkpoint is registered:
     the run (one restart allowed) fails with the storage error, not waiting on Ray Data's nested read retries
     (before: still waiting after 13 min); with the server back, resume= continues from that checkpoint."""
-    import boto3
     from moto.server import ThreadedMotoServer
 
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)  # its own: this one goes down
-    server.start()
-    host, port = server.get_host_and_port()
-    options = S3Options(endpoint=f"http://{host}:{port}", access_key="outage-key", secret_key="outage-secret")
+    server, options = start_moto_s3("outage", "outage-key", "outage-secret")  # its own: this one goes down
+    port = server.get_host_and_port()[1]
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", options.access_key)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", options.secret_key)
-    boto3.client("s3", endpoint_url=options.endpoint, aws_access_key_id=options.access_key,
-                 aws_secret_access_key=options.secret_key, region_name="us-east-1").create_bucket(Bucket="outage")
     fs, _ = filesystem_for("s3://outage", options)
     write_image_set("s3://outage/set", pq.read_table(zeros_set), rows_per_file=40, filesystem=fs)
     cfg = TrainConfig(data="s3://outage/set", normal_class=0, epochs=6, batch_size=16, num_workers=1,
@@ -339,4 +335,3 @@ def test_bad_detector_settings_fail_before_training(ray_local, zeros_set, tmp_pa
         run(TrainConfig(data=zeros_set, detector="kde", num_workers=2, storage=str(tmp_path)))
     with pytest.raises(ValueError, match=r"detector 'deep_svdd' has no setting\(s\) \['epsilon'\]"):
         run(TrainConfig(data=zeros_set, detector="deep_svdd", epsilon=0.1, storage=str(tmp_path)))
-
