@@ -71,6 +71,7 @@ def _sync_worker(rank: int, world: int, port: int, steps: int, batch: int, out) 
     with_ddp = timed(plain_ddp)
     if rank == 0:
         out.put((gradcon, ours, with_ddp))
+    dist.barrier()  # no rank tears gloo down while another still talks to it
     dist.destroy_process_group()
 
 

@@ -1,3 +1,4 @@
+import contextlib
 import os
 from pathlib import Path
 
@@ -35,6 +36,17 @@ def mnist_test() -> tuple[np.ndarray, np.ndarray]:
 def _seed_and_threads():
     torch.manual_seed(0)
     torch.set_num_threads(2)
+
+
+@contextlib.contextmanager
+def gloo_group(rank: int, world: int, store: str):
+    """A gloo process group of spawned test processes that meet through the file `store` (no port to pick that
+    another process may take meanwhile); every rank waits for the others before the group is torn down."""
+    torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    yield
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 def start_moto_s3(bucket: str, access_key: str, secret_key: str):

@@ -1,8 +1,5 @@
 """ARAE: the latent PGD attack, the adversarial loss inside GradCon and every other autoencoder, and exact data
 parallelism with it."""
-import os
-import socket
-
 import numpy as np
 import pytest
 import torch
@@ -14,6 +11,7 @@ from gradcon_core.detectors.autoencoder import AutoencoderDetector
 from gradcon_core.objective import gradcon_step
 from gradcon_core.parallel import training_generators
 from gradcon_core.registry import create_detector, detector_class
+from tests.conftest import gloo_group
 
 
 @pytest.fixture(scope="module")
@@ -125,19 +123,16 @@ def test_bad_arae_settings_are_clear_errors():
         _detector(epsilon=0.1, attack_refresh="sometimes")
 
 
-def _worker(rank: int, world: int, port: int, x: torch.Tensor, kwargs: dict, out: str) -> None:
+def _worker(rank: int, world: int, store: str, x: torch.Tensor, kwargs: dict, out: str) -> None:
     from gradcon_core.parallel import AllReduceMean
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
-    torch.set_num_threads(1)
-    det = _detector(**kwargs)
-    order, noise = training_generators(0)
-    for _ in range(2):
-        det.train_epoch(x, order, noise, 12, rank, world, AllReduceMean(world))
-    if rank == 0:
-        torch.save(det.state_tensors(), out)
-    torch.distributed.destroy_process_group()
+    with gloo_group(rank, world, store):
+        det = _detector(**kwargs)
+        order, noise = training_generators(0)
+        for _ in range(2):
+            det.train_epoch(x, order, noise, 12, rank, world, AllReduceMean(world))
+        if rank == 0:
+            torch.save(det.state_tensors(), out)
 
 
 @pytest.mark.slow  # worker processes
@@ -145,11 +140,8 @@ def _worker(rank: int, world: int, port: int, x: torch.Tensor, kwargs: dict, out
 def test_two_processes_with_arae_take_the_single_process_steps(zeros, refresh, tmp_path):
     """The distributed epoch (ranks, all-reduce, sliced random starts) equals one process on the global batch."""
     x, kwargs = zeros[:40], dict(epsilon=0.15, attack_steps=3, attack_refresh=refresh)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     out = str(tmp_path / "rank0.pt")
-    mp.start_processes(_worker, args=(2, port, x, kwargs, out), nprocs=2, start_method="spawn")
+    mp.start_processes(_worker, args=(2, str(tmp_path / "store"), x, kwargs, out), nprocs=2, start_method="spawn")
     single = _detector(**kwargs)
     order, noise = training_generators(0)
     for _ in range(2):

@@ -1,8 +1,5 @@
 """Stream mode's core (no Ray): workers train from their own shards, and each step is the step one process
 takes on the union of the workers' local batches."""
-import os
-import socket
-
 import numpy as np
 import pytest
 import torch
@@ -12,6 +9,7 @@ from gradcon_core.metrics import auroc
 from gradcon_core.parallel import streamed_batches, training_generators
 from gradcon_core.registry import create_detector
 from gradcon_core.training import StreamedData, train_epochs
+from tests.conftest import gloo_group
 
 # Two workers with unequal shards (Ray Data hands out whole blocks): rank 0 takes 5 steps, rank 1 takes 3,
 # then joins with weight 0.
@@ -59,17 +57,15 @@ def _streamed(x: torch.Tensor, rank: int, world: int, log: list) -> StreamedData
                         fingerprint="t")
 
 
-def _worker(rank: int, world: int, port: int, x: torch.Tensor, name: str, params: dict, out: str) -> None:
+def _worker(rank: int, world: int, store: str, x: torch.Tensor, name: str, params: dict, out: str) -> None:
     from gradcon_core.parallel import AllReduceMean, StepClock
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
-    torch.set_num_threads(1)
-    det, log, reports, clock = _detector(name, **params), [], [], StepClock()
-    train_epochs(det, _streamed(x, rank, world, log), epochs=2, batch_size=12, seed=0, rank=rank, world_size=world,
-                 sync=AllReduceMean(world, clock), on_epoch=lambda r: reports.append(r.metrics), clock=clock)
-    torch.save({"state": det.state_tensors(), "log": log, "reports": reports}, f"{out}.{rank}")
-    torch.distributed.destroy_process_group()
+    with gloo_group(rank, world, store):
+        det, log, reports, clock = _detector(name, **params), [], [], StepClock()
+        train_epochs(det, _streamed(x, rank, world, log), epochs=2, batch_size=12, seed=0, rank=rank,
+                     world_size=world, sync=AllReduceMean(world, clock), on_epoch=lambda r: reports.append(r.metrics),
+                     clock=clock)
+        torch.save({"state": det.state_tensors(), "log": log, "reports": reports}, f"{out}.{rank}")
 
 
 @pytest.mark.slow  # worker processes
@@ -77,11 +73,9 @@ def _worker(rank: int, world: int, port: int, x: torch.Tensor, name: str, params
                                           ("cae", {})])
 def test_two_streaming_workers_take_the_steps_of_one_process_on_the_union_of_their_batches(
         images, name, params, tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     out = str(tmp_path / "worker")
-    mp.start_processes(_worker, args=(2, port, images, name, params, out), nprocs=2, start_method="spawn")
+    mp.start_processes(_worker, args=(2, str(tmp_path / "store"), images, name, params, out), nprocs=2,
+                       start_method="spawn")
     workers = [torch.load(f"{out}.{r}", weights_only=False) for r in range(2)]
     for k, v in workers[0]["state"].items():  # every rank ends with the same state
         torch.testing.assert_close(workers[1]["state"][k], v, rtol=0, atol=0, msg=k)
