@@ -15,24 +15,20 @@ import os
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-import matplotlib
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+from PIL import Image
 
-matplotlib.use("Agg")  # files only, no display
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pyarrow as pa  # noqa: E402
-import pyarrow.compute as pc  # noqa: E402
-import pyarrow.fs as pafs  # noqa: E402
-import pyarrow.parquet as pq  # noqa: E402
-from PIL import Image  # noqa: E402
-from sklearn.metrics import auc, precision_recall_curve, roc_curve  # noqa: E402
-
-from gradcon_core.detector import Detector  # noqa: E402
-from gradcon_core.images import ImageError, channels_of, decode_image, decode_images, encode_png  # noqa: E402
-from gradcon_core.imageset import IMAGE, image_bytes, list_parquet_files  # noqa: E402
-from gradcon_core.metrics import f1_at  # noqa: E402
-from gradcon_core.result_scan import ResultScan, scan_results  # noqa: E402
-from gradcon_core.storage import resolve, write_bytes  # noqa: E402
+from gradcon_core.detector import Detector
+from gradcon_core.images import ImageError, channels_of, decode_image, decode_images, encode_png
+from gradcon_core.imageset import IMAGE, image_bytes, list_parquet_files
+from gradcon_core.metrics import f1_at
+from gradcon_core.report import pyplot
+from gradcon_core.result_scan import ResultScan, scan_results
+from gradcon_core.storage import resolve, write_bytes
 
 log = logging.getLogger("gradcon")
 HEAT_COLORMAP = "inferno"
@@ -157,6 +153,8 @@ def _squared_error(picture: Picture) -> np.ndarray:
 
 def heat_map(error: np.ndarray, vmax: float) -> np.ndarray:
     """[H,W] errors -> RGB uint8 [H,W,3] on the colour scale [0, vmax]."""
+    import matplotlib
+
     colours = matplotlib.colormaps[HEAT_COLORMAP](np.clip(error / vmax, 0, 1))[..., :3]
     return (colours * 255).round().astype(np.uint8)
 
@@ -189,7 +187,7 @@ def _gallery(rows: pa.Table, name: str, shown: dict[str, Picture] | None, scale:
 def _figure_png(fig) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    pyplot().close(fig)
     return buf.getvalue()
 
 
@@ -212,7 +210,7 @@ def histogram_png(scores: np.ndarray, labels: np.ndarray | None, threshold: floa
         hi = lo + 1e-6
     bins = np.linspace(lo, hi, 61)
     clipped = np.clip(scores, lo, hi)
-    fig, ax = plt.subplots(figsize=(7, 3.6))
+    fig, ax = pyplot().subplots(figsize=(7, 3.6))
     if labels is None:
         ax.hist(clipped, bins=bins, color="#4c72b0", label="all scored rows")
     else:
@@ -229,6 +227,8 @@ def curves(scores: np.ndarray, labels: np.ndarray, threshold: float | None) -> t
     """(metrics, curves) from one ROC and one PR curve: the same numbers as gradcon_core.metrics.evaluate
     (AUROC = area under roc_curve, AUPR = average precision, FPR at 95% TPR, F1 at the threshold), with two
     sorts of the scores instead of evaluate's three plus the plots' two (that matters at 10M rows)."""
+    from sklearn.metrics import auc, precision_recall_curve, roc_curve
+
     fpr, tpr, _ = roc_curve(labels, scores)
     precision, recall, _ = precision_recall_curve(labels, scores)
     metrics = {"auroc": float(auc(fpr, tpr)), "aupr": float(-np.sum(np.diff(recall) * precision[:-1])),
@@ -240,7 +240,7 @@ def curves(scores: np.ndarray, labels: np.ndarray, threshold: float | None) -> t
 
 def roc_png(fpr: np.ndarray, tpr: np.ndarray, auroc: float) -> bytes:
     fpr, tpr = _thin(fpr, tpr)
-    fig, ax = plt.subplots(figsize=(4.2, 4.2))
+    fig, ax = pyplot().subplots(figsize=(4.2, 4.2))
     ax.plot(fpr, tpr, lw=1.4, label=f"AUROC {auroc:.4f}")
     ax.plot([0, 1], [0, 1], "k:", lw=0.8)
     ax.set(xlabel="false positive rate", ylabel="true positive rate", title="ROC (anomaly = positive)")
@@ -250,7 +250,7 @@ def roc_png(fpr: np.ndarray, tpr: np.ndarray, auroc: float) -> bytes:
 
 def pr_png(recall: np.ndarray, precision: np.ndarray, aupr: float, chance: float) -> bytes:
     recall, precision = _thin(recall, precision)
-    fig, ax = plt.subplots(figsize=(4.2, 4.2))
+    fig, ax = pyplot().subplots(figsize=(4.2, 4.2))
     ax.plot(recall, precision, lw=1.4, label=f"AUPR {aupr:.4f}")
     ax.axhline(chance, color="k", ls=":", lw=0.8, label=f"chance {chance:.3f}")
     ax.set(xlabel="recall", ylabel="precision", title="Precision-recall", ylim=(0, 1.02))
@@ -414,6 +414,8 @@ def _page(scan: ResultScan, metrics: dict[str, float], plots: list[str], notes: 
                   + (f"<p>and {more} more error rows.</p>" if more > 0 else ""))
     legend = ""
     if scale is not None:
+        import matplotlib
+
         stops = ",".join(matplotlib.colors.to_hex(matplotlib.colormaps[HEAT_COLORMAP](t)) for t in np.linspace(0, 1, 6))
         legend = (f'<p>Each image: input (as the model sees it), reconstruction, per-pixel squared error '
                   f'<span class="scale" style="background:linear-gradient(to right,{stops})"></span> '

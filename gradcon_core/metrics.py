@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import numpy as np
-from sklearn.metrics import average_precision_score, f1_score, roc_auc_score, roc_curve
+
+# scikit-learn is imported inside the functions that need it: importing it costs seconds, and every Ray Train
+# worker and controller imports this module (training's validation AUROC below needs only NumPy).
 
 
 def _check(scores, labels) -> tuple[np.ndarray, np.ndarray]:
@@ -16,22 +18,35 @@ def _check(scores, labels) -> tuple[np.ndarray, np.ndarray]:
 
 
 def auroc(scores, labels) -> float:
+    """The probability that an anomaly scores above a normal sample, a tie counting one half (the
+    Mann-Whitney U statistic over its maximum: what scikit-learn's roc_auc_score computes)."""
     scores, labels = _check(scores, labels)
-    return float(roc_auc_score(labels, scores))
+    _, tie_group, counts = np.unique(scores, return_inverse=True, return_counts=True)
+    ends = np.cumsum(counts)
+    ranks = ((ends - counts + 1 + ends) / 2)[tie_group]  # 1-based ranks, a tie's ranks averaged
+    positives, negatives = int(labels.sum()), int((~labels).sum())
+    u = ranks[labels].sum() - positives * (positives + 1) / 2
+    return float(u / (positives * negatives))
 
 
 def aupr(scores, labels) -> float:
+    from sklearn.metrics import average_precision_score
+
     scores, labels = _check(scores, labels)
     return float(average_precision_score(labels, scores))
 
 
 def f1_at(scores, labels, threshold: float) -> float:
+    from sklearn.metrics import f1_score
+
     scores, labels = _check(scores, labels)
     return float(f1_score(labels, scores > threshold))
 
 
 def fpr_at_tpr(scores, labels, tpr_level: float = 0.95) -> float:
     """Smallest false-positive rate at which the true-positive rate reaches tpr_level."""
+    from sklearn.metrics import roc_curve
+
     scores, labels = _check(scores, labels)
     fpr, tpr, _ = roc_curve(labels, scores)
     return float(fpr[np.searchsorted(tpr, tpr_level, side="left")])

@@ -13,12 +13,9 @@ import csv
 from dataclasses import dataclass
 from pathlib import Path
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")  # files only, no display
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from scipy.stats import wilcoxon  # noqa: E402
+from gradcon_core.report import pyplot
 
 PAPER_RESULTS = Path(__file__).resolve().parents[1] / "docs" / "paper_results"
 GRADCON, ARAE, PUZZLE = "Kwon et al. 2020", "Salehi et al. 2020 (ARAE)", "Salehi et al. 2020 (Puzzle-AE)"
@@ -120,6 +117,8 @@ def paired_test(ours: dict[int, float], theirs: dict[int, float]) -> PairedTest:
     a, b = np.array([ours[c] for c in classes]), np.array([theirs[c] for c in classes])
     if np.count_nonzero(a - b) < 2:
         return PairedTest(len(classes), None, None)
+    from scipy.stats import wilcoxon
+
     result = wilcoxon(a, b)
     return PairedTest(len(classes), float(result.statistic), float(result.pvalue))
 
@@ -185,6 +184,7 @@ class Comparison:
         if self.other is not None:
             bars.append((self.other[0], [self.other[1].get(c, np.nan) for c in classes], None))
         width = 0.8 / len(bars)
+        plt = pyplot()
         fig, ax = plt.subplots(figsize=(max(6.0, 0.7 * len(classes) * len(bars)), 3.6))
         x = np.arange(len(classes))
         for i, (name, values, errors) in enumerate(bars):

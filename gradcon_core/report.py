@@ -4,14 +4,21 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only, no display
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from sklearn.metrics import roc_curve  # noqa: E402
+import numpy as np
 
 METRICS = ("auroc", "aupr", "f1", "fpr95")
+
+
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend. Imported when a plot is drawn, not with the module:
+    matplotlib and scikit-learn cost seconds in each process that imports them, and every job's process
+    (Ray's workers among them) imports gradcon_core."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def summarize(rows: list[dict]) -> list[dict]:
@@ -53,6 +60,9 @@ def markdown(table: list[dict], title: str) -> str:
 
 def plot_roc(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: Path) -> None:
     """curves: name -> (scores, is_anomaly)."""
+    from sklearn.metrics import roc_curve
+
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 6))
     for name, (scores, labels) in curves.items():
         fpr, tpr, _ = roc_curve(labels, scores)
@@ -68,6 +78,7 @@ def plot_histograms(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: Path
     n = len(curves)
     cols = min(n, 5)
     rows = (n + cols - 1) // cols
+    plt = pyplot()
     fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), squeeze=False)
     for ax, (name, (scores, labels)) in zip(axes.flat, curves.items()):
         bins = np.linspace(scores.min(), scores.max(), 40)

@@ -24,6 +24,20 @@ def test_perfect_and_inverted_scores():
     assert fpr_at_tpr(np.array([0.0, 0.1, 0.8, 0.9]), labels) == 0.0
 
 
+def test_auroc_counts_a_tie_as_half_a_pair_as_scikit_learn_does():
+    from sklearn.metrics import roc_auc_score
+
+    labels = np.array([0, 1, 0, 1])
+    assert auroc(np.array([0.5, 0.5, 0.5, 0.5]), labels) == 0.5
+    assert auroc(np.array([0.1, 0.5, 0.5, 0.9]), labels) == pytest.approx(3.5 / 4)  # the tie: half a pair
+    rng = np.random.default_rng(0)
+    for n in (5, 200, 5000):
+        scores = rng.integers(0, 20, n).astype(np.float32)  # many ties
+        labels = rng.random(n) < 0.3
+        labels[:2] = [True, False]
+        assert auroc(scores, labels) == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
+
+
 def test_metrics_reject_single_class_labels():
     with pytest.raises(ValueError, match="both normal"):
         auroc(np.array([0.1, 0.2]), np.array([0, 0]))

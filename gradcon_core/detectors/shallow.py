@@ -8,14 +8,14 @@ features="cae" first trains GradCon's CAE (the cae detector, same epochs/batch/s
 training images and uses its encoder output (at 28x28: 64x3x3 = 576 features).
 
 Distributed: not applicable; these fit in one process.
+
+scikit-learn and SciPy are imported where they are used: gradcon_core loads every detector, and importing
+scikit-learn costs seconds in each process that imports gradcon_core (every Ray Train worker among them).
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
-from scipy.special import logsumexp
-from sklearn.neighbors import KernelDensity
-from sklearn.svm import OneClassSVM
 
 from gradcon_core.checkpoint import data_fingerprint
 from gradcon_core.detector import Detector, with_prefix
@@ -124,6 +124,8 @@ class OCSVMDetector(ShallowDetector):
         self.nu, self.gamma = nu, gamma
 
     def fit_features(self, feats: np.ndarray) -> None:
+        from sklearn.svm import OneClassSVM
+
         gamma = self.gamma or 1.0 / (feats.shape[1] * feats.var())
         svm = OneClassSVM(kernel="rbf", nu=self.nu, gamma=gamma).fit(feats)
         self.support_vectors_, self.dual_coef_ = svm.support_vectors_, svm.dual_coef_[0]
@@ -162,12 +164,16 @@ class KDEDetector(ShallowDetector):
         self.bandwidth = bandwidth
 
     def fit_features(self, feats: np.ndarray) -> None:
+        from sklearn.neighbors import KernelDensity
+
         n, d = feats.shape
         h = self.bandwidth or float(feats.std(0).mean()) * n ** (-1 / (d + 4))
         kde = KernelDensity(kernel="gaussian", bandwidth=h).fit(feats)
         self.points_, self.bandwidth_ = np.asarray(kde.tree_.data), float(kde.bandwidth_)
 
     def score_features(self, feats: np.ndarray) -> np.ndarray:
+        from scipy.special import logsumexp
+
         n, d = self.points_.shape
         h = self.bandwidth_
         log_kernel = -squared_distances(feats, self.points_) / (2 * h * h)
