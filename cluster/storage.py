@@ -91,12 +91,20 @@ def filesystem_for(uri: str, options: S3Options | None = None,
     return resolve(uri)
 
 
-def storage_failure(error: Exception, options: S3Options | None = None) -> str | None:
-    """The line of a failure's message (a Ray job's, which carries its workers' tracebacks) that says the S3
-    storage failed, secrets redacted; None when it says no such thing."""
-    for line in str(error).splitlines():
-        if "AWS Error" in line:
-            return (options or S3Options.from_env()).redact(line.strip())
+def storage_failure(error: BaseException, options: S3Options | None = None) -> str | None:
+    """The line of a failure's message that says the S3 storage failed, secrets redacted; None when it says no
+    such thing. The messages searched: the error's, its causes' and, for a Ray Train failure, each worker's own
+    error (the job's message holds snippets of their tracebacks, which Ray cuts: a long one loses the line)."""
+    seen, pending = set(), [error]
+    while pending:
+        e = pending.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        for line in str(e).splitlines():
+            if "AWS Error" in line:
+                return (options or S3Options.from_env()).redact(line.strip())
+        pending += [e.__cause__, e.__context__, *getattr(e, "worker_failures", {}).values()]
     return None
 
 

@@ -73,6 +73,7 @@ from jobs.train_data import (
 
 RAY_METRICS = ("time_this_iter_s", "time_total_s")  # Ray's bookkeeping beside the epoch's metrics
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")  # Ray's, for the workers' bundles
+PARTS = ("train", "val", "anomaly")  # memory mode's parts of the rows, in TrainingData's order
 
 
 @dataclass
@@ -139,10 +140,9 @@ def train_loop_per_worker(config: dict) -> list[str]:
                             val_rows=len(config["val_ids"]), anomalies=len(config["anomaly_ids"]),
                             fingerprint=config["fingerprint"])
     else:
-        rows = {part: held_rows(ray.train.get_dataset_shard(shard), config[f"{part}_ids"], det.channels,
-                                det.input_size, skipped)
-                for part, shard in (("train", "train"), ("val", "val"), ("anomaly", "val"))}
-        data = TrainingData(rows["train"], rows["val"], rows["anomaly"])
+        rows = held_rows(ray.train.get_dataset_shard("rows"), {part: config[f"{part}_ids"] for part in PARTS},
+                         det.channels, det.input_size, skipped)
+        data = TrainingData(*(rows[part] for part in PARTS))
     restored, resume = ray.train.get_checkpoint(), None
     if restored:
         with restored.as_directory() as d:
@@ -240,6 +240,18 @@ def training_rows(cfg: TrainConfig, data_path: str, data_fs: pafs.FileSystem) ->
     return sel, {"train": ids[sel.train].tolist(), "val": ids[sel.val].tolist(), "anomalies": ids[anomalies].tolist()}
 
 
+def finished_run(fs: pafs.FileSystem, path: str, last_epoch: int):
+    """Ray's Result of the run at path if its latest checkpoint is of last_epoch (0-based), else None. Resuming
+    a finished run has nothing to train; starting its workers to find that out costs tens of seconds."""
+    from ray.train import Result
+
+    try:
+        result = Result.from_path(path, storage_filesystem=fs)
+    except RuntimeError:  # no checkpoint registered yet
+        return None
+    return result if result.metrics and result.metrics["epoch"] >= last_epoch else None
+
+
 def run(cfg: TrainConfig, callbacks: list | None = None, tracking_parent: dict | None = None):
     """Train; returns Ray's Result and the URI of the best checkpoint (by cfg.select_by).
 
@@ -314,8 +326,11 @@ def run(cfg: TrainConfig, callbacks: list | None = None, tracking_parent: dict |
     tracker.log_params(config_params(cfg))
     worker_tracking = tracker.run_id and {"name": name, "uri": tracker.uri, "parent_run_id": parent.get("run_id")}
     size = tuple(shape.image_size)
-    datasets = {"train": decoded_rows(files, data_fs, train_ids, shape.channels, size),
-                "val": decoded_rows(files, data_fs, val_ids + anomaly_ids, shape.channels, size, anomaly_ids)}
+    if cfg.data_mode == "stream":
+        datasets = {"train": decoded_rows(files, data_fs, train_ids, shape.channels, size),
+                    "val": decoded_rows(files, data_fs, val_ids + anomaly_ids, shape.channels, size, anomaly_ids)}
+    else:  # each worker reads all its rows in one pass: a Ray Data execution costs seconds to start
+        datasets = {"rows": decoded_rows(files, data_fs, train_ids + val_ids + anomaly_ids, shape.channels, size)}
     fingerprint = hashlib.sha256("\n".join(map(str, train_ids)).encode()).hexdigest()[:16]
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -335,12 +350,16 @@ def run(cfg: TrainConfig, callbacks: list | None = None, tracking_parent: dict |
                              checkpoint_config=CheckpointConfig(num_to_keep=None),
                              logging_config=LoggingConfig(log_level="INFO" if cfg.verbose else "WARNING")),
     )
+    last_epoch = (cfg.epochs if probe.iterative else 1) - 1
+    finished = finished_run(store_fs, f"{store_path}/{name}", last_epoch) if cfg.resume else None
+    if finished is not None:
+        print(f"run {name} has trained its last epoch: nothing left to train")
     config_yaml = yaml.safe_dump(asdict(cfg), sort_keys=False)
     write_bytes(store_fs, f"{store_path}/{name}/config.yaml", config_yaml.encode())
     with tracker:  # FAILED in MLflow when the run fails
         tracker.log_text(config_yaml, "config.yaml")
         try:
-            result = trainer.fit()
+            result = finished if finished is not None else trainer.fit()
         except TrainingFailedError as e:
             if (cause := storage_failure(e, options)) is None:
                 raise

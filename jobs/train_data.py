@@ -69,21 +69,24 @@ def as_images(pixels: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(pixels)).permute(0, 3, 1, 2).float().div_(255)
 
 
-def held_rows(shard, ids: list, channels: int, size: tuple[int, int], skipped: set) -> torch.Tensor:
-    """Memory mode: the rows with these ids, in this order, as one tensor; rows that failed are added to skipped."""
-    position = {i: k for k, i in enumerate(ids)}
-    found = np.full(len(ids), False)
-    pixels = np.zeros((len(ids), *size, channels), np.uint8)
+def held_rows(shard, parts: dict[str, list], channels: int, size: tuple[int, int],
+              skipped: set) -> dict[str, torch.Tensor]:
+    """Memory mode: for each part (name -> ids), its rows in that order as one tensor, read in one pass over
+    the shard; rows that failed are added to skipped."""
+    places: dict[Any, list[tuple[str, int]]] = {}  # id -> (part, position) for each part that lists it
+    for part, ids in parts.items():
+        for k, i in enumerate(ids):
+            places.setdefault(i, []).append((part, k))
+    found = {part: np.full(len(ids), False) for part, ids in parts.items()}
+    pixels = {part: np.zeros((len(ids), *size, channels), np.uint8) for part, ids in parts.items()}
     for batch in shard.iter_batches(batch_format="numpy", batch_size=4096):
         for k, (i, err) in enumerate(zip(batch["id"].tolist(), batch["error"])):
-            pos = position.get(i)
-            if pos is None:
-                continue
-            if not err:
-                pixels[pos], found[pos] = batch["pixels"][k], True
-            else:
+            if err and i in places:
                 skipped.add(i)
-    return as_images(pixels[found])
+                continue
+            for part, pos in places.get(i, ()):
+                pixels[part][pos], found[part][pos] = batch["pixels"][k], True
+    return {part: as_images(pixels[part][found[part]]) for part in parts}
 
 
 class StreamedShard:

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cluster.storage import S3Options, StorageError, check_readable, filesystem_for
+from cluster.storage import S3Options, StorageError, check_readable, filesystem_for, storage_failure
 from gradcon_core import GradConDetector, create_model, load_detector
 from gradcon_core.images import decode_image, decode_images, encode_png
 from gradcon_core.imageset import ImageShape, iter_batches, read_columns, recorded_shape, take_rows, write_image_set
@@ -156,6 +156,23 @@ def test_wrong_credentials_give_a_clear_error_without_the_secret(seaweed_s3, sma
             with pytest.raises(StorageError, match="cannot read s3://gradcon-test/") as err:
                 job()
         assert "wrong-secret-4242" not in str(err.value)
+
+
+def test_a_storage_failure_is_found_in_a_cut_job_message_and_redacted():
+    """Ray Train's message carries cut snippets of the workers' tracebacks: the AWS line is looked for in each
+    worker's own error and its causes too."""
+    from ray.train import WorkerGroupError
+
+    options = S3Options(endpoint="http://127.0.0.1:9", access_key="AKIA-test", secret_key="s3cr3t")
+    aws = OSError("When reading information for key 'set/part-0.parquet' in bucket 'b': AWS Error "
+                  "NETWORK_CONNECTION during HeadObject operation: curl code 7 (key AKIA-test, s3cr3t)")
+    cause = RuntimeError("Failed to apply UDF transform after 1/1 attempts")
+    cause.__cause__ = aws
+    error = WorkerGroupError("[Rank 0 Error Snippet]:\n ... (Output truncated) ...", {0: cause, 1: cause})
+    found = storage_failure(error, options)
+    assert found.startswith("When reading information") and "NETWORK_CONNECTION" in found
+    assert "s3cr3t" not in found
+    assert storage_failure(WorkerGroupError("worker died", {0: RuntimeError("out of memory")}), options) is None
 
 
 def test_folder_source_labels_by_sorted_class_name_and_keeps_splits(tmp_path, mnist_test):

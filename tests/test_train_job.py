@@ -18,6 +18,7 @@ from mlflow.tracking import MlflowClient
 from cluster.storage import StorageError, filesystem_for
 from gradcon_core import GradConDetector, create_model, load_detector
 from gradcon_core.checkpoint import load_checkpoint
+from gradcon_core.defects import SCHEMA as DEFECT_SCHEMA
 from gradcon_core.defects import DefectCounts, defect_tables
 from gradcon_core.images import decode_images, encode_png
 from gradcon_core.imageset import ImageShape, take_rows, write_image_set
@@ -74,7 +75,7 @@ def _assert_same_training(trained: dict, single: dict, steps: int, close: float 
         assert float(diff.max()) <= 2 * 3.2e-3 * steps, f"{k}: {float(diff.max())}"
 
 
-def test_two_workers_equal_the_single_process_fit(ray_local, zeros_set, tmp_path):
+def test_two_workers_equal_the_single_process_fit(ray_local, zeros_set, tmp_path, capsys):
     common = dict(data=zeros_set, normal_class=0, epochs=2, batch_size=16, storage=str(tmp_path))
     two, _ = run(TrainConfig(**common, num_workers=2, name="two"))
     # References bit-identical across the 2 ranks (a hash gathered from both).
@@ -96,25 +97,38 @@ def test_two_workers_equal_the_single_process_fit(ray_local, zeros_set, tmp_path
     with two.checkpoint.as_directory() as d:
         job_keys = set(yaml.safe_load((Path(d) / "config.yaml").read_text()))
     assert job_keys == set(yaml.safe_load((tmp_path / "fit" / "config.yaml").read_text()))
-    # --resume of a finished run: Ray restores its last checkpoint and has nothing left to train.
+    # resume= of a finished run: nothing left to train, and no worker started to find that out.
+    capsys.readouterr()
     again, _ = run(TrainConfig(**common, num_workers=2, resume="two"))
+    assert "run two has trained its last epoch: nothing left to train" in capsys.readouterr().out
     assert again.metrics["epoch"] == 1 and _tensors(again.checkpoint).keys() == a.keys()
     # ... and writes no checkpoint folder of its own: storage holds the 2 epochs' folders Ray Train lists.
     held = {str(p) for p in (tmp_path / "two").glob("checkpoint_*") if p.is_dir()}
     assert held == {c.path for c, _ in again.best_checkpoints} and len(held) == 2
 
 
-def test_stream_mode_steps_replay_in_one_process_and_bad_rows_are_listed(ray_local, zeros_set, tmp_path, capsys):
-    """data_mode=stream: two workers train from their own shards; the logged global batches (rank 0's local
-    batch, then rank 1's), replayed in one process, give the same weights and references."""
-    table = pq.read_table(zeros_set)
-    broken = pa.table({"id": ["broken"], "image": pa.array([b"not an image"], pa.binary()),
-                       "label": pa.array([0], pa.int64()), "split": ["train"]})
-    data = tmp_path / "set"
-    write_image_set(str(data), pa.concat_tables([table.select(broken.column_names), broken]), rows_per_file=50)
-    cfg = TrainConfig(data=str(data), normal_class=0, epochs=2, batch_size=16, num_workers=2, storage=str(tmp_path),
-                      name="stream", data_mode="stream", log_batches=True)
-    result, _ = run(cfg)
+def test_stream_mode_at_64x64_rgb_replays_in_one_process_lists_bad_rows_and_scores_96_resized(ray_local, tmp_path,
+                                                                                               capsys):
+    """The size flows from the data: a 64x64 RGB set (its files record the shape) trains a 64x64x3 network.
+    data_mode=stream: two workers train from their own shards; the logged global batches (rank 0's local batch,
+    then rank 1's), replayed in one process, give the same weights and references. A row that does not decode
+    is left out and listed. The checkpoint then scores a 96x96 set, resizing each image, and says so. (Memory
+    mode's workers are held bit-identical to `fit` at 28x28 above.)"""
+    from jobs.score import ScoreConfig
+    from jobs.score import run as score
+
+    def image_set(name, size, counts, shape, extra=()):
+        table = pa.concat_tables([*defect_tables(size, seed=1, counts=counts, classes=("metal",)), *extra])
+        write_image_set(str(tmp_path / name), table, rows_per_file=25, filesystem=None, shape=shape)
+        return str(tmp_path / name), table
+
+    broken = pa.Table.from_pylist([{"id": "broken", "image": b"not an image", "label": 2, "split": "train"}],
+                                  schema=DEFECT_SCHEMA)
+    data, _ = image_set("set64", 64, DefectCounts(train=36, test_normal=0, test_defective=0), ImageShape((64, 64), 3),
+                        [broken])
+    cfg = TrainConfig(data=data, normal_class=2, epochs=2, batch_size=8, num_workers=2, storage=str(tmp_path),
+                      name="stream", data_mode="stream", log_batches=True)  # normal class 2: metal
+    result, uri = run(cfg)
     run_dir = tmp_path / "stream"
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["data_mode"] == "stream"
     skipped = sorted(run_dir.glob("skipped_rows-rank-*.txt"))
@@ -125,13 +139,15 @@ def test_stream_mode_steps_replay_in_one_process_and_bad_rows_are_listed(ray_loc
     line = epoch_line(result.metrics)
     assert line.startswith("epoch 2/2  loss ") and "  | step ms: compute " in line
     assert all(f" {part} " in line for part in ("inner all-reduce", "final all-reduce", "data wait"))
+    det = load_detector(uri)
+    assert (det.channels, det.input_size) == (3, (64, 64))
 
     from gradcon_core.imageset import read_columns
-    ids = read_columns(str(data), ["id"]).column("id").to_pylist()
-    pixels, _ = decode_images(take_rows(str(data), np.arange(len(ids))).images, 1, (28, 28))
+    ids = read_columns(data, ["id"]).column("id").to_pylist()
+    pixels, _ = decode_images(take_rows(data, np.arange(len(ids))).images, 3, (64, 64))
     by_id = dict(zip(ids, torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255))
     torch.manual_seed(0)
-    single = GradConDetector(create_model("gradcon_cae"), device="cpu")
+    single = GradConDetector(create_model("gradcon_cae", in_channels=3, image_size=64), device="cpu")
     _, noise = training_generators(0)
     trained, steps_taken = [], 0
     for epoch in range(2):
@@ -142,41 +158,14 @@ def test_stream_mode_steps_replay_in_one_process_and_bad_rows_are_listed(ray_loc
         steps_taken += len(batches)
         single.train_batches(streamed_batches(batches, placeholder=batches[0][:1]), noise)
     # Every decodable training row once per epoch, none twice (Ray's equal split would drop rows).
-    _, selected = training_rows(cfg, str(data), pafs.LocalFileSystem())
+    _, selected = training_rows(cfg, data, pafs.LocalFileSystem())
     assert trained[0] == trained[1] == sorted(set(selected["train"]) - {"broken"})
     # Which rows meet in a step changes from run to run; a lopsided split (one worker's half-batch against the
-    # whole of the other's) sums a step's gradient in another order, so how many weights Adam's amplified rounding
-    # reaches changes too: 0 or 1 beyond 1e-5 in most runs, 66 of 32,768 in one. tests/test_streaming.py holds
-    # every weight to 1e-5 on fixed shards.
+    # whole of the other's) sums a step's gradient in another order, and a 64x64x3 weight's gradient sums
+    # thousands of positions: how many weights Adam's amplified rounding takes beyond 1e-4 depends on the split
+    # and on the CPU's kernels (up to 0.67% of a tensor, 1.9e-3 at most, on one machine, in memory mode).
+    # tests/test_streaming.py holds every weight to 1e-5 on fixed shards.
     _assert_same_training(_tensors(result.checkpoint), single.state_tensors(), steps_taken, close=1e-4, share=0.02)
-
-
-def test_rgb_64_two_workers_equal_one_process_and_score_resizes_96_to_the_checkpoint(ray_local, tmp_path, capsys):
-    """The size flows from the data: a 64x64 RGB set (its files record the shape) trains a 64x64x3 network with 2
-    workers exactly as one process does; its checkpoint scores a 96x96 set, resizing each image, and says so."""
-    from jobs.score import ScoreConfig
-    from jobs.score import run as score
-
-    def image_set(name, size, counts, shape):
-        table = pa.concat_tables(defect_tables(size, seed=1, counts=counts, classes=("metal",)))
-        write_image_set(str(tmp_path / name), table, rows_per_file=25, filesystem=None, shape=shape)
-        return str(tmp_path / name), table
-
-    data, _ = image_set("set64", 64, DefectCounts(train=36, test_normal=0, test_defective=0), ImageShape((64, 64), 3))
-    common = dict(data=data, normal_class=2, epochs=2, batch_size=8, storage=str(tmp_path), quiet=True)  # metal
-    result, uri = run(TrainConfig(**common, num_workers=2, name="rgb"))
-    det, final = load_detector(uri), _tensors(result.checkpoint)
-    assert (det.channels, det.input_size) == (3, (64, 64))
-    meta = pa.parquet.read_table(data, columns=["label", "split"])
-    sel = select(meta.column("label").to_numpy(), meta.column("split").to_numpy(zero_copy_only=False), 2)
-    torch.manual_seed(0)
-    single = GradConDetector(create_model("gradcon_cae", in_channels=3, image_size=64), device="cpu")
-    single.fit(decode_images(take_rows(data, sel.train).images, 3, (64, 64))[0], epochs=2, batch_size=8, seed=0)
-    # 33 train rows: the last global batch of 1 leaves worker 1 empty (weight 0). 2 epochs of 5 steps. A 64x64x3
-    # weight's gradient sums thousands of positions, and how much rounding Adam amplifies depends on the CPU's
-    # kernels: 5e-5 at most on one machine; on another up to 0.67% of a tensor beyond 1e-4 and 1.9e-3 at most,
-    # with the code of a run that passed on the first (the same numbers in every run on each).
-    _assert_same_training(final, single.state_tensors(), steps=10, close=1e-4, share=0.02)
 
     big, table = image_set("set96", 96, DefectCounts(train=0, test_normal=3, test_defective=3), None)
     capsys.readouterr()
@@ -188,65 +177,41 @@ def test_rgb_64_two_workers_equal_one_process_and_score_resizes_96_to_the_checkp
     np.testing.assert_allclose(scores, det.decision_function(decode_images(blobs, 3, (64, 64))[0]), rtol=1e-5)
 
 
-def test_a_failed_worker_resumes_from_its_checkpoint_on_s3(ray_local, zeros_set, s3_server, monkeypatch, tmp_path):
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_server.access_key)
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_server.secret_key)
-    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
-    cfg = TrainConfig(data=zeros_set, normal_class=0, epochs=3, batch_size=32, num_workers=2, fail_at_epoch=1,
-                      max_failures=1, storage="s3://gradcon-test/runs", name="drill", s3_endpoint=s3_server.endpoint,
-                      tracking="mlflow")
-    result, uri = run(cfg)
-    assert uri.startswith("s3://gradcon-test/runs/drill/checkpoint_")
-    assert result.metrics["epoch"] == 2 and result.metrics["resumed"]  # the drill did fail, and it resumed
-    # The restart leaves no unregistered checkpoint folder behind: what storage holds is what Ray Train lists.
-    fs, _ = filesystem_for(uri, s3_server)
-    held = {i.path for i in fs.get_file_info(pafs.FileSelector("gradcon-test/runs/drill"))
-            if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_")}
-    assert held == {c.path for c, _ in result.best_checkpoints} and len(held) == 3
-
-    # Tracked: one MLflow run, continued by the restarted worker; an epoch's metrics once each, as reported.
-    client = MlflowClient(tracking_uri=store)
-    (tracked,) = client.search_runs([client.get_experiment_by_name("gradcon").experiment_id],
-                                    filter_string="attributes.run_name = 'drill'")
-    assert tracked.info.status == "FINISHED" and tracked.data.tags[CHECKPOINT_TAG] == uri
-    assert tracked.data.params["epochs"] == "3" and tracked.data.params["normal_class"] == "0"
-    history = client.get_metric_history(tracked.info.run_id, "val_loss")
-    assert [m.step for m in history] == [0, 1, 2]  # epoch 1 failed before its report; after the restart, 1 and 2
-    assert history[-1].value == pytest.approx(result.metrics["val_loss"])
-    assert tracked.data.metrics["final_val_loss"] == pytest.approx(result.metrics["val_loss"])
-    assert {"loss", "val_loss", "images_per_s"} <= set(tracked.data.metrics)
-    assert [a.path for a in client.list_artifacts(tracked.info.run_id)] == ["config.yaml"]
-    det = load_detector(uri, filesystem=fs)
-    assert int(det.reference.count) > 0 and det.threshold_ is not None
-    scores = det.decision_function(_train_images(zeros_set)[:8])
-    assert scores.shape == (8,) and np.isfinite(scores).all()
-
-
 @pytest.mark.slow
-def test_an_s3_outage_mid_run_fails_with_the_storage_error_and_the_run_resumes(ray_local, zeros_set, monkeypatch):
-    """Stream mode, images and checkpoints on S3, the S3 server stopped once the first checkpoint is registered:
-    the run (one restart allowed) fails with the storage error, not waiting on Ray Data's nested read retries
-    (before: still waiting after 13 min); with the server back, resume= continues from that checkpoint."""
+def test_a_failed_worker_and_an_s3_outage_both_resume_from_the_checkpoints_on_s3(ray_local, zeros_set, monkeypatch,
+                                                                                   tmp_path):
+    """Stream mode, images and checkpoints on S3, tracked in MLflow. Rank 0 fails at epoch 1 (the fault drill):
+    the workers restart from epoch 0's checkpoint. Once the restarted workers register a checkpoint, the S3
+    server stops: the next epoch's reads fail, and so does the run (its one restart spent), with the storage
+    error, not waiting on Ray Data's nested read retries (before: still waiting after 13 min, two restarts
+    allowed). With the server back, resume= finishes the run."""
     from moto.server import ThreadedMotoServer
 
-    server, options = start_moto_s3("outage", "outage-key", "outage-secret")  # its own: this one goes down
+    server, options = start_moto_s3("drill", "drill-key", "drill-secret")  # its own: this one goes down
     port = server.get_host_and_port()[1]
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", options.access_key)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", options.secret_key)
-    fs, _ = filesystem_for("s3://outage", options)
-    write_image_set("s3://outage/set", pq.read_table(zeros_set), rows_per_file=40, filesystem=fs)
-    cfg = TrainConfig(data="s3://outage/set", normal_class=0, epochs=6, batch_size=16, num_workers=1,
-                      data_mode="stream", max_failures=1, storage="s3://outage/runs", name="outage",
-                      s3_endpoint=options.endpoint)
-    snapshot = "outage/runs/outage/checkpoint_manager_snapshot.json"  # written once a checkpoint is registered
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    fs, _ = filesystem_for("s3://drill", options)
+    write_image_set("s3://drill/set", pq.read_table(zeros_set), rows_per_file=40, filesystem=fs)
+    cfg = TrainConfig(data="s3://drill/set", normal_class=0, epochs=3, batch_size=32, num_workers=2,
+                      data_mode="stream", fail_at_epoch=1, max_failures=1, storage="s3://drill/runs", name="drill",
+                      s3_endpoint=options.endpoint, tracking="mlflow")
+    snapshot = "drill/runs/drill/checkpoint_manager_snapshot.json"  # rewritten as each checkpoint is registered
 
-    def stop_at_the_first_checkpoint() -> None:
-        while fs.get_file_info(snapshot).type == pafs.FileType.NotFound:
+    def restarted_workers_checkpointed() -> bool:
+        if fs.get_file_info(snapshot).type == pafs.FileType.NotFound:
+            return False
+        with fs.open_input_file(snapshot) as f:
+            return json.loads(f.readall())["latest_checkpoint_result"]["metrics"]["resumed"]
+
+    def stop_once_the_restarted_workers_checkpoint() -> None:
+        while not restarted_workers_checkpointed():
             time.sleep(0.1)
         server.stop()
 
-    stopper = threading.Thread(target=stop_at_the_first_checkpoint, daemon=True)
+    stopper = threading.Thread(target=stop_once_the_restarted_workers_checkpoint, daemon=True)
     stopper.start()
     failure: list[BaseException] = []
     attempt = threading.Thread(target=lambda: failure.append(pytest.raises(StorageError, run, cfg).value))
@@ -255,16 +220,59 @@ def test_an_s3_outage_mid_run_fails_with_the_storage_error_and_the_run_resumes(r
     assert not attempt.is_alive(), "the run is still waiting on its storage"
     assert not stopper.is_alive(), "the run ended before the server was stopped"
     message = str(failure[0])
-    assert "NETWORK_CONNECTION" in message and "resume=outage" in message and options.secret_key not in message
+    assert "NETWORK_CONNECTION" in message and "resume=drill" in message and options.secret_key not in message
 
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)  # moto's state outlives it
     server.start()
     try:
-        result, uri = run(replace(cfg, name=None, resume="outage"))
+        result, uri = run(replace(cfg, name=None, resume="drill"))
+        assert uri.startswith("s3://drill/runs/drill/checkpoint_")
+        assert result.metrics["epoch"] == 2 and result.metrics["resumed"]
+        # Neither restart leaves an unregistered checkpoint folder: what storage holds is what Ray Train lists,
+        # one per epoch (the drill failed epoch 1 before its checkpoint, the outage epoch 2).
+        held = {i.path for i in fs.get_file_info(pafs.FileSelector("drill/runs/drill"))
+                if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_")}
+        assert held == {c.path for c, _ in result.best_checkpoints} and len(held) == 3
+
+        # Tracked: one MLflow run, continued by the restarted workers and the resumed run; an epoch's metrics
+        # once each, as reported.
+        client = MlflowClient(tracking_uri=store)
+        (tracked,) = client.search_runs([client.get_experiment_by_name("gradcon").experiment_id],
+                                        filter_string="attributes.run_name = 'drill'")
+        assert tracked.info.status == "FINISHED" and tracked.data.tags[CHECKPOINT_TAG] == uri
+        assert tracked.data.params["epochs"] == "3" and tracked.data.params["normal_class"] == "0"
+        history = client.get_metric_history(tracked.info.run_id, "val_loss")
+        assert [m.step for m in history] == [0, 1, 2]
+        assert history[-1].value == pytest.approx(result.metrics["val_loss"])
+        assert tracked.data.metrics["final_val_loss"] == pytest.approx(result.metrics["val_loss"])
+        assert {"loss", "val_loss", "images_per_s"} <= set(tracked.data.metrics)
+        assert [a.path for a in client.list_artifacts(tracked.info.run_id)] == ["config.yaml"]
+        det = load_detector(uri, filesystem=fs)
+        assert int(det.reference.count) > 0 and det.threshold_ is not None
+        scores = det.decision_function(_train_images(zeros_set)[:8])
+        assert scores.shape == (8,) and np.isfinite(scores).all()
     finally:
         server.stop()
-    assert result.metrics["resumed"] and result.metrics["epoch"] == 5
-    assert uri.startswith("s3://outage/runs/outage/checkpoint_")
+
+
+def test_memory_mode_holds_each_part_in_its_order_from_one_pass():
+    """held_rows reads the worker's rows once for every part; a row that failed to decode is skipped."""
+    from jobs.train_data import held_rows
+
+    class Shard:
+        passes = 0
+
+        def iter_batches(self, **_):
+            Shard.passes += 1
+            pixels = np.arange(4, dtype=np.uint8).reshape(4, 1, 1, 1) * 60
+            yield {"id": np.array(["a", "b", "c", "d"], object), "pixels": pixels,
+                   "error": np.array(["", "", "broken", ""])}
+
+    skipped: set = set()
+    rows = held_rows(Shard(), {"train": ["d", "a", "c"], "val": ["b"], "anomaly": []}, 1, (1, 1), skipped)
+    assert Shard.passes == 1 and skipped == {"c"}
+    assert (rows["train"].flatten() * 255).round().tolist() == [180, 0] and rows["val"].flatten().tolist() == [
+        pytest.approx(60 / 255)] and rows["anomaly"].shape == (0, 1, 1, 1)
 
 
 def test_bad_input_fails_fast_with_a_clear_error(ray_local, zeros_set, tmp_path):
