@@ -325,35 +325,36 @@ def run(cfg: TrainConfig, callbacks: list | None = None, tracking_parent: dict |
                         parent_run_id=parent.get("run_id"))
     tracker.log_params(config_params(cfg))
     worker_tracking = tracker.run_id and {"name": name, "uri": tracker.uri, "parent_run_id": parent.get("run_id")}
-    size = tuple(shape.image_size)
-    if cfg.data_mode == "stream":
-        datasets = {"train": decoded_rows(files, data_fs, train_ids, shape.channels, size),
-                    "val": decoded_rows(files, data_fs, val_ids + anomaly_ids, shape.channels, size, anomaly_ids)}
-    else:  # each worker reads all its rows in one pass: a Ray Data execution costs seconds to start
-        datasets = {"rows": decoded_rows(files, data_fs, train_ids + val_ids + anomaly_ids, shape.channels, size)}
-    fingerprint = hashlib.sha256("\n".join(map(str, train_ids)).encode()).hexdigest()[:16]
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"cfg": asdict(cfg), "train_ids": train_ids, "val_ids": val_ids,
-                           "anomaly_ids": anomaly_ids, "channels": shape.channels, "fingerprint": fingerprint,
-                           "image_size": list(size), "tracking": worker_tracking,
-                           "store_fs": store_fs, "run_path": f"{store_path}/{name}"},
-        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.worker_gpus > 0,
-                                     resources_per_worker={"CPU": 1, "GPU": cfg.worker_gpus} if cfg.worker_gpus > 0
-                                     else None, placement_strategy=cfg.placement_strategy),
-        torch_config=TorchConfig(backend="nccl" if cfg.worker_gpus > 0 else "gloo"),
-        datasets=datasets,
-        dataset_config=all_rows_to_one_worker() if cfg.data_mode == "stream" else DataConfig(datasets_to_split=[]),
-        run_config=RunConfig(name=name, storage_path=store_path, storage_filesystem=store_fs if is_s3 else None,
-                             failure_config=FailureConfig(max_failures=cfg.max_failures),
-                             callbacks=[*(callbacks or []), *([] if cfg.quiet else [epoch_lines()])],
-                             checkpoint_config=CheckpointConfig(num_to_keep=None),
-                             logging_config=LoggingConfig(log_level="INFO" if cfg.verbose else "WARNING")),
-    )
     last_epoch = (cfg.epochs if probe.iterative else 1) - 1
     finished = finished_run(store_fs, f"{store_path}/{name}", last_epoch) if cfg.resume else None
     if finished is not None:
         print(f"run {name} has trained its last epoch: nothing left to train")
+    else:  # the datasets and the trainer, only for a run that has epochs left
+        size = tuple(shape.image_size)
+        if cfg.data_mode == "stream":
+            datasets = {"train": decoded_rows(files, data_fs, train_ids, shape.channels, size),
+                        "val": decoded_rows(files, data_fs, val_ids + anomaly_ids, shape.channels, size, anomaly_ids)}
+        else:  # each worker reads all its rows in one pass: a Ray Data execution costs seconds to start
+            datasets = {"rows": decoded_rows(files, data_fs, train_ids + val_ids + anomaly_ids, shape.channels, size)}
+        fingerprint = hashlib.sha256("\n".join(map(str, train_ids)).encode()).hexdigest()[:16]
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config={"cfg": asdict(cfg), "train_ids": train_ids, "val_ids": val_ids,
+                               "anomaly_ids": anomaly_ids, "channels": shape.channels, "fingerprint": fingerprint,
+                               "image_size": list(size), "tracking": worker_tracking,
+                               "store_fs": store_fs, "run_path": f"{store_path}/{name}"},
+            scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.worker_gpus > 0,
+                                         resources_per_worker={"CPU": 1, "GPU": cfg.worker_gpus} if cfg.worker_gpus > 0
+                                         else None, placement_strategy=cfg.placement_strategy),
+            torch_config=TorchConfig(backend="nccl" if cfg.worker_gpus > 0 else "gloo"),
+            datasets=datasets,
+            dataset_config=all_rows_to_one_worker() if cfg.data_mode == "stream" else DataConfig(datasets_to_split=[]),
+            run_config=RunConfig(name=name, storage_path=store_path, storage_filesystem=store_fs if is_s3 else None,
+                                 failure_config=FailureConfig(max_failures=cfg.max_failures),
+                                 callbacks=[*(callbacks or []), *([] if cfg.quiet else [epoch_lines()])],
+                                 checkpoint_config=CheckpointConfig(num_to_keep=None),
+                                 logging_config=LoggingConfig(log_level="INFO" if cfg.verbose else "WARNING")),
+        )
     config_yaml = yaml.safe_dump(asdict(cfg), sort_keys=False)
     write_bytes(store_fs, f"{store_path}/{name}/config.yaml", config_yaml.encode())
     with tracker:  # FAILED in MLflow when the run fails
