@@ -1,6 +1,6 @@
 """Stream vs memory data mode: a training worker's peak memory and its time to the first step, by class size.
 
-python benchmarks/stream_memory.py [--rows 2000,20000] [--image-size 64] [--workers 2]
+python benchmarks/stream_memory.py [--rows 2000,20000] [--image-size 64] [--workers 2] [--modes memory,stream]
 
 One image set holds two classes of generated RGB textures (gradcon prepare defects, each image repeated under
 new ids to reach the row counts; the data path does not care what the pixels are). For each class and each
@@ -79,8 +79,12 @@ def main() -> None:
     parser.add_argument("--rows", default="2000,20000", help="training rows of each class")
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--modes", default="memory,stream", help="data modes to run, side by side")
     args = parser.parse_args()
     rows = [int(r) for r in args.rows.split(",")]
+    modes = args.modes.split(",")
+    if not set(modes) <= {"memory", "stream"}:
+        parser.error(f"--modes takes memory and/or stream, got {args.modes!r}")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import ray
 
@@ -96,7 +100,7 @@ def main() -> None:
         # The workers + 2 logical CPUs for Ray Data's reads (the train job requires them).
         init_ray("local", num_cpus=max(os.cpu_count(), args.workers) + 2, log_to_driver=False)
         results = {}
-        for mode in ("memory", "stream"):
+        for mode in modes:
             for label, count in enumerate(rows):
                 cfg = TrainConfig(data=data, normal_class=label, epochs=1, num_workers=args.workers,
                                   data_mode=mode, storage=f"{tmp}/runs", name=f"{mode}-{label}", quiet=True)
@@ -110,7 +114,7 @@ def main() -> None:
                       f"{first:6.1f} s  {result.metrics['images_per_s']:6.1f} images/s  step ms: {steps}")
         ray.shutdown()
     small, large = rows[0], rows[-1]
-    for mode in ("memory", "stream"):
+    for mode in modes:
         (peak_s, first_s), (peak_l, first_l) = results[mode, small], results[mode, large]
         print(f"{mode}: peak RSS {large:,} / {small:,} rows = {peak_l / peak_s:.2f}x (stream target <= 1.15); "
               f"first step {first_l / first_s:.2f}x (rows {large / small:.0f}x)")
