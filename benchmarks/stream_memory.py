@@ -5,9 +5,10 @@ python benchmarks/stream_memory.py [--rows 2000,20000] [--image-size 64] [--work
 One image set holds two classes of generated RGB textures (gradcon prepare defects, each image repeated under
 new ids to reach the row counts; the data path does not care what the pixels are). For each class and each
 data_mode, one GradCon epoch through the real job (jobs/train.py) on an embedded Ray, while this process polls
-every Ray Train worker's resident-memory high-water mark (Linux /proc VmHWM). Printed per run: the largest
-worker peak, the workers' time from start to their first step (first_step_s, from the epoch report), the
-epoch's images/s and rank 0's per-step breakdown. The claims it checks: in stream mode the peak is flat
+every Ray Train worker's resident-memory high-water mark (Linux /proc VmHWM) and what it is made of (see
+PeakMemory). Printed per run: the largest worker peak, with its object-store and private parts, the workers'
+time from start to their first step (first_step_s, from the epoch report), the epoch's images/s and rank 0's
+per-step breakdown. The claims it checks: in stream mode the peak is flat
 (within 15%) from the small class to the large one, and the time to the first step follows the class's rows,
 never the whole set's.
 """
