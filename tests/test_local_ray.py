@@ -6,17 +6,21 @@ resources with ray._private.utils.get_num_cpus); on the 2-core machine these tes
 import contextlib
 import ipaddress
 import os
+import re
 import signal
 import subprocess
 import sys
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import numpy as np
 import psutil
 import pyarrow as pa
 import pytest
+
+from tests.conftest import MNIST_DIR
 
 REPO = Path(__file__).resolve().parents[1]
 TWO_CORES = ("import sys, ray._private.utils as u; u.get_num_cpus = lambda *a, **k: 2; "
@@ -59,8 +63,9 @@ def _env() -> dict:
 class Watched:
     """A command run in a subprocess; every process it starts is noted (every 0.2 s) while it runs."""
 
-    def __init__(self, args: list[str], **kwargs):
-        self.proc = subprocess.Popen(args, cwd=REPO, env=_env(), start_new_session=True, **kwargs)
+    def __init__(self, args: list[str], marker: str = "", **kwargs):
+        env = {**_env(), "GRADCON_TEST_MARKER": marker} if marker else _env()
+        self.proc = subprocess.Popen(args, cwd=REPO, env=env, start_new_session=True, **kwargs)
         self.seen: dict[int, psutil.Process] = {}
         self._thread = threading.Thread(target=self._watch, daemon=True)
         self._thread.start()
@@ -183,31 +188,57 @@ def test_stopping_ray_leaves_the_commands_other_children_alone():
     assert done.stdout.split()[-2:] == ["other", "alive"]
 
 
+def _processes_with(marker: str) -> list[str]:
+    """Processes whose environment carries this marker: whatever a command started, even outside its tree."""
+    found = []
+    for p in psutil.process_iter(["pid", "name"]):
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            if p.environ().get("GRADCON_TEST_MARKER") == marker:
+                found.append(f"{p.pid} {p.name()}")
+    return found
+
+
 @pytest.mark.slow
-def test_the_readme_train_and_tune_commands_run_side_by_side_on_a_two_core_machine(zeros_set, tmp_path):
-    """The README's `gradcon train ... num_workers=2` and a 1-worker `gradcon tune`, at once, each with its own
-    embedded Ray sized for a 2-core machine: both succeed, and each has stopped everything it started by the
-    time it returns. (One test for the three claims: every embedded Ray and Ray Train start costs tens of
-    seconds on two cores.)"""
-    common = ["normal_class=0", "epochs=1", "batch_size=16", f"data={zeros_set}"]
-    commands = {"train": ["train", *common, "num_workers=2", f"storage={tmp_path}", "name=readme-train"],
-                "tune": ["tune", *common, "num_workers=1", "num_samples=1", f"storage={tmp_path}", "name=readme-tune",
-                         "--search", "lr=choice(0.001)"]}
+def test_the_quick_demo_and_a_tune_run_side_by_side_on_a_two_core_machine(zeros_set, tmp_path):
+    """The README's first command, reduced (`gradcon demo --quick`: local S3, embedded Ray, 2 Ray Train workers,
+    scoring, report), and a 1-worker `gradcon tune`, at once, each with its own embedded Ray sized for a 2-core
+    machine: both succeed, the demo prints an AUROC above chance and readable logs, and each has stopped
+    everything it started by the time it returns. (One test for these claims: every embedded Ray and Ray
+    Train start costs tens of seconds on two cores.)"""
+    demo_out = tmp_path / "demo"
+    commands = {"demo": ["demo", "--quick", f"data_dir={MNIST_DIR}", f"out={demo_out}"],
+                "tune": ["tune", "normal_class=0", "epochs=1", "batch_size=16", f"data={zeros_set}", "num_workers=1",
+                         "num_samples=1", f"storage={tmp_path}", "name=readme-tune", "--search", "lr=choice(0.001)"]}
+    markers = {job: uuid.uuid4().hex for job in commands}  # inherited by every process the command starts
     logs = {job: open(tmp_path / f"{job}.log", "w") for job in commands}  # closed below
-    jobs = {job: Watched([sys.executable, "-c", TWO_CORES, *args], stdout=logs[job], stderr=subprocess.STDOUT)
-            for job, args in commands.items()}
-    left, deadline = {}, time.time() + 600
+    jobs = {job: Watched([sys.executable, "-c", TWO_CORES, *args], stdout=logs[job], stderr=subprocess.STDOUT,
+                         marker=markers[job]) for job, args in commands.items()}
+    left, deadline = {}, time.time() + 900
     try:
         while len(left) < len(jobs) and time.time() < deadline:
             for name, job in jobs.items():
                 if name not in left and job.proc.poll() is not None:
-                    left[name] = job.left_running()  # at once: the command has just returned
+                    left[name] = job.left_running() + _processes_with(markers[name])  # at once: it has just returned
             time.sleep(0.1)
+        output = {job: (tmp_path / f"{job}.log").read_text() for job in commands}
         for name, job in jobs.items():
-            assert job.proc.returncode == 0, (tmp_path / f"{name}.log").read_text()[-3000:]
-        assert (tmp_path / "readme-train" / "best_checkpoint").exists()
+            assert job.proc.returncode == 0, output[name][-3000:]
+        assert left == {"demo": [], "tune": []}
         assert (tmp_path / "readme-tune" / "summary.json").exists()
-        assert left == {"train": [], "tune": []}
+
+        demo = output["demo"]
+        auroc = float(re.search(r"^AUROC (\S+)", demo, re.M).group(1))
+        assert 0.5 < auroc <= 1, demo[-3000:]
+        assert "s3://gradcon-demo/scores/" in demo and "[7/7]" in demo
+        # Readable: one line per epoch, no report dumps, no warnings of our own code.
+        assert len(re.findall(r"epoch 1/3 ", demo)) == 1 and "epoch 3/3 " in demo, demo[-3000:]
+        assert "Reporting training result" not in demo and "FutureWarning" not in demo
+        assert (demo_out / "roc.png").stat().st_size > 0 and list((demo_out / "results").glob("*.parquet"))
+        assert (demo_out / "checkpoint" / "model.safetensors").exists()
+        assert f"report:       {demo_out / 'report' / 'index.html'}" in demo  # the demo ends with its report
+        html = (demo_out / "report" / "index.html").read_text()
+        assert "<img" in html and all((demo_out / "report" / src).is_file()
+                                      for src in re.findall(r'<img src="([^"]+)"', html))
     finally:
         for job, log in zip(jobs.values(), logs.values()):
             job.kill_all()
