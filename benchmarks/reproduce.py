@@ -69,10 +69,11 @@ def machine() -> str:
 
 def write_docs(out: Path, dataset: str, args: argparse.Namespace, seconds: float, resumed: int) -> Path:
     """docs/results/<dataset>-<epochs>ep.md: the eval's table.md under a header saying how it was made (resumed:
-    runs an earlier, stopped invocation had finished, whose time this one's wall time leaves out)."""
+    runs an earlier invocation had finished, stopped or run with fewer seeds, whose time this one's wall time
+    leaves out)."""
     runs = list(csv.DictReader(open(out / "results.csv")))
-    earlier = (f" ({resumed} of the {len(runs)} runs were finished by an earlier invocation that was stopped; "
-               "this wall time leaves them out)" if resumed else "")
+    earlier = (f" ({resumed} of the {len(runs)} runs were finished by an earlier invocation (stopped, or run with "
+               "fewer seeds); this wall time leaves them out)" if resumed else "")
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                             text=True).stdout.strip() or "unknown"
     recipe = f" PARAMS=\"{' '.join(args.param)}\"" if args.param else ""
