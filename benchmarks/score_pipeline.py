@@ -1,6 +1,7 @@
 """Scoring pipeline: the Ray Data job vs a bare single-process loop over the same files, and memory.
 
 python benchmarks/score_pipeline.py [--rows 200000] [--files 8] [--concurrency 1,2,4] [--decode actor,tasks]
+                                    [--repeats 3]
 
 The image set is synthetic but realistic: real MNIST test digits, shifted and noised so no two
 rows are the same, PNG-encoded, split over several parquet files. Both paths read parquet,
@@ -9,13 +10,16 @@ decode, compute vectorized GradCon scores and write a result table with the same
 process and all its children (Ray's workers), sampled every 0.2 s, at 1x and 10x the rows. The driver's
 CPU time (this process alone: what a funnel through the driver would load) is given per second of the job.
 With several --decode choices (the score job's decode=actor|tasks) or --concurrency values (scoring actors),
-each runs on the same sets, side by side.
+each runs on the same sets, side by side. With --repeats N the bare loop and each job on the 10x set run N times,
+in turn, and the median is kept (a small shared machine's timings vary by tens of percent from run to run). A job's
+"first results" is its start-up: seconds until the first scored rows reached the driver.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import shutil
+import statistics
 import sys
 import threading
 import time
@@ -136,6 +140,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=512)
     parser.add_argument("--gpus-per-actor", type=float, default=0.0)
     parser.add_argument("--decode", default="auto", help="the score job's decode setting(s), comma-separated")
+    parser.add_argument("--repeats", type=int, default=1, help="runs of the bare loop and of each 10x job (median)")
     parser.add_argument("--mnist", default="data/mnist")
     parser.add_argument("--work", default="runs/bench-score")
     parser.add_argument("--split-only", default=None, metavar="DEVICE",
@@ -158,9 +163,6 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(os.cpu_count())
-    bare = bare_loop(str(model), big, work / "out-bare", args.batch_size)
-    print(f"  bare loop (1 process)      {args.rows / bare:>9,.0f} images/s  ({bare:.1f} s)")
-
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import ray
 
@@ -172,24 +174,43 @@ def main() -> None:
     init_ray("local", num_cpus=args.ray_cpus or max(os.cpu_count() + 1, int(max(actors) * args.cpus_per_actor) + 1),
              log_to_driver=False)
     driver = psutil.Process()
-    for decode in args.decode.split(","):
-        for concurrency in actors:
-            rates, peaks = {}, {}
-            for name, data in (("1x", small), ("10x", big)):
-                out = work / f"out-ray-{name}"
-                shutil.rmtree(out, ignore_errors=True)
-                cpu_before = sum(driver.cpu_times()[:2])
-                with PeakMemory() as mem:
-                    summary = run(ScoreConfig(model=str(model), input=str(data), output=str(out), decode=decode,
-                                              batch_size=args.batch_size, concurrency=concurrency, quiet=True,
-                                              cpus_per_actor=args.cpus_per_actor, gpus_per_actor=args.gpus_per_actor))
-                driver_cpu = sum(driver.cpu_times()[:2]) - cpu_before - mem.cpu  # not the sampler's
-                rates[name], peaks[name] = summary["images_per_s"], mem.peak / 2**20
-                print(f"  Ray Data job, decode={decode}, {concurrency} actor(s), {name:<3} rows  {rates[name]:>9,.0f} "
-                      f"images/s  peak memory {peaks[name]:,.0f} MiB  driver CPU {driver_cpu:.1f} s "
-                      f"({100 * driver_cpu / summary['seconds']:.0f}% of one core)")
-            print(f"decode={decode}, {concurrency} actor(s): Ray job / bare loop (10x rows) = "
-                  f"{rates['10x'] / (args.rows / bare):.2f}   peak memory 10x / 1x = {peaks['10x'] / peaks['1x']:.2f}")
+
+    def job(decode: str, concurrency: int, data: Path, out: Path) -> tuple[dict, float, float]:
+        """The score job's summary, its peak memory (MiB) and the driver's CPU seconds."""
+        shutil.rmtree(out, ignore_errors=True)
+        cpu_before = sum(driver.cpu_times()[:2])
+        with PeakMemory() as mem:
+            summary = run(ScoreConfig(model=str(model), input=str(data), output=str(out), decode=decode,
+                                      batch_size=args.batch_size, concurrency=concurrency, quiet=True,
+                                      cpus_per_actor=args.cpus_per_actor, gpus_per_actor=args.gpus_per_actor))
+        return summary, mem.peak / 2**20, sum(driver.cpu_times()[:2]) - cpu_before - mem.cpu  # not the sampler's
+
+    setups = [(decode, concurrency) for decode in args.decode.split(",") for concurrency in actors]
+    small_runs = {setup: job(*setup, small, work / "out-ray-1x") for setup in setups}  # also warms Ray Data up
+    bare_s, big_runs = [], {setup: [] for setup in setups}
+    for _ in range(args.repeats):
+        bare_s.append(bare_loop(str(model), big, work / "out-bare", args.batch_size))
+        for setup in setups:
+            big_runs[setup].append(job(*setup, big, work / "out-ray-10x"))
+    bare = statistics.median(bare_s)
+    print(f"  bare loop (1 process)      {args.rows / bare:>9,.0f} images/s  ({bare:.1f} s; runs: "
+          f"{', '.join(f'{t:.1f}' for t in bare_s)} s)")
+    for setup in setups:
+        name = f"decode={setup[0]}, {setup[1]} actor(s)"
+        small_summary, small_peak, _ = small_runs[setup]
+        runs = big_runs[setup]
+        rates = [summary["images_per_s"] for summary, _, _ in runs]
+        rate = statistics.median(rates)
+        first = statistics.median(summary["first_results_s"] for summary, _, _ in runs)
+        peak = max(peak for _, peak, _ in runs)
+        driver_cpu = statistics.median(cpu / summary["seconds"] for summary, _, cpu in runs)
+        print(f"  Ray Data job, {name}, 1x  rows  {small_summary['images_per_s']:>9,.0f} images/s  "
+              f"peak memory {small_peak:,.0f} MiB")
+        print(f"  Ray Data job, {name}, 10x rows  {rate:>9,.0f} images/s  first results after {first:.1f} s  "
+              f"peak memory {peak:,.0f} MiB  driver CPU {100 * driver_cpu:.0f}% of one core  "
+              f"(runs: {', '.join(f'{r:,.0f}' for r in rates)} images/s)")
+        print(f"{name}: Ray job / bare loop (10x rows) = {rate / (args.rows / bare):.2f}   "
+              f"peak memory 10x / 1x = {peak / small_peak:.2f}")
     ray.shutdown()
 
 

@@ -21,7 +21,6 @@ import json
 import os
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
 import pyarrow as pa
@@ -84,34 +83,6 @@ class ScoreConfig(JobSettings):
     contamination: float | None = None  # instead: the (1 - c) quantile of this run's scores
     address: str | None = None  # Ray cluster; default RAY_ADDRESS, else an embedded local Ray
     s3_endpoint: str | None = None
-
-
-# What the read stage passes on, typed: a file without one of these gets nulls, so every block has one schema.
-READ_COLUMNS = {"id": pa.string(), "label": pa.int64(), "is_anomaly": pa.bool_()}
-
-
-def read_rows(items: pa.Table, input_uri: str, options: S3Options, block_mb: float) -> Iterator[pa.Table]:
-    """Ray Data read stage: the row groups `items` name (path, row_group, start: its first row's number), in
-    blocks of about block_mb, each row with its file ("path") and its row number there (ROW)."""
-    fs, _ = filesystem_for(input_uri, options)
-    for path, group, start in zip(*(items.column(c).to_pylist() for c in ("path", "row_group", "start"))):
-        pf = pq.ParquetFile(path, filesystem=fs)
-        meta = pf.metadata.row_group(group)
-        rows_per_block = max(1, int(block_mb * 2**20 * meta.num_rows / max(meta.total_byte_size, 1)))
-        names = pf.schema_arrow.names
-        row = start
-        for batch in pf.iter_batches(batch_size=rows_per_block, row_groups=[group],
-                                     columns=[c for c in [IMAGE, *READ_COLUMNS] if c in names]):
-            table = pa.Table.from_batches([batch])
-            if "id" in names and table.column("id").type != pa.string():  # int64 ids, as strings (as results have)
-                table = table.set_column(table.schema.get_field_index("id"), "id", table.column("id").cast(pa.string()))
-            for name, kind in READ_COLUMNS.items():
-                if name not in table.schema.names:
-                    table = table.append_column(name, pa.nulls(table.num_rows, kind))
-            n = table.num_rows
-            yield (table.append_column("path", pa.array([path] * n, pa.string()))
-                   .append_column(ROW, pa.array(range(row, row + n), pa.int64())))
-            row += n
 
 
 class Scorer:
@@ -211,25 +182,20 @@ class Joiner:
         join_pieces(self.fs, self.out_root, output, identity, rows)
 
 
-def _score_files(cfg: ScoreConfig, options: S3Options, detector: Detector, files: list[str], in_fs: pafs.FileSystem,
-                 out_root: str, outputs: dict[str, str], identities: dict[str, dict], rows_in: dict[str, int],
-                 threshold: float | None, model_id: str, progress: Progress) -> None:
-    """The Ray Data pipeline over `files`, its actors writing the result pieces; a Joiner joins them."""
+def _score_files(cfg: ScoreConfig, options: S3Options, detector: Detector, files: list[str], out_root: str,
+                 outputs: dict[str, str], identities: dict[str, dict], rows_in: dict[str, int],
+                 threshold: float | None, model_id: str, progress: Progress) -> float | None:
+    """The Ray Data pipeline over `files`, its actors writing the result pieces; a Joiner joins them. Returns
+    when (time.perf_counter) the first scored rows were counted: the job's start-up ends there."""
     import ray
 
     from cluster.ray_init import data_logs, init_ray
+    from jobs.score_read import RowGroups
 
     init_ray(cfg.address, min_cpus=cfg.concurrency * cfg.cpus_per_actor + READ_CPUS)  # embedded: sized for _check_fits
     _check_fits(ray.cluster_resources(), cfg)
     data_logs(cfg.verbose)
     ray.data.DataContext.get_current().target_max_block_size = int(cfg.block_mb * 2**20)
-    groups = []  # one read item per row group: (path, its index, the file's row number of its first row)
-    for path in files:
-        meta, start = pq.ParquetFile(path, filesystem=in_fs).metadata, 0
-        for g in range(meta.num_row_groups):
-            groups.append({"path": path, "row_group": g, "start": start})
-            start += meta.row_group(g).num_rows
-
     # A file's pieces are joined as soon as all its rows are scored, so a job killed later keeps it. One actor
     # joins them all, in turn: a result row is a few dozen bytes, and a task per file would start a process
     # per file (importing pyarrow) while the pipeline holds the CPUs, so files appeared only near the end.
@@ -240,10 +206,12 @@ def _score_files(cfg: ScoreConfig, options: S3Options, detector: Detector, files
         return joiner.join.remote(outputs[path], identities[path], rows_in[path])
 
     joins = [join(path) for path in files if rows_in[path] == 0]
-    if groups:
-        ds = ray.data.from_items(groups, override_num_blocks=len(groups))
-        ds = ds.map_batches(read_rows, batch_format="pyarrow", batch_size=1, num_cpus=READ_CPUS,
-                            fn_kwargs={"input_uri": cfg.input, "options": options, "block_mb": cfg.block_mb})
+    first_results = None
+    source = RowGroups(files, cfg.input, options, cfg.block_mb)
+    if source.groups:
+        # One block stream per row group: Ray Data would otherwise split each read's blocks to reach its own
+        # default count of blocks (a few hundred), into pieces far smaller than block_mb.
+        ds = ray.data.read_datasource(source, num_cpus=READ_CPUS, override_num_blocks=len(source.groups))
         if decodes_in_tasks(cfg):
             ds = ds.map_batches(decode_stage, batch_format="pyarrow", num_cpus=1,
                                 fn_kwargs={"channels": detector.channels, "size": tuple(detector.input_size)})
@@ -254,6 +222,7 @@ def _score_files(cfg: ScoreConfig, options: S3Options, detector: Detector, files
                                    "model_id": model_id, "output": cfg.output},
         )
         for counts in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+            first_results = first_results or time.perf_counter()
             for path, rows in zip(counts.column("path").to_pylist(), counts.column("rows").to_pylist()):
                 left[path] -= rows
                 if left[path] == 0:
@@ -263,6 +232,7 @@ def _score_files(cfg: ScoreConfig, options: S3Options, detector: Detector, files
     unscored = [os.path.basename(p) for p, n in left.items() if n != 0]
     if unscored:
         raise RuntimeError(f"not every row of {', '.join(unscored)} was scored once: run the same command again")
+    return first_results
 
 
 def run(cfg: ScoreConfig) -> dict:
@@ -308,10 +278,11 @@ def run(cfg: ScoreConfig) -> dict:
     print(f"scoring {sum(rows_in[f] for f in todo)} rows in {len(todo)} file(s) "
           f"({len(files) - len(todo)} already complete) with model {model_id}", file=sys.stderr)
 
+    first_results = None
     if todo:
         with Progress(sum(rows_in[f] for f in todo), unit="rows", label="scoring", quiet=cfg.quiet) as progress:
-            _score_files(cfg, options, detector, todo, in_fs, out_root, outputs, identities, rows_in, threshold,
-                         model_id, progress)
+            first_results = _score_files(cfg, options, detector, todo, out_root, outputs, identities, rows_in,
+                                         threshold, model_id, progress)
         remove_parts_folder(out_fs, out_root)  # every input joined: the folder of pieces is empty
 
     if cfg.contamination is not None:
@@ -322,6 +293,8 @@ def run(cfg: ScoreConfig) -> dict:
     summary = {"rows": results.num_rows, "errors": results.num_rows - results.column("error").null_count,
                "anomalies": int(pc.sum(results.column("is_anomaly")).as_py() or 0), "threshold": threshold,
                "scored_now": scored, "seconds": round(wall, 2), "images_per_s": round(scored / wall, 1),
+               # Start-up (Ray Data's plan, the actors' processes and imports) and the first block's scoring.
+               "first_results_s": None if first_results is None else round(first_results - start, 2),
                "model_id": model_id, "output": cfg.output}
     write_bytes(out_fs, f"{out_root}/_summary.json", json.dumps(summary, indent=1).encode())
     # Tracked once the table is complete (a re-run of the same output continues the same MLflow run).

@@ -1,3 +1,6 @@
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -64,6 +67,21 @@ def test_save_load_round_trip_gives_identical_scores(fitted, tmp_path):
     assert config["detector"] == "gradcon" and config["alpha"] == 0.03 and config["beta"] == 0.12
     assert config["model"] == {"name": "gradcon_cae", "in_channels": 1, "image_size": 28}
     assert len(checkpoint_id(path)) == 16
+
+
+def test_loading_to_score_builds_no_optimizer(fitted, tmp_path):
+    """A scoring actor's start-up: torch's optimizers import torch._dynamo (about a second on a CPU), so a
+    detector loaded to score builds them only when training asks for them."""
+    det, _, x, _ = fitted
+    path = det.save(tmp_path / "ckpt")
+    np.save(tmp_path / "x.npy", x[:8])
+    script = ("import sys, numpy as np; from gradcon_core import load_detector; "
+              f"det = load_detector({str(path)!r}); det.decision_function(np.load({str(tmp_path / 'x.npy')!r})); "
+              "print('torch._dynamo' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          check=True).stdout.strip() == "False"
+    loaded = load_detector(path)
+    assert [type(o) for o in loaded.optimizers] == [type(o) for o in det.optimizers]
 
 
 def test_threshold_lives_in_the_config_not_the_weights(fitted, tmp_path):

@@ -15,6 +15,7 @@ import torch
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
+import jobs.score
 from cluster.storage import S3Options, StorageError, filesystem_for
 from gradcon_core import GradConDetector, create_model, load_detector
 from gradcon_core.images import encode_png
@@ -22,7 +23,8 @@ from gradcon_core.imageset import read_columns, take_rows, write_image_set
 from gradcon_core.result_table import SCHEMA
 from gradcon_core.tracking import CHECKPOINT_TAG
 from jobs.prepare import prepare
-from jobs.score import ScoreConfig, Scorer, read_rows, run
+from jobs.score import ScoreConfig, Scorer, run
+from jobs.score_read import read_row_group
 from tests.test_images import bomb_png
 
 
@@ -109,8 +111,7 @@ def test_the_actors_write_the_results_and_the_driver_gets_only_counts(model_dir,
     """No funnel: the read stage numbers each row in its file, an actor writes what it scores as pieces of
     its input files and returns how many rows of which file it wrote (all the driver receives)."""
     first = sorted(glob.glob(f"{image_set}/*.parquet"))[0]
-    items = pa.table({"path": [first], "row_group": [0], "start": [0]})
-    blocks = list(read_rows(items, image_set, S3Options(), block_mb=0.01))  # 180 rows in blocks of ~30
+    blocks = list(read_row_group(pa.fs.LocalFileSystem(), first, 0, 0, block_mb=0.01))  # 180 rows in blocks of ~30
     assert len(blocks) > 2 and pa.concat_tables(blocks).column("row").to_pylist() == list(range(180))
     scorer = Scorer(model_dir, S3Options(), threshold=0.5, model_id="m", output=str(tmp_path / "out"))
     batch = pa.concat_tables(blocks[1:3])  # rows from the middle of the file
@@ -123,6 +124,18 @@ def test_the_actors_write_the_results_and_the_driver_gets_only_counts(model_dir,
     expected = load_detector(model_dir).decision_function(
         np.stack([np.asarray(Image.open(io.BytesIO(b))) for b in batch.column("image").to_pylist()]))
     np.testing.assert_allclose(written.column("score").to_numpy(), expected, rtol=1e-5)
+
+
+def test_results_reach_the_driver_block_by_block(ray_local, model_dir, image_set, tmp_path, monkeypatch):
+    """The read blocks (about 30 rows here) go to whichever actor is free and each scored batch is counted when
+    it is done; when Ray Data fused the read into the actors' stage, one actor call took every row group (as many
+    as batch_size asked rows) and the driver heard of all 500 rows at once, at the end."""
+    counted = []
+    monkeypatch.setattr(jobs.score.Progress, "update", lambda self, n=1: counted.append(n))
+    summary = run(ScoreConfig(model=model_dir, input=image_set, output=str(tmp_path / "out"), batch_size=64,
+                              concurrency=2, block_mb=0.01))
+    assert sum(counted) == summary["rows"] == 500 and len(counted) >= 5
+    assert 0 < summary["first_results_s"] < summary["seconds"]
 
 
 def test_rerun_completes_a_killed_job_without_duplicates(ray_local, model_dir, image_set, tmp_path):

@@ -62,7 +62,7 @@ class NeuralDetector(Detector):
         self._score_batch_size = score_batch_size
         self.aux = self.make_aux()
         self.to(device)
-        self._optimizers = self.make_optimizers()
+        self._optimizers: list[torch.optim.Optimizer] | None = None  # built on first use: see `optimizers`
         self.history_: list[dict[str, float]] = []
 
     # --- what subclasses provide -------------------------------------------------------------
@@ -106,6 +106,10 @@ class NeuralDetector(Detector):
     # --- shared machinery ----------------------------------------------------------------------
     @property
     def optimizers(self) -> list[torch.optim.Optimizer]:
+        """Built when training first needs them: a detector loaded only to score never builds one (torch's
+        optimizers import torch._dynamo, about a second of a scoring actor's start-up on a CPU)."""
+        if self._optimizers is None:
+            self._optimizers = self.make_optimizers()
         return self._optimizers
 
     def update(self, optimizer: torch.optim.Optimizer, loss: torch.Tensor, sync: GradientSync | None) -> None:
