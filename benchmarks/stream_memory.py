@@ -1,6 +1,7 @@
 """Stream vs memory data mode: a training worker's peak memory and its time to the first step, by class size.
 
 python benchmarks/stream_memory.py [--rows 2000,20000] [--image-size 64] [--workers 2] [--modes memory,stream]
+                                   [--object-store-mb 80]
 
 One image set holds two classes of generated RGB textures (gradcon prepare defects, each image repeated under
 new ids to reach the row counts; the data path does not care what the pixels are). For each class and each
@@ -10,7 +11,8 @@ PeakMemory). Printed per run: the largest worker peak, with its object-store and
 time from start to their first step (first_step_s, from the epoch report), the epoch's images/s and rank 0's
 per-step breakdown. The claims it checks: in stream mode the peak is flat
 (within 15%) from the small class to the large one, and the time to the first step follows the class's rows,
-never the whole set's.
+never the whole set's. The object-store part grows with the data a worker has read, up to the store's size
+(mapped pages stay in a reader's RSS): --object-store-mb shrinks the embedded Ray's store to show that bound.
 """
 from __future__ import annotations
 
@@ -91,6 +93,8 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--modes", default="memory,stream", help="data modes to run, side by side")
+    parser.add_argument("--object-store-mb", type=int, default=None,
+                        help="the embedded Ray's object store (default: Ray's, 30%% of memory)")
     args = parser.parse_args()
     rows = [int(r) for r in args.rows.split(",")]
     modes = args.modes.split(",")
@@ -109,7 +113,8 @@ def main() -> None:
         print(f"image set: {sum(rows):,} rows ({', '.join(f'class {c}: {r:,}' for c, r in enumerate(rows))}), "
               f"{args.image_size}x{args.image_size}x3 PNG, made in {time.perf_counter() - start:.0f} s")
         # The workers + 2 logical CPUs for Ray Data's reads (the train job requires them).
-        init_ray("local", num_cpus=max(os.cpu_count(), args.workers) + 2, log_to_driver=False)
+        store = {} if args.object_store_mb is None else {"object_store_memory": args.object_store_mb * 2**20}
+        init_ray("local", num_cpus=max(os.cpu_count(), args.workers) + 2, log_to_driver=False, **store)
         results = {}
         for mode in modes:
             for label, count in enumerate(rows):
