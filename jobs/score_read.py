@@ -68,11 +68,14 @@ class RowGroups(Datasource):
 
     def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
                        data_context=None) -> list[ReadTask]:
-        # One task per row group, whatever `parallelism` asks: a row group is the unit parquet reads.
+        # One task per row group, whatever `parallelism` asks: a row group is the unit parquet reads. A task
+        # carries only what it reads (not `self`, whose list of every row group would travel with each task).
+        uri, options, block_mb = self.input_uri, self.options, self.block_mb
+
         def task(path: str, group: int, start: int, rows: int, size: int) -> ReadTask:
             def read() -> Iterator[pa.Table]:
-                fs, _ = filesystem_for(self.input_uri, self.options)
-                yield from read_row_group(fs, path, group, start, self.block_mb)
+                fs, _ = filesystem_for(uri, options)
+                yield from read_row_group(fs, path, group, start, block_mb)
 
             return ReadTask(read, BlockMetadata(num_rows=rows, size_bytes=size, exec_stats=None, input_files=[path]),
                             per_task_row_limit=per_task_row_limit)
