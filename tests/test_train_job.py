@@ -97,10 +97,16 @@ def test_two_workers_equal_the_single_process_fit(ray_local, zeros_set, tmp_path
     with two.checkpoint.as_directory() as d:
         job_keys = set(yaml.safe_load((Path(d) / "config.yaml").read_text()))
     assert job_keys == set(yaml.safe_load((tmp_path / "fit" / "config.yaml").read_text()))
-    # resume= of a finished run: nothing left to train, and no worker started to find that out.
+    # resume= of a finished run: nothing left to train, and no worker started to find that out. A checkpoint
+    # folder Ray Train never registered (an upload an outage cut short) is removed, and said so.
+    stray = tmp_path / "two" / "checkpoint_2026-01-01_00-00-00.000000"
+    stray.mkdir()
+    (stray / "model.safetensors").write_bytes(b"half")
     capsys.readouterr()
     again, _ = run(TrainConfig(**common, num_workers=2, resume="two"))
-    assert "run two has trained its last epoch: nothing left to train" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "run two has trained its last epoch: nothing left to train" in out
+    assert "removed 1 checkpoint folder(s) whose upload was cut short" in out and not stray.exists()
     assert again.metrics["epoch"] == 1 and _tensors(again.checkpoint).keys() == a.keys()
     # ... and writes no checkpoint folder of its own: storage holds the 2 epochs' folders Ray Train lists.
     held = {str(p) for p in (tmp_path / "two").glob("checkpoint_*") if p.is_dir()}
@@ -229,7 +235,8 @@ def test_a_failed_worker_and_an_s3_outage_both_resume_from_the_checkpoints_on_s3
         assert uri.startswith("s3://drill/runs/drill/checkpoint_")
         assert result.metrics["epoch"] == 2 and result.metrics["resumed"]
         # Neither restart leaves an unregistered checkpoint folder: what storage holds is what Ray Train lists,
-        # one per epoch (the drill failed epoch 1 before its checkpoint, the outage epoch 2).
+        # one per epoch (the drill failed epoch 1 before its checkpoint, the outage epoch 2). Where the outage cut
+        # an upload short (a fast machine reaches epoch 2's report first), the finished run removed the folder.
         held = {i.path for i in fs.get_file_info(pafs.FileSelector("drill/runs/drill"))
                 if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_")}
         assert held == {c.path for c, _ in result.best_checkpoints} and len(held) == 3
