@@ -252,14 +252,14 @@ def finished_run(fs: pafs.FileSystem, path: str, last_epoch: int):
     return result if result.metrics and result.metrics["epoch"] >= last_epoch else None
 
 
-def remove_unregistered_checkpoints(fs: pafs.FileSystem, path: str, result) -> list[str]:
-    """Remove the checkpoint folders of the run at path that Ray Train never registered, and return them. Ray
+def remove_unregistered_checkpoints(fs: pafs.FileSystem, listing: list[pafs.FileInfo], result) -> list[str]:
+    """Remove the checkpoint folders in a run's listing that Ray Train never registered, and return them. Ray
     registers a checkpoint once its upload is complete, so such a folder is an upload that a storage outage or a
     killed worker cut short; after the run has finished every checkpoint it wrote is registered (num_to_keep is
     None), so nothing else can be writing one."""
     registered = [c for c, _ in result.best_checkpoints] or ([result.checkpoint] if result.checkpoint else [])
     names = {c.path.rstrip("/").rsplit("/", 1)[-1] for c in registered}
-    stray = [i.path for i in fs.get_file_info(pafs.FileSelector(path)) if i.type == pafs.FileType.Directory
+    stray = [i.path for i in listing if i.type == pafs.FileType.Directory
              and i.base_name.startswith("checkpoint_") and i.base_name not in names]
     for folder in stray:
         fs.delete_dir(folder)
@@ -387,12 +387,12 @@ def run(cfg: TrainConfig, callbacks: list | None = None, tracking_parent: dict |
         tracker.log_metrics({f"final_{k}": v for k, v in result.metrics.items()
                              if isinstance(v, float) and k not in RAY_METRICS})
         tracker.set_checkpoint(uri)
-    stray = remove_unregistered_checkpoints(store_fs, f"{store_path}/{name}", result)
+    listing = store_fs.get_file_info(pafs.FileSelector(f"{store_path}/{name}"))  # one listing (S3: one LIST)
+    stray = remove_unregistered_checkpoints(store_fs, listing, result)
     if stray:
         print(f"run {name}: removed {len(stray)} checkpoint folder(s) whose upload was cut short (never registered): "
               f"{', '.join(stray)}")
-    skipped = [i.path for i in store_fs.get_file_info(pafs.FileSelector(f"{store_path}/{name}"))
-               if i.base_name.startswith("skipped_rows-")]
+    skipped = [i.path for i in listing if i.base_name.startswith("skipped_rows-")]
     if skipped:
         count = len(set().union(*(read_bytes(store_fs, p).decode().splitlines() for p in skipped)))
         print(f"run {name}: {count} row(s) could not be decoded and were left out; ids in {', '.join(skipped)}")
