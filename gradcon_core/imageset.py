@@ -75,6 +75,21 @@ def list_parquet_files(uri: str, filesystem: pafs.FileSystem | None = None) -> t
     return fs, files
 
 
+RowGroup = tuple[str, int, int, int, int]  # (path, row group, the file's row number of its first row, rows, bytes)
+
+
+def row_groups(fs: pafs.FileSystem, files: list[str]) -> list[RowGroup]:
+    """Every row group of `files`, from their footers (read once: on S3 a GET per file)."""
+    groups = []
+    for path in files:
+        meta, start = pq.ParquetFile(path, filesystem=fs).metadata, 0
+        for g in range(meta.num_row_groups):
+            rows = meta.row_group(g).num_rows
+            groups.append((path, g, start, rows, meta.row_group(g).total_byte_size))
+            start += rows
+    return groups
+
+
 def image_bytes(column: pa.Array | pa.ChunkedArray) -> list[bytes | None]:
     """The encoded bytes of an `image` column in either accepted layout."""
     if isinstance(column, pa.ChunkedArray):

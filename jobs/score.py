@@ -34,7 +34,7 @@ from gradcon_core.checkpoint import checkpoint_id
 from gradcon_core.config import FLAGS, JobSettings, add_flags, bounded, load_config, local_path
 from gradcon_core.detector import Detector
 from gradcon_core.images import ImageError, shape_of
-from gradcon_core.imageset import IMAGE, check_image_set, image_bytes, list_parquet_files
+from gradcon_core.imageset import IMAGE, RowGroup, check_image_set, image_bytes, list_parquet_files, row_groups
 from gradcon_core.progress import Progress
 from gradcon_core.result_files import (
     ROW,
@@ -183,8 +183,8 @@ class Joiner:
 
 
 def _score_files(cfg: ScoreConfig, options: S3Options, detector: Detector, files: list[str], out_root: str,
-                 outputs: dict[str, str], identities: dict[str, dict], rows_in: dict[str, int],
-                 threshold: float | None, model_id: str, progress: Progress) -> float | None:
+                 outputs: dict[str, str], identities: dict[str, dict], groups: list[RowGroup],
+                 rows_in: dict[str, int], threshold: float | None, model_id: str, progress: Progress) -> float | None:
     """The Ray Data pipeline over `files`, its actors writing the result pieces; a Joiner joins them. Returns
     when (time.perf_counter) the first scored rows were counted: the job's start-up ends there."""
     import ray
@@ -207,7 +207,7 @@ def _score_files(cfg: ScoreConfig, options: S3Options, detector: Detector, files
 
     joins = [join(path) for path in files if rows_in[path] == 0]
     first_results = None
-    source = RowGroups(files, cfg.input, options, cfg.block_mb)
+    source = RowGroups([g for g in groups if g[0] in left], cfg.input, options, cfg.block_mb)
     if source.groups:
         # One block stream per row group: Ray Data would otherwise split each read's blocks to reach its own
         # default count of blocks (a few hundred), into pieces far smaller than block_mb.
@@ -265,7 +265,10 @@ def run(cfg: ScoreConfig) -> dict:
     if len(set(outputs.values())) != len(files):
         raise ValueError(f"{cfg.input} has input files with the same name in different folders")
     _check_output_outside_input(cfg, in_fs, in_path, out_fs, out_root, files, outputs)
-    rows_in = {f: pq.ParquetFile(f, filesystem=in_fs).metadata.num_rows for f in files}
+    groups = row_groups(in_fs, files)  # the footers, read once for the row counts and the read tasks
+    rows_in = dict.fromkeys(files, 0)
+    for path, _, _, rows, _ in groups:
+        rows_in[path] += rows
     identities = {f: result_identity(model_id, threshold, cfg.contamination, input_identity(in_fs, f)) for f in files}
 
     def complete(f: str) -> bool:
@@ -281,8 +284,8 @@ def run(cfg: ScoreConfig) -> dict:
     first_results = None
     if todo:
         with Progress(sum(rows_in[f] for f in todo), unit="rows", label="scoring", quiet=cfg.quiet) as progress:
-            first_results = _score_files(cfg, options, detector, todo, out_root, outputs, identities, rows_in,
-                                         threshold, model_id, progress)
+            first_results = _score_files(cfg, options, detector, todo, out_root, outputs, identities, groups,
+                                         rows_in, threshold, model_id, progress)
         remove_parts_folder(out_fs, out_root)  # every input joined: the folder of pieces is empty
 
     if cfg.contamination is not None:

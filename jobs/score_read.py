@@ -21,7 +21,7 @@ from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
 from cluster.storage import S3Options, filesystem_for
-from gradcon_core.imageset import IMAGE
+from gradcon_core.imageset import IMAGE, RowGroup
 from gradcon_core.result_files import ROW
 
 # What the read stage passes on, typed: a file without one of these gets nulls, so every block has one schema.
@@ -50,18 +50,10 @@ def read_row_group(fs: pafs.FileSystem, path: str, group: int, start: int, block
 
 
 class RowGroups(Datasource):
-    """Every row group of `files` (read from input_uri's filesystem), one read task each."""
+    """The row groups `groups` (of files on input_uri's filesystem), one read task each."""
 
-    def __init__(self, files: list[str], input_uri: str, options: S3Options, block_mb: float):
-        self.input_uri, self.options, self.block_mb = input_uri, options, block_mb
-        fs, _ = filesystem_for(input_uri, options)
-        self.groups = []  # (path, row group, the file's row number of its first row, rows, bytes)
-        for path in files:
-            meta, start = pq.ParquetFile(path, filesystem=fs).metadata, 0
-            for g in range(meta.num_row_groups):
-                rows = meta.row_group(g).num_rows
-                self.groups.append((path, g, start, rows, meta.row_group(g).total_byte_size))
-                start += rows
+    def __init__(self, groups: list[RowGroup], input_uri: str, options: S3Options, block_mb: float):
+        self.groups, self.input_uri, self.options, self.block_mb = groups, input_uri, options, block_mb
 
     def estimate_inmemory_data_size(self) -> int:
         return sum(size for *_, size in self.groups)

@@ -11,7 +11,15 @@ from PIL import Image
 from cluster.storage import S3Options, StorageError, check_readable, filesystem_for, storage_failure
 from gradcon_core import GradConDetector, create_model, load_detector
 from gradcon_core.images import decode_image, decode_images, encode_png
-from gradcon_core.imageset import ImageShape, iter_batches, read_columns, recorded_shape, take_rows, write_image_set
+from gradcon_core.imageset import (
+    ImageShape,
+    iter_batches,
+    read_columns,
+    recorded_shape,
+    row_groups,
+    take_rows,
+    write_image_set,
+)
 from jobs.prepare import prepare
 
 
@@ -83,6 +91,18 @@ def test_many_files_read_in_stable_order_and_ids_default_to_file_and_row(tmp_pat
                                                  "part-00000.parquet:2", "part-00001.parquet:0"]
     rows = take_rows(str(tmp_path / "s"), np.array([9, 0, 4]))
     assert [decode_image(b, 1, (28, 28))[0, 0, 0] for b in rows.images] == [9, 0, 4]
+
+
+def test_row_groups_number_each_group_s_first_row_within_its_file(tmp_path):
+    paths = []
+    for name, rows in (("a", 7), ("b", 0), ("c", 4)):
+        paths.append(str(tmp_path / f"{name}.parquet"))
+        pq.write_table(pa.table({"image": [b"x"] * rows}), paths[-1], row_group_size=3)
+    groups = row_groups(pa.fs.LocalFileSystem(), paths)
+    assert [(path[-9:], g, start, rows) for path, g, start, rows, _ in groups] == [
+        ("a.parquet", 0, 0, 3), ("a.parquet", 1, 3, 3), ("a.parquet", 2, 6, 1),
+        ("b.parquet", 0, 0, 0),  # an empty file has one empty row group: its read task yields nothing
+        ("c.parquet", 0, 0, 3), ("c.parquet", 1, 3, 1)]
 
 
 def test_hugging_face_struct_layout_is_read_and_reencoded(tmp_path, mnist_train):
