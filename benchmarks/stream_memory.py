@@ -1,7 +1,7 @@
 """Stream vs memory data mode: a training worker's peak memory and its time to the first step, by class size.
 
 python benchmarks/stream_memory.py [--rows 2000,20000] [--image-size 64] [--workers 2] [--modes memory,stream]
-                                   [--object-store-mb 80]
+                                   [--object-store-mb 80] [--read-ahead-mb 64]
 
 One image set holds two classes of generated RGB textures (gradcon prepare defects, each image repeated under
 new ids to reach the row counts; the data path does not care what the pixels are). For each class and each
@@ -12,7 +12,8 @@ time from start to their first step (first_step_s, from the epoch report), the e
 per-step breakdown. The claims it checks: in stream mode the peak is flat
 (within 15%) from the small class to the large one, and the time to the first step follows the class's rows,
 never the whole set's. The object-store part grows with the data a worker has read, up to the store's size
-(mapped pages stay in a reader's RSS): --object-store-mb shrinks the embedded Ray's store to show that bound.
+(mapped pages stay in a reader's RSS): --object-store-mb shrinks the embedded Ray's store to show that bound,
+and --read-ahead-mb sets the train job's read_ahead_mb (stream mode), which bounds them without a smaller store.
 """
 from __future__ import annotations
 
@@ -95,6 +96,7 @@ def main() -> None:
     parser.add_argument("--modes", default="memory,stream", help="data modes to run, side by side")
     parser.add_argument("--object-store-mb", type=int, default=None,
                         help="the embedded Ray's object store (default: Ray's, 30%% of memory)")
+    parser.add_argument("--read-ahead-mb", type=int, default=None, help="the train job's read_ahead_mb (stream mode)")
     args = parser.parse_args()
     rows = [int(r) for r in args.rows.split(",")]
     modes = args.modes.split(",")
@@ -119,7 +121,8 @@ def main() -> None:
         for mode in modes:
             for label, count in enumerate(rows):
                 cfg = TrainConfig(data=data, normal_class=label, epochs=1, num_workers=args.workers,
-                                  data_mode=mode, storage=f"{tmp}/runs", name=f"{mode}-{label}", quiet=True)
+                                  data_mode=mode, storage=f"{tmp}/runs", name=f"{mode}-{label}", quiet=True,
+                                  read_ahead_mb=args.read_ahead_mb)
                 with PeakMemory() as memory:
                     result, _ = run(cfg)
                 first = result.metrics["first_step_s"]

@@ -91,6 +91,7 @@ class TrainConfig(DetectorSettings, JobSettings):
     max_train_images: int = 0  # > 0: a seeded random subset of the class's training rows (smoke runs, demos)
     data_mode: str = "auto"  # memory | stream | auto (jobs/train_data.py); the run's config.yaml records the choice
     log_batches: bool = False  # stream mode: write each step's row ids under the run (batches/)
+    read_ahead_mb: int | None = bounded(None, at_least=1)  # stream mode: object-store MiB read ahead (None: Ray's)
     use_gpu: bool = False  # one GPU per worker (NCCL), unless gpus_per_worker says otherwise
     gpus_per_worker: float | None = bounded(None, at_least=0)  # e.g. 0.25: four 1-worker runs (trials) share a GPU
     placement_strategy: str = "PACK"  # where the workers go: PACK, SPREAD, STRICT_PACK, STRICT_SPREAD (Ray's)
@@ -362,7 +363,8 @@ def run(cfg: TrainConfig, callbacks: list | None = None, tracking_parent: dict |
                                          else None, placement_strategy=cfg.placement_strategy),
             torch_config=TorchConfig(backend="nccl" if cfg.worker_gpus > 0 else "gloo"),
             datasets=datasets,
-            dataset_config=all_rows_to_one_worker() if cfg.data_mode == "stream" else DataConfig(datasets_to_split=[]),
+            dataset_config=(all_rows_to_one_worker(cfg.read_ahead_mb) if cfg.data_mode == "stream"
+                            else DataConfig(datasets_to_split=[])),
             run_config=RunConfig(name=name, storage_path=store_path, storage_filesystem=store_fs if is_s3 else None,
                                  failure_config=FailureConfig(max_failures=cfg.max_failures),
                                  callbacks=[*(callbacks or []), *([] if cfg.quiet else [epoch_lines()])],

@@ -141,10 +141,15 @@ class BatchLog:
         self.steps = []
 
 
-def all_rows_to_one_worker():
+def all_rows_to_one_worker(read_ahead_mb: int | None = None):
     """Ray Train's DataConfig with streaming_split(equal=False): every row reaches exactly one worker. Ray's
     default (equal=True) drops up to N-1 rows per epoch to give workers equal counts; stream mode needs no
-    equal counts (a worker that runs out joins with weight 0) and so loses no row."""
+    equal counts (a worker that runs out joins with weight 0) and so loses no row.
+
+    read_ahead_mb caps the object-store bytes Ray Data holds ahead of the workers (None: Ray's default, a
+    share of the store). A worker keeps the store pages it has read mapped, so its RSS grows with the
+    store pages the class passes through; a cap makes the store reuse fewer pages, at the cost of reading
+    in step with training instead of ahead (README, Scaling)."""
     from ray.train import DataConfig
 
     class AllRows(DataConfig):
@@ -152,7 +157,10 @@ def all_rows_to_one_worker():
             output = [{} for _ in range(world_size)]
             for name, ds in datasets.items():
                 ds = ds.copy(ds)
-                ds.context.execution_options = self._resolve_execution_options(name)
+                options = self._resolve_execution_options(name)
+                if read_ahead_mb is not None:
+                    options.resource_limits = options.resource_limits.copy(object_store_memory=read_ahead_mb * 2**20)
+                ds.context.execution_options = options
                 hints = worker_node_ids if self._enable_shard_locality else None
                 for rank, split in enumerate(ds.streaming_split(world_size, equal=False, locality_hints=hints)):
                     output[rank][name] = split

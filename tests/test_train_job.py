@@ -133,7 +133,7 @@ def test_stream_mode_at_64x64_rgb_replays_in_one_process_lists_bad_rows_and_scor
     data, _ = image_set("set64", 64, DefectCounts(train=36, test_normal=0, test_defective=0), ImageShape((64, 64), 3),
                         [broken])
     cfg = TrainConfig(data=data, normal_class=2, epochs=2, batch_size=8, num_workers=2, storage=str(tmp_path),
-                      name="stream", data_mode="stream", log_batches=True)  # normal class 2: metal
+                      name="stream", data_mode="stream", log_batches=True, read_ahead_mb=1)  # class 2: metal
     result, uri = run(cfg)
     run_dir = tmp_path / "stream"
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["data_mode"] == "stream"
