@@ -183,6 +183,35 @@ def test_stream_mode_at_64x64_rgb_replays_in_one_process_lists_bad_rows_and_scor
     np.testing.assert_allclose(scores, det.decision_function(decode_images(blobs, 3, (64, 64))[0]), rtol=1e-5)
 
 
+@pytest.mark.parametrize("read_ahead_mb", [None, 48])
+def test_read_ahead_mb_caps_the_object_store_bytes_of_every_streamed_dataset(read_ahead_mb):
+    """Stream mode's read_ahead_mb reaches Ray Data as the object-store limit of each split dataset's
+    execution; without it the limit is Ray's own (what the driver's DataContext says)."""
+    from ray.data import DataContext
+
+    from jobs.train_data import all_rows_to_one_worker
+
+    class Recorder:  # the three things the DataConfig asks of a Dataset
+        def __init__(self):
+            self.context, self.limits = DataContext.get_current().copy(), None
+
+        @staticmethod
+        def copy(ds):
+            return ds
+
+        def streaming_split(self, n, equal, locality_hints):
+            self.limits = self.context.execution_options.resource_limits
+            return [object()] * n
+
+    datasets = {"train": Recorder(), "val": Recorder()}
+    shards = all_rows_to_one_worker(read_ahead_mb).configure(datasets, world_size=2, worker_handles=None,
+                                                            worker_node_ids=None)
+    assert len(shards) == 2 and all(set(shard) == {"train", "val"} for shard in shards)
+    default = DataContext.get_current().execution_options.resource_limits.object_store_memory
+    expected = default if read_ahead_mb is None else read_ahead_mb * 2**20
+    assert [ds.limits.object_store_memory for ds in datasets.values()] == [expected, expected]
+
+
 @pytest.mark.slow
 def test_a_failed_worker_and_an_s3_outage_both_resume_from_the_checkpoints_on_s3(ray_local, zeros_set, monkeypatch,
                                                                                    tmp_path):
