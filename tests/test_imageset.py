@@ -3,6 +3,7 @@ import io
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -98,7 +99,7 @@ def test_row_groups_number_each_group_s_first_row_within_its_file(tmp_path):
     for name, rows in (("a", 7), ("b", 0), ("c", 4)):
         paths.append(str(tmp_path / f"{name}.parquet"))
         pq.write_table(pa.table({"image": [b"x"] * rows}), paths[-1], row_group_size=3)
-    groups = row_groups(pa.fs.LocalFileSystem(), paths)
+    groups = row_groups(pafs.LocalFileSystem(), paths)
     assert [(path[-9:], g, start, rows) for path, g, start, rows, _ in groups] == [
         ("a.parquet", 0, 0, 3), ("a.parquet", 1, 3, 3), ("a.parquet", 2, 6, 1),
         ("b.parquet", 0, 0, 0),  # an empty file has one empty row group: its read task yields nothing
