@@ -146,8 +146,17 @@ def _job_table(head) -> str:
     return listed.stdout
 
 
+def _bytes_unless_removed(path: Path) -> bytes:
+    """A running head replaces some of its files while we walk them (e.g. Prometheus' service-discovery json is
+    written to a temp name and renamed): one gone between listing and reading holds nothing to find."""
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        return b""
+
+
 def _leaks(head, secret: str) -> list[str]:
-    return [str(p) for p in _head_files(head) if secret.encode() in p.read_bytes()] + \
+    return [str(p) for p in _head_files(head) if secret.encode() in _bytes_unless_removed(p)] + \
         (["the job API's list_jobs"] if secret in _job_table(head) else [])
 
 
