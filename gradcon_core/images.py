@@ -87,6 +87,7 @@ _RAW_VERSION = 1
 _RAW_HEADER = struct.Struct("<4sBBxxII")  # magic, version, channels, 2 zero bytes, height, width
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _JPEG_START = b"\xff\xd8\xff"
+_JPEG_END = b"\xff\xd9"  # EOI
 _ADDRESS = re.compile(r" ?<[^<>]* at 0x[0-9a-f]+>")  # an object's repr in a decoder's message
 # Baseline, extended sequential and progressive Huffman JPEG: what torchvision decodes like Pillow does.
 _FAST_JPEG_FRAMES = {0xC0, 0xC1, 0xC2}
@@ -150,10 +151,11 @@ def decode_images(
 ) -> tuple[np.ndarray, list[str | None]]:
     """Many images -> (uint8 [N,H,W,C], per-image error or None). Failed rows are left black.
 
-    With a CUDA `device`, the 8-bit greyscale/YCbCr JPEG rows are decoded there in batches by nvJPEG (whose
-    IDCT may differ from libjpeg-turbo's by a few levels) and everything else on the CPU; a batch that fails is
-    decoded again row by row on the CPU. The output (on the host) and the per-row errors are those of the CPU
-    path. device="cpu" runs the same batched path with torchvision on the CPU (pixel-identical to the CPU path).
+    With a CUDA `device`, the whole 8-bit greyscale/YCbCr JPEG rows are decoded there in batches by nvJPEG and
+    everything else on the CPU. On an H200 (torch 2.11) nvJPEG matched libjpeg-turbo exactly on a 4:4:4 JPEG; on
+    4:2:0 ones its chroma upsampling differs (up to 54 levels on small test images). A batch that fails is
+    decoded again row by row on the CPU. The output is on the host; the per-row errors are the CPU path's.
+    device="cpu" runs the same batched path with torchvision on the CPU (pixel-identical to the CPU path).
     """
     if device is not None and torch.device(device).type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"JPEG decoding on {device} asked for, but CUDA is not available")
@@ -415,8 +417,10 @@ def _torchvision_jpeg(data: bytes) -> np.ndarray:
 
 
 def _batchable_jpeg(data: bytes | None, channels: int) -> _JpegHeader | None:
-    """The header of a JPEG the batched path takes (8-bit, its channels the model's), else None (the CPU path)."""
-    if not data or bytes(data[:3]) != _JPEG_START:
+    """The header of a JPEG the batched path takes (8-bit, its channels the model's, ending in its EOI marker),
+    else None (the CPU path). nvJPEG decodes a truncated file without an error (seen on an H200), where the CPU
+    path reports it: so only whole files go to the device."""
+    if not data or bytes(data[:3]) != _JPEG_START or bytes(data[-2:]) != _JPEG_END:
         return None
     try:
         header = _jpeg_header(bytes(data))

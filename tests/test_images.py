@@ -347,6 +347,23 @@ def test_batched_jpeg_path_on_cpu_equals_the_row_by_row_path():
     np.testing.assert_array_equal(alone, expected[[0, 2, 5, 6, 7, 10]])
 
 
+def test_only_whole_jpegs_take_the_batched_path(monkeypatch):
+    """nvJPEG decodes a truncated JPEG without an error (an H200, torch 2.11): such a row must stay on the CPU
+    path, which reports it."""
+    batched = []
+    decode = images._torchvision_io().decode_jpeg
+
+    def recording(tensors, **kw):
+        batched.extend(bytes(t.numpy()) for t in tensors)
+        return decode(tensors, **kw)
+
+    monkeypatch.setattr(images._torchvision_io(), "decode_jpeg", recording)
+    rows = mixed_rows()
+    _, errors = decode_images(rows, 3, (28, 28), device="cpu")
+    assert TRUNCATED["jpeg_rgb"] not in batched and CORPUS["jpeg_rgb"] in batched
+    assert errors[rows.index(TRUNCATED["jpeg_rgb"])].startswith("undecodable image")
+
+
 def test_batched_jpeg_path_splits_by_pixel_budget(monkeypatch):
     monkeypatch.setattr(images, "_DEVICE_BATCH_PIXELS", 24 * 36 * 2)
     rows = [CORPUS["jpeg_rgb"]] * 5
@@ -364,13 +381,17 @@ def test_batched_jpeg_path_splits_by_pixel_budget(monkeypatch):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: nvJPEG batch decoding not run")
-def test_batched_jpeg_path_on_cuda_matches_the_cpu_path_up_to_the_idct():
+def test_batched_jpeg_path_on_cuda_matches_the_cpu_path_up_to_chroma_upsampling():
+    """Measured on an H200 (torch 2.11, CUDA 13): the 4:4:4 row identical to libjpeg-turbo's; 4:2:0
+    rows (Pillow's default) differ where nvJPEG upsamples the half-size chroma otherwise: up to 54 levels, a
+    mean of 6.7, on these small sharp-edged images."""
     rows = mixed_rows()
     expected, expected_errors = decode_images(rows, 3, (28, 28))
     pixels, errors = decode_images(rows, 3, (28, 28), device="cuda")
     assert errors == expected_errors
     diff = np.abs(pixels.astype(int) - expected.astype(int))
-    assert diff.max() <= 8 and diff.mean() < 1.0  # nvJPEG's IDCT and upsampling differ from libjpeg-turbo's
+    assert diff[rows.index(CORPUS["jpeg_444"])].max() == 0
+    assert diff.max() <= 64 and diff.mean(axis=(1, 2, 3)).max() < 8
 
 
 def test_cuda_device_without_cuda_is_refused():
