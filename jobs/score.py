@@ -125,6 +125,15 @@ def decode_stage(batch: pa.Table, channels: int, size: tuple[int, int]) -> pa.Ta
     return batch
 
 
+def actor_resources(cfg: ScoreConfig) -> dict[str, float]:
+    """A scoring actor's Ray resources. Ray Data gives a map worker that names no CPUs one CPU, with a GPU or
+    without, and warns that naming both CPUs and GPUs is "experimental" (Ray 2.60): so one CPU goes unnamed."""
+    resources = {"num_gpus": cfg.gpus_per_actor}
+    if cfg.cpus_per_actor != 1:
+        resources["num_cpus"] = cfg.cpus_per_actor
+    return resources
+
+
 def decodes_in_tasks(cfg: ScoreConfig) -> bool:
     return cfg.decode == "tasks" or (cfg.decode == "auto" and cfg.gpus_per_actor > 0)
 
@@ -216,8 +225,8 @@ def _score_files(cfg: ScoreConfig, options: S3Options, detector: Detector, files
             ds = ds.map_batches(decode_stage, batch_format="pyarrow", num_cpus=1,
                                 fn_kwargs={"channels": detector.channels, "size": tuple(detector.input_size)})
         ds = ds.map_batches(
-            Scorer, batch_format="pyarrow", batch_size=cfg.batch_size, num_cpus=cfg.cpus_per_actor,
-            num_gpus=cfg.gpus_per_actor, compute=ray.data.ActorPoolStrategy(size=cfg.concurrency),
+            Scorer, batch_format="pyarrow", batch_size=cfg.batch_size, **actor_resources(cfg),
+            compute=ray.data.ActorPoolStrategy(size=cfg.concurrency),
             fn_constructor_kwargs={"model": cfg.model, "options": options, "threshold": threshold,
                                    "model_id": model_id, "output": cfg.output},
         )

@@ -226,6 +226,17 @@ def test_an_actor_pool_that_leaves_no_cpu_for_reading_is_refused(ray_local, mode
         run(ScoreConfig(model=model_dir, input=image_set, output=str(tmp_path / "o"), concurrency=4))
 
 
+@pytest.mark.parametrize("gpus, cpus", [(1.0, 1.0), (0.25, 1.0), (0.0, 1.0), (0.0, 2.0)])
+def test_scoring_actors_get_their_resources_without_ray_data_s_experimental_warning(gpus, cpus, caplog):
+    """What Ray Data makes of the actors' resources (its own canonicalization, no Ray started): the CPUs and GPUs
+    asked for, and none of its "experimental" warnings at the default settings on a GPU."""
+    from ray.data._internal.execution.operators.map_operator import _canonicalize_ray_remote_args
+
+    args = _canonicalize_ray_remote_args(jobs.score.actor_resources(ScoreConfig(gpus_per_actor=gpus,
+                                                                                cpus_per_actor=cpus)))
+    assert args == {"num_cpus": cpus, "num_gpus": gpus} and "experimental" not in caplog.text
+
+
 def test_a_really_killed_job_completes_on_rerun(ray_local, model_dir, image_set, tmp_path):
     """SIGKILL the driver of a running `python -m jobs score` mid-run, then run the same command again."""
     data, out = tmp_path / "set", tmp_path / "out"
