@@ -94,6 +94,12 @@ def check_token_path() -> None:
                          "(`ray get-auth-token` on the head writes one) or unset it")
 
 
+# Ray Train 2.60 hands Ray Data's deprecated `exclude_resources` on by itself (ray/train/_internal/data_config.py),
+# so its DatasetManager printed a two-line RayDeprecationWarning in every train run. The embedded instance's
+# processes inherit this filter for that one message (a -W filter: the message's start, then the category).
+RAY_OWN_DEPRECATION = "ignore:`ExecutionOptions.exclude_resources` is deprecated:DeprecationWarning"
+
+
 def init_ray(address: str | None = None, num_cpus: int | None = None, min_cpus: float = 0, **kwargs: Any) -> None:
     """address (or RAY_ADDRESS) joins that cluster; neither starts a fresh local Ray for this process.
 
@@ -124,7 +130,9 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, min_cpus: 
     port = _free_port()
     me = psutil.Process()
     before = {p.pid for p in me.children()}
-    with _loopback_node(), _environment({GCS_PORT_VARIABLE: str(port), ADDRESS_VARIABLE: f"127.0.0.1:{port}"}):
+    warning_filters = ",".join(filter(None, [os.environ.get("PYTHONWARNINGS"), RAY_OWN_DEPRECATION]))
+    with _loopback_node(), _environment({GCS_PORT_VARIABLE: str(port), ADDRESS_VARIABLE: f"127.0.0.1:{port}",
+                                         "PYTHONWARNINGS": warning_filters}):
         ray.init(address="local", num_cpus=num_cpus or embedded_cpus(min_cpus), include_dashboard=True,
                  dashboard_host="127.0.0.1", **kwargs)
     _embedded = _Embedded([p for p in me.children() if p.pid not in before], start_reaper())
