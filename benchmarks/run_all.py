@@ -39,6 +39,7 @@ def plan(gpu: bool, quick: bool) -> dict[str, list[str]]:
         "model_sizes": [],
         "score_pipeline": (["--rows", "4000", "--files", "4"] if quick else [])
         + (["--gpus-per-actor", "1"] if gpu else []),
+        "score_targets": ["--rows", "4000", "--fit-images", "256", "--ceiling-images", "256"] if quick else [],
         "train_scaling": ["--epochs", "1", "--steps", "10"] if quick else [],
         "stream_memory": ["--rows", "300,1200", "--image-size", "32"] if quick else [],
         "two_nodes": ["--rows", "100", "--epochs", "1"] if quick else [],

@@ -1,0 +1,155 @@
+"""The score job's throughput targets on one node, each beside its two ceilings: one command for a GPU node.
+
+python benchmarks/score_targets.py [--rows 200000] [--gpus-per-actor 1] [--kinds png28,raw28,jpeg128]
+
+Three sets of at least --rows rows, written under --work: MNIST as 28x28 PNG and as raw pixels
+(`prepare --encoding raw`), and the generated 128x128 RGB textures (`prepare defects`) re-encoded as JPEG
+(quality 90). Generating 200k textures takes longer than scoring them, so each set is its prepared files
+written again under new ids until it has the rows: the same bytes decode at the same cost. A detector per
+image size is fitted for one epoch on the set's first rows (on the scorer's device), then for each set:
+- the score job (`jobs.score.run`, the CLI's defaults: `--decode auto`), its images/s over the whole run, its
+  first results (start-up: Ray, the plan, an actor starting torch) and the rate after them
+  (rows / (seconds - first results): a rough steady state, slightly high);
+- the ceilings: the scorer alone on the device (`decision_function` on decoded pixels) and one process's
+  `decode_images` rate times this machine's CPUs;
+- the target the project set for an H100 node (issue 16), and the job's ratio to it.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import images_per_second  # noqa: E402
+from decode_speed import jpeg  # noqa: E402
+
+from gradcon_core import GradConDetector, create_model  # noqa: E402
+from gradcon_core.defects import DefectCounts  # noqa: E402
+from gradcon_core.images import decode_image, decode_images  # noqa: E402
+from gradcon_core.imageset import IMAGE, image_bytes, list_parquet_files  # noqa: E402
+from jobs.prepare import prepare  # noqa: E402
+
+TARGETS = {"png28": 100_000, "raw28": 300_000, "jpeg128": 20_000}  # images/s end to end, one H100 node
+UNIQUE_TEXTURES = DefectCounts(train=400, test_normal=25, test_defective=25)  # x 4 kinds: 1,800 rows
+
+
+def prepared(kind: str, work: Path, mnist: str) -> Path:
+    """The set as `gradcon prepare` writes it (once)."""
+    out = work / f"prepared-{kind}"
+    if not out.exists():
+        if kind == "jpeg128":
+            prepare("defects", None, str(out), image_size=(128, 128), counts=UNIQUE_TEXTURES)
+        else:
+            prepare("mnist", mnist, str(out), encoding="raw" if kind == "raw28" else "png")
+    return out
+
+
+def repeated(source: Path, out: Path, rows: int, as_jpeg: bool) -> Path:
+    """source's files written again (ids suffixed `-cK`) until out holds at least `rows` rows."""
+    files = sorted(source.glob("*.parquet"))
+    tables = [pq.read_table(f) for f in files]
+    if as_jpeg:
+        tables = [t.set_column(t.schema.get_field_index(IMAGE), IMAGE, pa.array(
+            [jpeg(decode_image(b, 3, (128, 128))) for b in image_bytes(t.column(IMAGE))], pa.binary()))
+            for t in tables]
+    copies = -(-rows // sum(t.num_rows for t in tables))
+    if out.exists() and len(list(out.glob("*.parquet"))) == copies * len(files):
+        return out
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    for k in range(copies):
+        for path, table in zip(files, tables):
+            ids = pa.array([f"{i}-c{k}" for i in table.column("id").to_pylist()])
+            pq.write_table(table.set_column(table.schema.get_field_index("id"), "id", ids),
+                           out / f"{path.stem}-c{k:03d}.parquet", compression="zstd")
+    return out
+
+
+def sample_images(data: Path, count: int) -> list[bytes]:
+    blobs: list[bytes] = []
+    for path in list_parquet_files(str(data))[1]:
+        blobs += image_bytes(pq.read_table(path, columns=[IMAGE]).column(IMAGE))
+        if len(blobs) >= count:
+            break
+    return blobs[:count]
+
+
+def fitted(kind: str, data: Path, work: Path, device: str, images: int) -> tuple[str, GradConDetector]:
+    """A detector for the set's image size, fitted one epoch on its first `images` images."""
+    channels, size = (3, 128) if kind == "jpeg128" else (1, 28)
+    pixels, _ = decode_images(sample_images(data, images), channels, (size, size))
+    det = GradConDetector(create_model("gradcon_cae", in_channels=channels, image_size=size), device=device)
+    det.fit(pixels, epochs=1)
+    path = work / f"model-{size}x{size}x{channels}"
+    det.save(path)
+    return str(path), det
+
+
+def ceilings(det: GradConDetector, data: Path, device: str, images: int) -> tuple[float, float]:
+    """(decode_images images/s in one process x this machine's CPUs, the scorer alone on the device), on the
+    set's first `images` images."""
+    blobs = sample_images(data, images)
+    start = time.perf_counter()
+    pixels, _ = decode_images(blobs, det.channels, tuple(det.input_size))
+    decode = len(blobs) / (time.perf_counter() - start) * os.cpu_count()
+    return decode, images_per_second(partial(det.decision_function, pixels), len(pixels), torch.device(device))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=200_000)
+    parser.add_argument("--kinds", default=",".join(TARGETS))
+    parser.add_argument("--gpus-per-actor", type=float, default=1.0 if torch.cuda.is_available() else 0.0)
+    parser.add_argument("--concurrency", type=int, default=1)
+    parser.add_argument("--batch-size", type=int, default=None, help="default: 2048 at 28x28, 512 at 128x128")
+    parser.add_argument("--fit-images", type=int, default=2048, help="each detector's one training epoch")
+    parser.add_argument("--ceiling-images", type=int, default=4096, help="images decoded and scored alone")
+    parser.add_argument("--mnist", default="data/mnist")
+    parser.add_argument("--work", default="runs/bench-targets")
+    args = parser.parse_args()
+    kinds = args.kinds.split(",")
+    if unknown := set(kinds) - set(TARGETS):
+        parser.error(f"unknown kinds {sorted(unknown)}; choose from {list(TARGETS)}")
+    device = "cuda" if args.gpus_per_actor > 0 else "cpu"
+    work = Path(args.work)
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    from cluster.ray_init import init_ray
+    from jobs.score import ScoreConfig, run
+
+    gpu = f", {torch.cuda.get_device_name(0)}" if device == "cuda" else ""
+    print(f"machine: {os.cpu_count()} CPUs{gpu}; torch {torch.__version__}; at least {args.rows:,} rows a set")
+    models: dict[bool, tuple[str, GradConDetector]] = {}
+    init_ray("local", log_to_driver=False)
+    for kind in kinds:
+        data = repeated(prepared(kind, work, args.mnist), work / f"set-{kind}", args.rows, kind == "jpeg128")
+        rows = sum(pq.ParquetFile(p).metadata.num_rows for p in list_parquet_files(str(data))[1])
+        if (kind == "jpeg128") not in models:
+            models[kind == "jpeg128"] = fitted(kind, data, work, device, args.fit_images)
+        model, det = models[kind == "jpeg128"]
+        decode_ceiling, scorer_ceiling = ceilings(det, data, device, args.ceiling_images)
+        out = work / f"out-{kind}"
+        shutil.rmtree(out, ignore_errors=True)
+        batch_size = args.batch_size or (512 if kind == "jpeg128" else 2048)
+        summary = run(ScoreConfig(model=model, input=str(data), output=str(out), batch_size=batch_size,
+                                  gpus_per_actor=args.gpus_per_actor, concurrency=args.concurrency, quiet=True))
+        after = rows / (summary["seconds"] - summary["first_results_s"])
+        target = TARGETS[kind]
+        print(f"{kind}: {rows:,} rows  job {summary['images_per_s']:>9,.0f} images/s  "
+              f"(first results after {summary['first_results_s']:.1f} s, then ~{after:,.0f} images/s)  "
+              f"ceilings: decode {decode_ceiling:,.0f} images/s ({os.cpu_count()} CPUs), "
+              f"scorer {scorer_ceiling:,.0f} images/s  target {target:,}: job / target = "
+              f"{summary['images_per_s'] / target:.2f}")
+
+
+if __name__ == "__main__":
+    main()
