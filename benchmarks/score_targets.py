@@ -8,7 +8,8 @@ Three sets of at least --rows rows, written under --work: MNIST as 28x28 PNG and
 written again under new ids until it has the rows: the same bytes decode at the same cost. A detector per
 image size is fitted for one epoch on the set's first rows (on the scorer's device), then for each set:
 - the score job (`jobs.score.run`, the CLI's defaults: `--decode auto`), its images/s over the whole run, its
-  first results (start-up: Ray, the plan, an actor starting torch) and the rate after them
+  first results (start-up: the Ray Data plan and the actors' start; Ray itself is started once, before) and
+  the rate after them
   (rows / (seconds - first results): a rough steady state, slightly high);
 - the ceilings: the scorer alone on the device (`decision_function` on decoded pixels) and one process's
   `decode_images` rate times this machine's CPUs;
@@ -40,6 +41,7 @@ from gradcon_core.imageset import IMAGE, image_bytes, list_parquet_files  # noqa
 from jobs.prepare import prepare  # noqa: E402
 
 TARGETS = {"png28": 100_000, "raw28": 300_000, "jpeg128": 20_000}  # images/s end to end, one H100 node
+SHAPES = {"png28": (1, 28), "raw28": (1, 28), "jpeg128": (3, 128)}  # channels, side
 UNIQUE_TEXTURES = DefectCounts(train=400, test_normal=25, test_defective=25)  # x 4 kinds: 1,800 rows
 
 
@@ -84,9 +86,9 @@ def sample_images(data: Path, count: int) -> list[bytes]:
     return blobs[:count]
 
 
-def fitted(kind: str, data: Path, work: Path, device: str, images: int) -> tuple[str, GradConDetector]:
-    """A detector for the set's image size, fitted one epoch on its first `images` images."""
-    channels, size = (3, 128) if kind == "jpeg128" else (1, 28)
+def fitted(shape: tuple[int, int], data: Path, work: Path, device: str, images: int) -> tuple[str, GradConDetector]:
+    """A detector for images of `shape` (channels, side), fitted one epoch on the set's first `images` images."""
+    channels, size = shape
     pixels, _ = decode_images(sample_images(data, images), channels, (size, size))
     det = GradConDetector(create_model("gradcon_cae", in_channels=channels, image_size=size), device=device)
     det.fit(pixels, epochs=1)
@@ -128,14 +130,14 @@ def main() -> None:
 
     gpu = f", {torch.cuda.get_device_name(0)}" if device == "cuda" else ""
     print(f"machine: {os.cpu_count()} CPUs{gpu}; torch {torch.__version__}; at least {args.rows:,} rows a set")
-    models: dict[bool, tuple[str, GradConDetector]] = {}
+    models: dict[tuple[int, int], tuple[str, GradConDetector]] = {}  # one per image shape
     init_ray("local", log_to_driver=False)
     for kind in kinds:
         data = repeated(prepared(kind, work, args.mnist), work / f"set-{kind}", args.rows, kind == "jpeg128")
         rows = sum(pq.ParquetFile(p).metadata.num_rows for p in list_parquet_files(str(data))[1])
-        if (kind == "jpeg128") not in models:
-            models[kind == "jpeg128"] = fitted(kind, data, work, device, args.fit_images)
-        model, det = models[kind == "jpeg128"]
+        if SHAPES[kind] not in models:
+            models[SHAPES[kind]] = fitted(SHAPES[kind], data, work, device, args.fit_images)
+        model, det = models[SHAPES[kind]]
         decode_ceiling, scorer_ceiling = ceilings(det, data, device, args.ceiling_images)
         out = work / f"out-{kind}"
         shutil.rmtree(out, ignore_errors=True)
