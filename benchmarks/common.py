@@ -7,6 +7,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
 
@@ -26,6 +28,15 @@ def images_per_second(fn: Callable[[], None], images: int, device: torch.device,
         sync(device)
         best = min(best, time.perf_counter() - start)
     return images / best
+
+
+def repeat_rows(table: pa.Table, count: int) -> pa.Table:
+    """`count` rows: the table's rows over and over, each copy's ids suffixed `-K` (so unique while the table's
+    are). For sets larger than it is worth generating: the same bytes decode and train at the same cost."""
+    copies = [table.set_column(table.schema.get_field_index("id"), "id",
+                               pc.binary_join_element_wise(table["id"], pa.scalar(f"-{k}"), ""))
+              for k in range(-(-count // len(table)))]
+    return pa.concat_tables(copies).slice(0, count)
 
 
 def machine(device: torch.device) -> str:

@@ -2,15 +2,16 @@
 
 python benchmarks/score_targets.py [--rows 200000] [--gpus-per-actor 1] [--kinds png28,raw28,jpeg128]
 
-Three sets of at least --rows rows, written under --work: MNIST as 28x28 PNG and as raw pixels
+Three sets of --rows rows, written under --work: MNIST as 28x28 PNG and as raw pixels
 (`prepare --encoding raw`), and the generated 128x128 RGB textures (`prepare defects`) re-encoded as JPEG
-(quality 90). Generating 200k textures takes longer than scoring them, so each set is its prepared files
-written again under new ids until it has the rows: the same bytes decode at the same cost. A detector per
+(quality 90). Generating 200k textures takes longer than scoring them, so each set is its prepared rows
+repeated under new ids until it has the rows: the same bytes decode at the same cost. A detector per
 image size is fitted for one epoch on the set's first rows (on the scorer's device), then for each set:
 - the score job (`jobs.score.run`, the CLI's defaults: `--decode auto`), its images/s over the whole run, its
   first results (start-up: the Ray Data plan and the actors' start; Ray itself is started once, before) and
   the rate after them
-  (rows / (seconds - first results): a rough steady state, slightly high);
+  (rows / (seconds - first results): a rough steady state, too high where the first results hold much of
+  the set, as in small runs);
 - the ceilings: the scorer alone on the device (`decision_function` on decoded pixels) and one process's
   `decode_images` rate times this machine's CPUs;
 - the target the project set for an H100 node (issue 16), and the job's ratio to it.
@@ -31,13 +32,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import images_per_second  # noqa: E402
+from common import images_per_second, repeat_rows  # noqa: E402
 from decode_speed import jpeg  # noqa: E402
 
 from gradcon_core import GradConDetector, create_model  # noqa: E402
 from gradcon_core.defects import DefectCounts  # noqa: E402
 from gradcon_core.images import decode_image, decode_images  # noqa: E402
-from gradcon_core.imageset import IMAGE, image_bytes, list_parquet_files  # noqa: E402
+from gradcon_core.imageset import IMAGE, ImageShape, image_bytes, list_parquet_files, write_image_set  # noqa: E402
 from jobs.prepare import prepare  # noqa: E402
 
 TARGETS = {"png28": 100_000, "raw28": 300_000, "jpeg128": 20_000}  # images/s end to end, one H100 node
@@ -56,24 +57,20 @@ def prepared(kind: str, work: Path, mnist: str) -> Path:
     return out
 
 
-def repeated(source: Path, out: Path, rows: int, as_jpeg: bool) -> Path:
-    """source's files written again (ids suffixed `-cK`) until out holds at least `rows` rows."""
-    files = sorted(source.glob("*.parquet"))
-    tables = [pq.read_table(f) for f in files]
-    if as_jpeg:
-        tables = [t.set_column(t.schema.get_field_index(IMAGE), IMAGE, pa.array(
-            [jpeg(decode_image(b, 3, (128, 128))) for b in image_bytes(t.column(IMAGE))], pa.binary()))
-            for t in tables]
-    copies = -(-rows // sum(t.num_rows for t in tables))
-    if out.exists() and len(list(out.glob("*.parquet"))) == copies * len(files):
+def image_set(kind: str, work: Path, rows: int, mnist: str) -> Path:
+    """`rows` rows of the prepared set (re-encoded as JPEG for jpeg128), repeated under new ids (written once)."""
+    out = work / f"set-{kind}-{rows}"
+    if out.exists():
         return out
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True)
-    for k in range(copies):
-        for path, table in zip(files, tables):
-            ids = pa.array([f"{i}-c{k}" for i in table.column("id").to_pylist()])
-            pq.write_table(table.set_column(table.schema.get_field_index("id"), "id", ids),
-                           out / f"{path.stem}-c{k:03d}.parquet", compression="zstd")
+    table = pq.read_table(prepared(kind, work, mnist))
+    channels, side = SHAPES[kind]
+    if kind == "jpeg128":
+        table = table.set_column(table.schema.get_field_index(IMAGE), IMAGE, pa.array(
+            [jpeg(decode_image(b, channels, (side, side))) for b in image_bytes(table.column(IMAGE))], pa.binary()))
+    partial_out = out.with_name(out.name + ".partial")  # a set cut short by a crash is never taken for done
+    shutil.rmtree(partial_out, ignore_errors=True)
+    write_image_set(str(partial_out), repeat_rows(table, rows), shape=ImageShape((side, side), channels))
+    partial_out.rename(out)
     return out
 
 
@@ -129,12 +126,11 @@ def main() -> None:
     from jobs.score import ScoreConfig, run
 
     gpu = f", {torch.cuda.get_device_name(0)}" if device == "cuda" else ""
-    print(f"machine: {os.cpu_count()} CPUs{gpu}; torch {torch.__version__}; at least {args.rows:,} rows a set")
+    print(f"machine: {os.cpu_count()} CPUs{gpu}; torch {torch.__version__}; {args.rows:,} rows a set")
     models: dict[tuple[int, int], tuple[str, GradConDetector]] = {}  # one per image shape
     init_ray("local", log_to_driver=False)
     for kind in kinds:
-        data = repeated(prepared(kind, work, args.mnist), work / f"set-{kind}", args.rows, kind == "jpeg128")
-        rows = sum(pq.ParquetFile(p).metadata.num_rows for p in list_parquet_files(str(data))[1])
+        data = image_set(kind, work, args.rows, args.mnist)
         if SHAPES[kind] not in models:
             models[SHAPES[kind]] = fitted(SHAPES[kind], data, work, device, args.fit_images)
         model, det = models[SHAPES[kind]]
@@ -144,9 +140,9 @@ def main() -> None:
         batch_size = args.batch_size or (512 if kind == "jpeg128" else 2048)
         summary = run(ScoreConfig(model=model, input=str(data), output=str(out), batch_size=batch_size,
                                   gpus_per_actor=args.gpus_per_actor, concurrency=args.concurrency, quiet=True))
-        after = rows / (summary["seconds"] - summary["first_results_s"])
+        after = args.rows / (summary["seconds"] - summary["first_results_s"])
         target = TARGETS[kind]
-        print(f"{kind}: {rows:,} rows  job {summary['images_per_s']:>9,.0f} images/s  "
+        print(f"{kind}: {args.rows:,} rows  job {summary['images_per_s']:>9,.0f} images/s  "
               f"(first results after {summary['first_results_s']:.1f} s, then ~{after:,.0f} images/s)  "
               f"ceilings: decode {decode_ceiling:,.0f} images/s ({os.cpu_count()} CPUs), "
               f"scorer {scorer_ceiling:,.0f} images/s  target {target:,}: job / target = "

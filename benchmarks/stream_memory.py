@@ -29,7 +29,10 @@ import psutil
 import pyarrow as pa
 import pyarrow.compute as pc
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import repeat_rows  # noqa: E402
+
 from gradcon_core.defects import DefectCounts, defect_tables  # noqa: E402
 from gradcon_core.imageset import ImageShape, write_image_set  # noqa: E402
 
@@ -41,10 +44,7 @@ def make_set(path: str, rows: list[int], size: int, distinct: int = 250) -> None
     base = base.select(["id", "image", "label", "split"])
     parts = []
     for label, count in enumerate(rows):
-        one = base.filter(pc.equal(base["label"], label))
-        copies = [one.set_column(0, "id", pc.binary_join_element_wise(one["id"], pa.scalar(f"-{k}"), ""))
-                  for k in range(-(-count // len(one)))]
-        parts.append(pa.concat_tables(copies).slice(0, count))
+        parts.append(repeat_rows(base.filter(pc.equal(base["label"], label)), count))
     write_image_set(path, pa.concat_tables(parts), rows_per_file=2000, shape=ImageShape((size, size), 3))
 
 
