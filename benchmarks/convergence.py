@@ -22,12 +22,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from gradcon_core import GradConDetector, create_model  # noqa: E402
-from gradcon_core.images import decode_images  # noqa: E402
-from gradcon_core.imageset import read_columns, take_rows  # noqa: E402
-from gradcon_core.inputs import as_image_batch  # noqa: E402
+from gradcon_core.data.arrays import as_image_batch  # noqa: E402
+from gradcon_core.data.images import decode_images  # noqa: E402
+from gradcon_core.data.imageset import read_columns, take_rows  # noqa: E402
+from gradcon_core.data.protocols import select  # noqa: E402
 from gradcon_core.metrics import auroc  # noqa: E402
-from gradcon_core.protocols import select  # noqa: E402
-from gradcon_core.training import EpochReport, TrainingData, train_epochs  # noqa: E402
+from gradcon_core.training.loop import EpochReport, TrainingData, train_epochs  # noqa: E402
 
 
 def images(data: str, rows: np.ndarray, det: GradConDetector) -> torch.Tensor:

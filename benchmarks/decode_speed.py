@@ -3,7 +3,7 @@
 (a) codecs: Pillow vs libspng (pyspng) vs torchvision.io.decode_png on PNG, Pillow vs torchvision.io.decode_jpeg
     on JPEG, each turning one image's bytes into a uint8 array, with its ratio to Pillow;
 (b) decode_images, the whole per-row policy (decode, channels, resize) at the model's size: "before" is Pillow as
-    gradcon decoded until now (open, load, convert, asarray), "after" is gradcon_core.images.decode_images, and
+    gradcon decoded until now (open, load, convert, asarray), "after" is gradcon_core.data.images.decode_images, and
     "raw" the same images stored with encode_raw (no codec);
 (c) with --device cuda: decode_images with the JPEG rows decoded in batches by nvJPEG.
 Images: MNIST digits as 28x28 grey PNGs (data/mnist, else synthetic digits-sized images), and photo-like
@@ -28,8 +28,8 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import images_per_second, machine  # noqa: E402
 
-from gradcon_core.idx import load_mnist  # noqa: E402
-from gradcon_core.images import decode_images, encode_png, encode_raw  # noqa: E402
+from gradcon_core.data.idx import load_mnist  # noqa: E402
+from gradcon_core.data.images import decode_images, encode_png, encode_raw  # noqa: E402
 
 warnings.filterwarnings("ignore", category=DeprecationWarning)  # torchvision 0.29 deprecates its image decoders
 warnings.filterwarnings("ignore", message="The given buffer is not writable")
@@ -69,7 +69,7 @@ def pillow_codec(data: bytes) -> np.ndarray:
 
 
 def pillow_before(blobs: list[bytes], channels: int, size: tuple[int, int]) -> np.ndarray:
-    """gradcon_core.images.decode_images as it was before this benchmark's decoders: Pillow for everything."""
+    """gradcon_core.data.images.decode_images as it was before this benchmark's decoders: Pillow for everything."""
     out = np.zeros((len(blobs), *size, channels), np.uint8)
     for i, data in enumerate(blobs):
         img = Image.open(io.BytesIO(data))
@@ -131,7 +131,7 @@ def main() -> None:
         line("before: Pillow", before, before)
         after = images_per_second(lambda b=blobs, c=channels, s=size: decode_images(b, c, s), len(blobs),
                                   torch.device("cpu"), args.repeats)
-        line("after: gradcon_core.images.decode_images", after, before)
+        line("after: gradcon_core.data.images.decode_images", after, before)
         raw = [encode_raw(p) for p in pixels]
         raw_rate = images_per_second(lambda r=raw, c=channels, s=size: decode_images(r, c, s), len(raw),
                                      torch.device("cpu"), args.repeats)

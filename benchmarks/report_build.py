@@ -23,9 +23,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from gradcon_core.idx import load_mnist  # noqa: E402
-from gradcon_core.images import encode_png  # noqa: E402
-from gradcon_core.result_table import SCHEMA  # noqa: E402
+from gradcon_core.data.idx import load_mnist  # noqa: E402
+from gradcon_core.data.images import encode_png  # noqa: E402
+from gradcon_core.results.table import SCHEMA  # noqa: E402
 
 ROWS_PER_FILE = 20_000  # as gradcon prepare writes image sets, and score one result file per input file
 
@@ -60,8 +60,8 @@ def make_data(root: Path, rows: int, mnist_dir: str) -> tuple[Path, Path]:
 
 
 def _build(images: str, results: str, out: str, top_k: int, normal_sample: int, queue) -> None:
-    from gradcon_core.html_report import build_report
-    from gradcon_core.registry import create_detector
+    from gradcon_core.detectors.registry import create_detector
+    from gradcon_core.results.report import build_report
 
     detector = create_detector("cae", in_channels=1, device="cpu")  # untrained: the report's cost is the same
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

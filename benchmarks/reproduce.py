@@ -26,8 +26,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from gradcon_core import list_detectors  # noqa: E402
-from gradcon_core.evaluation import saved_runs  # noqa: E402
-from gradcon_core.papers import our_method, published_rows  # noqa: E402
+from gradcon_core.results.evaluation import saved_runs  # noqa: E402
+from gradcon_core.results.papers import our_method, published_rows  # noqa: E402
 from jobs.eval import EvalConfig, run  # noqa: E402
 from jobs.prepare import prepare  # noqa: E402
 

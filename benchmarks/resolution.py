@@ -25,8 +25,8 @@ from train_speed import step_rates  # noqa: E402
 
 from gradcon_core import create_model  # noqa: E402
 from gradcon_core.detectors.gradcon import GradConDetector  # noqa: E402
-from gradcon_core.objective import constraint_layers  # noqa: E402
-from gradcon_core.scoring import score_batch_size  # noqa: E402
+from gradcon_core.detectors.objective import constraint_layers  # noqa: E402
+from gradcon_core.detectors.scoring import score_batch_size  # noqa: E402
 
 
 def decision_function_peak(size: int, channels: int, device_name: str) -> tuple[int, int | None]:

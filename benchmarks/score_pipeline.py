@@ -6,7 +6,7 @@ python benchmarks/score_pipeline.py [--rows 200000] [--files 8] [--concurrency 1
 The image set is synthetic but realistic: real MNIST test digits, shifted and noised so no two
 rows are the same, PNG-encoded, split over several parquet files. Both paths read parquet,
 decode, compute vectorized GradCon scores and write a result table with the same code
-(gradcon_core.result_table). Peak memory is the largest sum of the resident memory of this
+(gradcon_core.results.table). Peak memory is the largest sum of the resident memory of this
 process and all its children (Ray's workers), sampled every 0.2 s, at 1x and 10x the rows. The driver's
 CPU time (this process alone: what a funnel through the driver would load) is given per second of the job.
 With several --decode choices (the score job's decode=actor|tasks) or --concurrency values (scoring actors),
@@ -32,11 +32,11 @@ import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from gradcon_core import GradConDetector, create_model, load_detector  # noqa: E402
-from gradcon_core.checkpoint import checkpoint_id  # noqa: E402
-from gradcon_core.idx import load_mnist  # noqa: E402
-from gradcon_core.images import encode_png  # noqa: E402
-from gradcon_core.imageset import IMAGE, ImageSetWriter, image_bytes, list_parquet_files  # noqa: E402
-from gradcon_core.result_table import SCHEMA, result_rows  # noqa: E402
+from gradcon_core.data.idx import load_mnist  # noqa: E402
+from gradcon_core.data.images import encode_png  # noqa: E402
+from gradcon_core.data.imageset import IMAGE, ImageSetWriter, image_bytes, list_parquet_files  # noqa: E402
+from gradcon_core.results.table import SCHEMA, result_rows  # noqa: E402
+from gradcon_core.training.checkpoint import checkpoint_id  # noqa: E402
 
 
 def make_set(path: Path, rows: int, files: int, mnist_dir: str) -> None:
@@ -104,7 +104,7 @@ def where_time_goes(model: str, data: Path, batch_size: int, device: str) -> Non
     """Single process: seconds spent reading, decoding and scoring the same rows."""
     import torch
 
-    from gradcon_core.images import decode_images
+    from gradcon_core.data.images import decode_images
 
     det = load_detector(model).to(device)
     times = {"read": 0.0, "decode": 0.0, "score": 0.0}

@@ -1,7 +1,7 @@
 """Scoring speed: the official batch-size-1 loop vs our batched scorer vs a plain forward+backward.
 
 (a) loop: per image forward, MSE, backward, cosine with the reference (the official way);
-(b) ours: gradcon_core.scoring, method "fast" (and "vmap" for comparison);
+(b) ours: gradcon_core.detectors.scoring, method "fast" (and "vmap" for comparison);
 (c) floor: one batched forward+backward of a summed loss, which any per-image-gradient scorer pays.
 
 python benchmarks/score_speed.py [--device cuda] [--images 4096] [--image-size 64 --channels 3]
@@ -20,8 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import images_per_second, machine  # noqa: E402
 
 from gradcon_core import create_model  # noqa: E402
-from gradcon_core.objective import constraint_layers  # noqa: E402
-from gradcon_core.scoring import score_batch_size, score_components  # noqa: E402
+from gradcon_core.detectors.objective import constraint_layers  # noqa: E402
+from gradcon_core.detectors.scoring import score_batch_size, score_components  # noqa: E402
 
 
 def plain_backward(model: nn.Module, xb: torch.Tensor) -> None:

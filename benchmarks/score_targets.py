@@ -36,9 +36,9 @@ from common import images_per_second, repeat_rows  # noqa: E402
 from decode_speed import jpeg  # noqa: E402
 
 from gradcon_core import GradConDetector, create_model  # noqa: E402
-from gradcon_core.defects import DefectCounts  # noqa: E402
-from gradcon_core.images import decode_image, decode_images  # noqa: E402
-from gradcon_core.imageset import IMAGE, ImageShape, image_bytes, list_parquet_files, write_image_set  # noqa: E402
+from gradcon_core.data.defects import DefectCounts  # noqa: E402
+from gradcon_core.data.images import decode_image, decode_images  # noqa: E402
+from gradcon_core.data.imageset import IMAGE, ImageShape, image_bytes, list_parquet_files, write_image_set  # noqa: E402
 from jobs.prepare import prepare  # noqa: E402
 
 TARGETS = {"png28": 100_000, "raw28": 300_000, "jpeg128": 20_000}  # images/s end to end, one H100 node

@@ -33,8 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import repeat_rows  # noqa: E402
 
-from gradcon_core.defects import DefectCounts, defect_tables  # noqa: E402
-from gradcon_core.imageset import ImageShape, write_image_set  # noqa: E402
+from gradcon_core.data.defects import DefectCounts, defect_tables  # noqa: E402
+from gradcon_core.data.imageset import ImageShape, write_image_set  # noqa: E402
 
 
 def make_set(path: str, rows: list[int], size: int, distinct: int = 250) -> None:

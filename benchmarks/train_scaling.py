@@ -27,8 +27,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from gradcon_core import create_model  # noqa: E402
-from gradcon_core.objective import ReferenceGradients, constraint_layers, gradcon_step  # noqa: E402
-from gradcon_core.parallel import AllReduceMean  # noqa: E402
+from gradcon_core.detectors.objective import ReferenceGradients, constraint_layers, gradcon_step  # noqa: E402
+from gradcon_core.training.parallel import AllReduceMean  # noqa: E402
 
 
 def _sync_worker(rank: int, world: int, port: int, steps: int, batch: int, out) -> None:

@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import images_per_second, machine  # noqa: E402
 
 from gradcon_core import create_model  # noqa: E402
-from gradcon_core.objective import ReferenceGradients, gradcon_step  # noqa: E402
+from gradcon_core.detectors.objective import ReferenceGradients, gradcon_step  # noqa: E402
 
 
 def step_rates(model: nn.Module, batches: torch.Tensor, device: torch.device) -> tuple[float, float]:

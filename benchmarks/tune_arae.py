@@ -19,10 +19,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from gradcon_core import load_detector  # noqa: E402
-from gradcon_core.images import decode_images  # noqa: E402
-from gradcon_core.imageset import read_columns, take_rows  # noqa: E402
+from gradcon_core.data.images import decode_images  # noqa: E402
+from gradcon_core.data.imageset import read_columns, take_rows  # noqa: E402
+from gradcon_core.data.protocols import select  # noqa: E402
 from gradcon_core.metrics import auroc  # noqa: E402
-from gradcon_core.protocols import select  # noqa: E402
 from jobs import train, tune  # noqa: E402
 from jobs.prepare import prepare  # noqa: E402
 

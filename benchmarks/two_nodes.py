@@ -25,8 +25,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from cluster.local_s3 import LocalS3, _free_ports  # noqa: E402
 from cluster.processes import stop  # noqa: E402
-from gradcon_core.defects import DefectCounts, defect_tables  # noqa: E402
-from gradcon_core.imageset import ImageShape, write_image_set  # noqa: E402
+from gradcon_core.data.defects import DefectCounts, defect_tables  # noqa: E402
+from gradcon_core.data.imageset import ImageShape, write_image_set  # noqa: E402
 
 BUCKET = "two-nodes"
 BIN = Path(sys.executable).parent

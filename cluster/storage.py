@@ -12,7 +12,7 @@ from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 
-from gradcon_core.storage import resolve
+from gradcon_core.files import resolve
 
 
 class StorageError(RuntimeError):

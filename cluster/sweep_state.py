@@ -26,7 +26,7 @@ from pathlib import Path, PurePosixPath
 import pyarrow.fs as pafs
 from ray.tune import Callback
 
-from gradcon_core.storage import read_bytes, write_bytes
+from gradcon_core.files import read_bytes, write_bytes
 
 KEY_VARIABLE = "GRADCON_STATE_KEY"
 SIGNATURE = "gradcon-signature.json"

@@ -8,7 +8,7 @@ MNIST into the bucket as an image set, trains GradCon on one digit with 2 data-p
 bucket, evaluates it and writes an HTML report of it (gradcon report). Everything it started is
 stopped at the end, on failure or on Ctrl-C; the result table, the checkpoint, the plots and the
 report are also kept under `out` to outlive the server.
-dataset=defects runs the same steps on the generated 64x64 RGB texture set (gradcon_core/defects.py):
+dataset=defects runs the same steps on the generated 64x64 RGB texture set (gradcon_core/data/defects.py):
 normal_class is a texture kind (0 fabric, 1 wood, 2 metal, 3 carpet), the test rows are that kind's normal
 and defective ones; image_size=S generates (and trains) at S instead.
 --no-s3 runs the same on local files; --quick is a reduced run (2,000 training images, 3 epochs, 1,000 test images).
@@ -30,12 +30,12 @@ import pyarrow.parquet as pq
 
 from cluster.storage import S3Options, filesystem_for
 from gradcon_core.config import add_config_arguments, bounded, load_config, local_path, save_config
-from gradcon_core.defects import CLASSES, DefectCounts
-from gradcon_core.idx import find_idx
-from gradcon_core.imageset import read_columns, recorded_shape, write_image_set
+from gradcon_core.data.defects import CLASSES, DefectCounts
+from gradcon_core.data.idx import find_idx
+from gradcon_core.data.imageset import read_columns, recorded_shape, write_image_set
+from gradcon_core.detectors.settings import DetectorSettings
 from gradcon_core.metrics import evaluate
-from gradcon_core.report import plot_histograms, plot_roc
-from gradcon_core.settings import DetectorSettings
+from gradcon_core.results.plots import plot_histograms, plot_roc
 from jobs import prepare, report, score, train
 
 BUCKET = "gradcon-demo"

@@ -2,15 +2,15 @@
 
 gradcon eval [--config FILE] [key=value ...]   e.g.  gradcon eval data=data/sets/mnist classes=0,1 seeds=0,1
 
-For each normal class and seed: select rows (gradcon_core/protocols.py), train the detector (GradCon
+For each normal class and seed: select rows (gradcon_core/data/protocols.py), train the detector (GradCon
 unless detector= names another registered one; its settings as in `gradcon train`) on the class's train
 rows (model selection on its validation rows), then score the test rows and measure
-(gradcon_core/evaluation.py). Every (class, seed) is one Ray task with cpus_per_run CPUs and
+(gradcon_core/results/evaluation.py). Every (class, seed) is one Ray task with cpus_per_run CPUs and
 gpus_per_run GPUs (a fraction lets several small runs share a GPU), as many at once as the cluster (or
 the embedded local Ray) fits. Each finished run is saved under <out>/<name>/runs/ at once, so a stopped
 eval run again with the same name skips what finished. Writes <out>/<name>/: results.csv (every
 class x seed), table.csv, table.md (mean +- std over seeds, beside the papers' rows for the dataset and
-protocol: gradcon_core/papers.py), roc.png, histograms.png, auroc_by_class.png, selections.json,
+protocol: gradcon_core/results/papers.py), roc.png, histograms.png, auroc_by_class.png, selections.json,
 skipped_rows.csv (undecodable rows, by id) and config.yaml.
 """
 from __future__ import annotations
@@ -35,8 +35,7 @@ from gradcon_core.config import (
     plain_name,
     save_config,
 )
-from gradcon_core.evaluation import RunResult, evaluate_class, per_class_auroc, write_outputs
-from gradcon_core.imageset import (
+from gradcon_core.data.imageset import (
     ImageShape,
     check_image_set,
     read_columns,
@@ -44,11 +43,12 @@ from gradcon_core.imageset import (
     recorded_shape,
     take_rows,
 )
-from gradcon_core.papers import our_method
-from gradcon_core.progress import Progress
-from gradcon_core.protocols import PROTOCOLS, columns_for, labeled_anomalies
-from gradcon_core.settings import DetectorSettings
-from gradcon_core.tracking import config_params, require, start_run
+from gradcon_core.data.protocols import PROTOCOLS, columns_for, labeled_anomalies
+from gradcon_core.detectors.settings import DetectorSettings
+from gradcon_core.results.evaluation import RunResult, evaluate_class, per_class_auroc, write_outputs
+from gradcon_core.results.papers import our_method
+from jobs.progress import Progress
+from jobs.tracking import config_params, require, start_run
 
 
 @dataclass

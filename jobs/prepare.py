@@ -7,11 +7,11 @@ gradcon prepare folder --source photos/ --out data/sets/photos  (one subfolder p
 gradcon prepare parquet --source hf.parquet --out data/sets/x      (re-encode an existing parquet / HF export)
 gradcon prepare defects --image-size 128 --out data/sets/defects  (generated RGB textures with defects)
 
---encoding raw stores uint8 pixels instead of PNG (gradcon_core/images.py), which scoring reads with no decoding.
+--encoding raw stores uint8 pixels instead of PNG (gradcon_core/data/images.py), which scoring reads with no decoding.
 --image-size S (or HxW) resizes every image to that size, stored as PNG; without it folder and parquet images
 keep their bytes (a JPEG stays that JPEG). When every image has one known shape (mnist, cifar10, defects, any
 resized set) the files record it, and train, eval, tune and demo size their networks by it
-(gradcon_core/imageset.py). Re-running with the same input writes identical files.
+(gradcon_core/data/imageset.py). Re-running with the same input writes identical files.
 """
 from __future__ import annotations
 
@@ -21,10 +21,10 @@ import sys
 from tqdm import tqdm
 
 from cluster.storage import S3Options, check_reachable, check_readable, filesystem_for
-from gradcon_core.defects import CLASSES, DEFAULT_COUNTS, DefectCounts
-from gradcon_core.imageset import ImageSetWriter, check_image_set
-from gradcon_core.models.sizes import ImageSize
-from gradcon_core.sources import ENCODINGS, KNOWN_DATASETS, SOURCES, Resizer, known_shape, tables
+from gradcon_core.data.defects import CLASSES, DEFAULT_COUNTS, DefectCounts
+from gradcon_core.data.imageset import ImageSetWriter, check_image_set
+from gradcon_core.data.sizes import ImageSize
+from gradcon_core.data.sources import ENCODINGS, KNOWN_DATASETS, SOURCES, Resizer, known_shape, tables
 
 
 def prepare(kind: str, source: str | None, out: str, rows_per_file: int = 20000, download: bool = False,
@@ -32,7 +32,7 @@ def prepare(kind: str, source: str | None, out: str, rows_per_file: int = 20000,
             counts: DefectCounts = DEFAULT_COUNTS, classes: tuple[str, ...] = CLASSES,
             encoding: str = "png") -> list[str]:
     """Write the set; image_size: resize to it (defects: generate at it); seed, counts, classes: the defects
-    set's (gradcon_core/defects.py); encoding: png, or raw (uint8 pixels, no decoding when scored; needs one
+    set's (gradcon_core/data/defects.py); encoding: png, or raw (uint8 pixels, no decoding when scored; needs one
     known size)."""
     if encoding not in ENCODINGS:
         raise ValueError(f"unknown encoding {encoding!r}; choose one of {sorted(ENCODINGS)}")

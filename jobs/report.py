@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 from cluster.storage import S3Options, check_readable, filesystem_for
 from gradcon_core import load_detector
 from gradcon_core.config import load_config
-from gradcon_core.html_report import build_report
+from gradcon_core.results.report import build_report
 
 
 @dataclass

@@ -7,7 +7,7 @@ Pipeline: read the input files' row groups in CPU tasks (local or S3, many files
 row number) -> [decode=tasks: decode and resize in CPU tasks] -> score (and decode, unless done) in an actor
 pool (the detector and its reference gradients load once per actor), each actor writing the result rows it
 scored as pieces of its input files -> one joining actor joins each input file's pieces, in row order, into
-one output file of the same name, as soon as its last row is scored (gradcon_core/result_files.py).
+one output file of the same name, as soon as its last row is scored (gradcon_core/results/files.py).
 Neither images nor result rows reach the driver, which only counts rows. A re-run of the same command skips
 inputs whose output is complete and scores the rest again, so a job killed halfway and started again ends
 complete, with no duplicate rows.
@@ -30,13 +30,12 @@ import pyarrow.parquet as pq
 
 from cluster.storage import S3Options, check_readable, filesystem_for
 from gradcon_core import load_detector
-from gradcon_core.checkpoint import checkpoint_id
 from gradcon_core.config import FLAGS, JobSettings, add_flags, bounded, load_config, local_path
-from gradcon_core.detector import Detector
-from gradcon_core.images import ImageError, shape_of
-from gradcon_core.imageset import IMAGE, RowGroup, check_image_set, image_bytes, list_parquet_files, row_groups
-from gradcon_core.progress import Progress
-from gradcon_core.result_files import (
+from gradcon_core.data.images import ImageError, shape_of
+from gradcon_core.data.imageset import IMAGE, RowGroup, check_image_set, image_bytes, list_parquet_files, row_groups
+from gradcon_core.detectors.contract import Detector
+from gradcon_core.files import write_bytes
+from gradcon_core.results.files import (
     ROW,
     apply_contamination,
     clear_pieces,
@@ -47,7 +46,7 @@ from gradcon_core.result_files import (
     result_identity,
     write_piece,
 )
-from gradcon_core.result_table import (
+from gradcon_core.results.table import (
     DECODE_ERROR,
     PASSTHROUGH,
     PIXELS,
@@ -56,8 +55,9 @@ from gradcon_core.result_table import (
     pixels_of,
     result_rows,
 )
-from gradcon_core.storage import write_bytes
-from gradcon_core.tracking import config_params, require, start_run
+from gradcon_core.training.checkpoint import checkpoint_id
+from jobs.progress import Progress
+from jobs.tracking import config_params, require, start_run
 
 # Ray Data's file listing and parquet reads are tasks of one CPU each: leave room for them.
 READ_CPUS = 1.0

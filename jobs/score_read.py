@@ -2,7 +2,7 @@
 
 Each task reads its row group in blocks of about block_mb (the image column and READ_COLUMNS only), each
 row with its file ("path") and its row number there (ROW), which is how the scoring actors write their
-results as pieces of the input files (gradcon_core/result_files.py).
+results as pieces of the input files (gradcon_core/results/files.py).
 
 Why a datasource rather than `from_items(row groups).map_batches(read)`: Ray Data fuses such a map_batches
 into the scoring actors' stage and then hands each actor call as many *row groups* as the scorer's
@@ -21,8 +21,8 @@ from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
 from cluster.storage import S3Options, filesystem_for
-from gradcon_core.imageset import IMAGE, RowGroup
-from gradcon_core.result_files import ROW
+from gradcon_core.data.imageset import IMAGE, RowGroup
+from gradcon_core.results.files import ROW
 
 # What the read stage passes on, typed: a file without one of these gets nulls, so every block has one schema.
 READ_COLUMNS = {"id": pa.string(), "label": pa.int64(), "is_anomaly": pa.bool_()}

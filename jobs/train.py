@@ -3,7 +3,7 @@
 gradcon train [--config FILE] [key=value ...]   e.g.  gradcon train data=s3://b/mnist/ normal_class=3 num_workers=8
 
 Any registered detector (detector=NAME params={...}; GradCon by default). Every worker runs the epoch
-loop single-process `fit` runs (gradcon_core/training.py) with its rank and an all-reduce sync, so N
+loop single-process `fit` runs (gradcon_core/training/loop.py) with its rank and an all-reduce sync, so N
 workers compute what one process computes on the global batch `batch_size`, whatever N is
 (docs/design.md §4); each detector's docstring says whether its step is exact.
 The scikit-learn ones (ocsvm, kde) are fitted once, in one worker. This file keeps only Ray's parts:
@@ -40,7 +40,6 @@ from cluster.storage import (
     filesystem_for,
     storage_failure,
 )
-from gradcon_core.checkpoint import load_checkpoint, load_training_state
 from gradcon_core.config import (
     JobSettings,
     add_config_arguments,
@@ -49,19 +48,20 @@ from gradcon_core.config import (
     local_path,
     plain_name,
 )
-from gradcon_core.imageset import (
+from gradcon_core.data.imageset import (
     check_image_set,
     list_parquet_files,
     read_columns,
     recorded_shape,
     take_rows,
 )
-from gradcon_core.parallel import AllReduceMean, StepClock
-from gradcon_core.protocols import Selection, columns_for, labeled_anomalies, select
-from gradcon_core.settings import DetectorSettings
-from gradcon_core.storage import read_bytes, write_bytes
-from gradcon_core.tracking import Tracker, config_params, require, start_run, tracking_uri
-from gradcon_core.training import SELECT_BY, EpochReport, StreamedData, TrainingData, streamed_scores, train_epochs
+from gradcon_core.data.protocols import Selection, columns_for, labeled_anomalies, select
+from gradcon_core.detectors.settings import DetectorSettings
+from gradcon_core.files import read_bytes, write_bytes
+from gradcon_core.training.checkpoint import load_checkpoint, load_training_state
+from gradcon_core.training.loop import SELECT_BY, EpochReport, StreamedData, TrainingData, streamed_scores, train_epochs
+from gradcon_core.training.parallel import AllReduceMean, StepClock
+from jobs.tracking import Tracker, config_params, require, start_run, tracking_uri
 from jobs.train_data import (
     BatchLog,
     StreamedShard,

@@ -10,7 +10,7 @@ to decode reach the workers as errors: they are left out and listed by id (skipp
 - data_mode=stream: the rows are split across workers (every row to exactly one worker, per epoch), each
   worker trains on its share as it arrives, mixed in a shuffle buffer seeded by (seed, epoch, rank):
   memory grows with the buffer, not the class. Each step is still exactly the step one process takes on
-  the union of the workers' local batches (gradcon_core/parallel.py streamed_batches); which rows meet
+  the union of the workers' local batches (gradcon_core/training/parallel.py streamed_batches); which rows meet
   in a step is Ray Data's choice (which blocks reach which worker), so two runs need not take the same
   steps. log_batches=true writes each step's ids (batches/epoch-E-rank-R.json under the run).
 - data_mode=auto: stream when the class's decoded training images would take more than STREAM_ABOVE_BYTES
@@ -27,9 +27,9 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import torch
 
-from gradcon_core.images import decode_images
-from gradcon_core.imageset import IMAGE, image_bytes
-from gradcon_core.storage import write_bytes
+from gradcon_core.data.images import decode_images
+from gradcon_core.data.imageset import IMAGE, image_bytes
+from gradcon_core.files import write_bytes
 
 DATA_MODES = ("auto", "memory", "stream")
 STREAM_ABOVE_BYTES = 1 << 30  # auto: a class whose float32 images pass 1 GiB per worker is streamed

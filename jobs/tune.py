@@ -11,7 +11,7 @@ samples with Optuna's TPE instead of at random.
 
 The objective is measured on validation rows only: val_auroc (the class's validation images
 against other classes' *train* images) or val_loss. The trials never receive a test row's id
-(gradcon_core.protocols keeps the anomaly pool outside every test set); evaluate the best
+(gradcon_core.data.protocols keeps the anomaly pool outside every test set); evaluate the best
 config on the test split once, afterwards, with `gradcon eval`.
 
 Writes <storage>/<name>/: trials.parquet and trials.csv (every trial: its values, seed,
@@ -38,12 +38,12 @@ import yaml
 
 from cluster.storage import S3Options, filesystem_for
 from gradcon_core.config import absolute, add_config_arguments, flag_overrides, load_config, parse_scalar
-from gradcon_core.registry import detector_class
-from gradcon_core.settings import SHORT_FORMS
-from gradcon_core.storage import read_bytes, write_bytes
-from gradcon_core.tracking import config_params, require, start_run, tracking_uri
-from gradcon_core.training import SELECT_BY
+from gradcon_core.detectors.registry import detector_class
+from gradcon_core.detectors.settings import SHORT_FORMS
+from gradcon_core.files import read_bytes, write_bytes
+from gradcon_core.training.loop import SELECT_BY
 from jobs import train
+from jobs.tracking import config_params, require, start_run, tracking_uri
 from jobs.train import TrainConfig
 
 # Run settings a sweep may draw per trial, beside any detector setting as params.NAME (e.g. params.nu).

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from gradcon_core.idx import load_mnist
+from gradcon_core.data.idx import load_mnist
 
 # Tests that start Ray, an S3 server or a Ray head are slow (seconds to minutes): `make test-fast` leaves them out.
 SLOW_FIXTURES = {"ray_local", "seaweed_s3", "head"}

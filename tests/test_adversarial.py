@@ -6,11 +6,11 @@ import torch
 import torch.multiprocessing as mp
 
 from gradcon_core import GradConDetector, create_model, list_detectors
-from gradcon_core.adversarial import LatentAttack, arae_loss
+from gradcon_core.detectors.adversarial import LatentAttack, arae_loss
 from gradcon_core.detectors.autoencoder import AutoencoderDetector
-from gradcon_core.objective import gradcon_step
-from gradcon_core.parallel import training_generators
-from gradcon_core.registry import create_detector, detector_class
+from gradcon_core.detectors.objective import gradcon_step
+from gradcon_core.detectors.registry import create_detector, detector_class
+from gradcon_core.training.parallel import training_generators
 from tests.conftest import gloo_group
 
 
@@ -124,7 +124,7 @@ def test_bad_arae_settings_are_clear_errors():
 
 
 def _worker(rank: int, world: int, store: str, x: torch.Tensor, kwargs: dict, out: str) -> None:
-    from gradcon_core.parallel import AllReduceMean
+    from gradcon_core.training.parallel import AllReduceMean
 
     with gloo_group(rank, world, store):
         det = _detector(**kwargs)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from gradcon_core.config import load_config, save_config
-from gradcon_core.idx import find_idx, load_mnist, read_idx
+from gradcon_core.data.idx import find_idx, load_mnist, read_idx
 
 
 @dataclass

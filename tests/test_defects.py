@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from gradcon_core import create_model
-from gradcon_core.defects import (
+from gradcon_core.data.defects import (
     CLASSES,
     DEFECT_TYPES,
     MAX_AREA,
@@ -19,8 +19,8 @@ from gradcon_core.defects import (
     image_rng,
     render,
 )
+from gradcon_core.data.images import decode_images
 from gradcon_core.detectors.gradcon import GradConDetector
-from gradcon_core.images import decode_images
 from gradcon_core.metrics import auroc
 
 # The GradCon test's budget: 100 images, 10 epochs, the two defect kinds that change most pixels. It reached

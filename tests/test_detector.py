@@ -7,7 +7,13 @@ import torch
 from safetensors.torch import load_file
 
 from gradcon_core import GradConDetector, create_model, evaluate, load_detector
-from gradcon_core.checkpoint import TRAINING_STATE_FILE, WEIGHTS_FILE, CheckpointError, checkpoint_id, read_config
+from gradcon_core.training.checkpoint import (
+    TRAINING_STATE_FILE,
+    WEIGHTS_FILE,
+    CheckpointError,
+    checkpoint_id,
+    read_config,
+)
 
 
 @pytest.fixture(scope="module")

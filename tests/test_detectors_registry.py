@@ -13,11 +13,11 @@ from sklearn.neighbors import KernelDensity
 from sklearn.svm import OneClassSVM
 
 from gradcon_core import evaluate, list_detectors, load_detector
+from gradcon_core.data.images import encode_png
 from gradcon_core.detectors.neural import NeuralDetector
+from gradcon_core.detectors.registry import create_detector, detector_class
 from gradcon_core.detectors.shallow import KDEDetector, OCSVMDetector
-from gradcon_core.images import encode_png
-from gradcon_core.registry import create_detector, detector_class
-from gradcon_core.result_table import result_rows
+from gradcon_core.results.table import result_rows
 
 VARIANTS = [("vae", {"score": "kl"}), ("deep_svdd", {"objective": "soft-boundary"}), ("ocsvm", {"features": "cae"}),
             ("kde", {"features": "cae"})]

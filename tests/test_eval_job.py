@@ -6,7 +6,7 @@ import pyarrow.parquet as pq
 import pytest
 from mlflow.tracking import MlflowClient
 
-from gradcon_core.imageset import read_columns, write_image_set
+from gradcon_core.data.imageset import read_columns, write_image_set
 from jobs.cli import main
 from jobs.prepare import prepare
 

@@ -1,4 +1,4 @@
-"""gradcon report: the static HTML report of a result table (gradcon_core.html_report, jobs/report.py)."""
+"""gradcon report: the static HTML report of a result table (gradcon_core.results.report, jobs/report.py)."""
 from __future__ import annotations
 
 import io
@@ -16,13 +16,13 @@ import pytest
 import torch
 from PIL import Image
 
-from gradcon_core.html_report import build_report, read_images
-from gradcon_core.images import encode_png
-from gradcon_core.imageset import write_image_set
+from gradcon_core.data.images import encode_png
+from gradcon_core.data.imageset import write_image_set
+from gradcon_core.detectors.registry import create_detector
 from gradcon_core.metrics import evaluate
-from gradcon_core.registry import create_detector
-from gradcon_core.result_scan import ROW_SCHEMA, RunningSelection, scan_results
-from gradcon_core.result_table import SCHEMA, result_rows
+from gradcon_core.results.report import build_report, read_images
+from gradcon_core.results.scan import ROW_SCHEMA, RunningSelection, scan_results
+from gradcon_core.results.table import SCHEMA, result_rows
 from jobs.cli import main as cli_main
 
 GHOSTS = ["ghost-1", "ghost-2"]  # result rows whose ids are not in the image set

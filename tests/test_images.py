@@ -11,8 +11,8 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
-from gradcon_core import images
-from gradcon_core.images import ImageError, channels_of, decode_image, decode_images, encode_png, encode_raw
+from gradcon_core.data import images
+from gradcon_core.data.images import ImageError, channels_of, decode_image, decode_images, encode_png, encode_raw
 
 RNG = np.random.default_rng(0)
 

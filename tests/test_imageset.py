@@ -11,8 +11,8 @@ from PIL import Image
 
 from cluster.storage import S3Options, StorageError, check_readable, filesystem_for, storage_failure
 from gradcon_core import GradConDetector, create_model, load_detector
-from gradcon_core.images import decode_image, decode_images, encode_png
-from gradcon_core.imageset import (
+from gradcon_core.data.images import decode_image, decode_images, encode_png
+from gradcon_core.data.imageset import (
     ImageShape,
     iter_batches,
     read_columns,
@@ -52,8 +52,8 @@ def test_prepare_round_trip_is_pixel_exact_and_idempotent(small_mnist_idx, mnist
 def test_a_raw_encoded_set_scores_as_its_png_set_does(small_mnist_idx, tmp_path, mnist_train):
     """--encoding raw: the same rows, ids and pixels as the PNG set, so the same result table; RGB and resized
     too; a source of many sizes needs --image-size."""
-    from gradcon_core.images import RAW_MAGIC
-    from gradcon_core.result_table import result_rows
+    from gradcon_core.data.images import RAW_MAGIC
+    from gradcon_core.results.table import result_rows
 
     prepare("mnist", str(small_mnist_idx), str(tmp_path / "png"))
     prepare("mnist", str(small_mnist_idx), str(tmp_path / "raw"), encoding="raw")
@@ -267,7 +267,7 @@ def test_prepare_image_size_resizes_records_the_shape_and_leaves_out_bad_rows(tm
 
 
 def test_prepare_defects_generates_at_the_size_and_records_it(tmp_path):
-    from gradcon_core.defects import DefectCounts
+    from gradcon_core.data.defects import DefectCounts
 
     out = tmp_path / "defects"
     prepare("defects", None, str(out), image_size=40, seed=3, counts=DefectCounts(2, 1, 1), classes=("wood",))
@@ -280,7 +280,7 @@ def test_prepare_defects_generates_at_the_size_and_records_it(tmp_path):
 
 
 def test_sets_the_jobs_would_fail_on_halfway_are_refused_naming_the_file(tmp_path):
-    from gradcon_core.imageset import check_image_set
+    from gradcon_core.data.imageset import check_image_set
 
     def image_set(name, *tables):
         root = tmp_path / name

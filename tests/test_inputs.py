@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from gradcon_core import GradConDetector, create_model
-from gradcon_core.inputs import as_image_batch
+from gradcon_core.data.arrays import as_image_batch
 
 
 def test_uint8_and_float_layouts_are_accepted():

@@ -113,8 +113,8 @@ def listening_sockets(processes) -> list[tuple[str, str, int]]:
 
 @pytest.fixture(scope="module")
 def zeros_set(tmp_path_factory, mnist_train):
-    from gradcon_core.images import encode_png
-    from gradcon_core.imageset import write_image_set
+    from gradcon_core.data.images import encode_png
+    from gradcon_core.data.imageset import write_image_set
 
     x, y = mnist_train
     rows = np.concatenate([np.flatnonzero(y == 0)[:64], np.flatnonzero(y != 0)[:16]])

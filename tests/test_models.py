@@ -5,7 +5,7 @@ import torch
 import yaml
 
 from gradcon_core import create_model, list_models
-from gradcon_core.objective import ReferenceGradients, constraint_layers, gradcon_step
+from gradcon_core.detectors.objective import ReferenceGradients, constraint_layers, gradcon_step
 
 
 @pytest.mark.parametrize(("channels", "expected"), [(1, 230_721), (3, 232_771)])

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as func
 
 from gradcon_core import create_model
-from gradcon_core.objective import ReferenceGradients, gradcon_step
+from gradcon_core.detectors.objective import ReferenceGradients, gradcon_step
 
 ALPHA = 0.03
 

@@ -1,10 +1,10 @@
 import numpy as np
 import pytest
 
-from gradcon_core.evaluation import RunResult, saved_runs, write_outputs
-from gradcon_core.idx import load_mnist
-from gradcon_core.imageset import recorded_dataset
-from gradcon_core.papers import PUBLISHED, Comparison, our_method, paired_test, published_rows, reference_row
+from gradcon_core.data.idx import load_mnist
+from gradcon_core.data.imageset import recorded_dataset
+from gradcon_core.results.evaluation import RunResult, saved_runs, write_outputs
+from gradcon_core.results.papers import PUBLISHED, Comparison, our_method, paired_test, published_rows, reference_row
 from jobs.prepare import prepare
 from tests.conftest import MNIST_DIR, write_idx
 

@@ -1,7 +1,7 @@
-"""The one progress helper of the long jobs (gradcon_core/progress.py): lines in logs, tqdm on a terminal."""
+"""The one progress helper of the long jobs (jobs/progress.py): lines in logs, tqdm on a terminal."""
 import io
 
-from gradcon_core.progress import Progress, format_seconds
+from jobs.progress import Progress, format_seconds
 
 
 class Clock:

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from gradcon_core.protocols import select
+from gradcon_core.data.protocols import select
 
 
 @pytest.fixture(scope="module")

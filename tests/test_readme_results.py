@@ -11,9 +11,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from gradcon_core.images import encode_png
-from gradcon_core.imageset import write_image_set
-from gradcon_core.result_table import SCHEMA
+from gradcon_core.data.images import encode_png
+from gradcon_core.data.imageset import write_image_set
+from gradcon_core.results.table import SCHEMA
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 SECTION = "## Results in DuckDB and pandas"

@@ -4,7 +4,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
-from gradcon_core.result_files import (
+from gradcon_core.results.files import (
     PARTS,
     ROW,
     ResultFile,
@@ -16,7 +16,7 @@ from gradcon_core.result_files import (
     result_identity,
     write_piece,
 )
-from gradcon_core.result_table import SCHEMA
+from gradcon_core.results.table import SCHEMA
 
 
 def test_a_result_is_complete_only_for_its_model_threshold_and_input(tmp_path):

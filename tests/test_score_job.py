@@ -18,13 +18,13 @@ from PIL import Image
 import jobs.score
 from cluster.storage import S3Options, StorageError, filesystem_for
 from gradcon_core import GradConDetector, create_model, load_detector
-from gradcon_core.images import encode_png
-from gradcon_core.imageset import read_columns, take_rows, write_image_set
-from gradcon_core.result_table import SCHEMA
-from gradcon_core.tracking import CHECKPOINT_TAG
+from gradcon_core.data.images import encode_png
+from gradcon_core.data.imageset import read_columns, take_rows, write_image_set
+from gradcon_core.results.table import SCHEMA
 from jobs.prepare import prepare
 from jobs.score import ScoreConfig, Scorer, run
 from jobs.score_read import read_row_group
+from jobs.tracking import CHECKPOINT_TAG
 from tests.test_images import bomb_png
 
 

@@ -6,9 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gradcon_core import create_model, scoring
-from gradcon_core.objective import ReferenceGradients, constraint_layers, gradcon_step
-from gradcon_core.scoring import (
+from gradcon_core import create_model
+from gradcon_core.detectors import scoring
+from gradcon_core.detectors.objective import ReferenceGradients, constraint_layers, gradcon_step
+from gradcon_core.detectors.scoring import (
     CPU_WORKING_SET,
     MAX_BATCH,
     score_batch_size,
@@ -222,7 +223,7 @@ def test_estimating_memory_leaves_the_model_as_it_was():
 @pytest.mark.parametrize("name", ["gradcon", "cae", "deep_svdd"])
 def test_a_detectors_default_scoring_batch_comes_from_the_memory_estimate(name):
     """decision_function's default batch fits the CPU budget at 256x256x3 (256 images would not)."""
-    from gradcon_core.registry import create_detector
+    from gradcon_core.detectors.registry import create_detector
 
     small = create_detector(name, in_channels=1, device="cpu")
     assert small.score_batch_size == small.cpu_score_batch_size  # 28x28: capped for the cache, not by memory

@@ -7,9 +7,9 @@ import pytest
 
 from gradcon_core import list_detectors
 from gradcon_core.config import load_config
-from gradcon_core.images import encode_png
-from gradcon_core.registry import detector_class
-from gradcon_core.settings import DetectorSettings
+from gradcon_core.data.images import encode_png
+from gradcon_core.detectors.registry import detector_class
+from gradcon_core.detectors.settings import DetectorSettings
 from jobs.eval import EvalConfig
 from jobs.train import TrainConfig
 
@@ -97,7 +97,7 @@ def test_local_paths_are_made_absolute_and_urls_kept(tmp_path, monkeypatch):
 
 
 def test_image_shape_comes_from_the_settings_else_the_recorded_shape_else_the_data(capsys):
-    from gradcon_core.imageset import ImageShape
+    from gradcon_core.data.imageset import ImageShape
 
     recorded = ImageShape((96, 96), 3)
 

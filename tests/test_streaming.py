@@ -5,10 +5,10 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from gradcon_core.detectors.registry import create_detector
 from gradcon_core.metrics import auroc
-from gradcon_core.parallel import streamed_batches, training_generators
-from gradcon_core.registry import create_detector
-from gradcon_core.training import StreamedData, train_epochs
+from gradcon_core.training.loop import StreamedData, train_epochs
+from gradcon_core.training.parallel import streamed_batches, training_generators
 from tests.conftest import gloo_group
 
 # Two workers with unequal shards (Ray Data hands out whole blocks): rank 0 takes 5 steps, rank 1 takes 3,
@@ -58,7 +58,7 @@ def _streamed(x: torch.Tensor, rank: int, world: int, log: list) -> StreamedData
 
 
 def _worker(rank: int, world: int, store: str, x: torch.Tensor, name: str, params: dict, out: str) -> None:
-    from gradcon_core.parallel import AllReduceMean, StepClock
+    from gradcon_core.training.parallel import AllReduceMean, StepClock
 
     with gloo_group(rank, world, store):
         det, log, reports, clock = _detector(name, **params), [], [], StepClock()

@@ -1,4 +1,4 @@
-"""Experiment tracking (gradcon_core.tracking) against a real MLflow store: SQLite, the default under runs/."""
+"""Experiment tracking (jobs.tracking) against a real MLflow store: SQLite, the default under runs/."""
 from __future__ import annotations
 
 import logging
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from gradcon_core.tracking import CHECKPOINT_TAG, Tracker, require, start_run, tracking_uri
+from jobs.tracking import CHECKPOINT_TAG, Tracker, require, start_run, tracking_uri
 
 pytestmark = pytest.mark.slow  # importing MLflow and creating its SQLite tables takes seconds
 
@@ -166,7 +166,7 @@ def test_settings_are_checked_where_the_job_starts():
 def test_text_artifacts_and_config_params(store):
     from dataclasses import dataclass
 
-    from gradcon_core.tracking import config_params
+    from jobs.tracking import config_params
 
     @dataclass
     class Config:

@@ -17,14 +17,14 @@ from mlflow.tracking import MlflowClient
 
 from cluster.storage import StorageError, filesystem_for
 from gradcon_core import GradConDetector, create_model, load_detector
-from gradcon_core.checkpoint import load_checkpoint
-from gradcon_core.defects import SCHEMA as DEFECT_SCHEMA
-from gradcon_core.defects import DefectCounts, defect_tables
-from gradcon_core.images import decode_images, encode_png
-from gradcon_core.imageset import ImageShape, take_rows, write_image_set
-from gradcon_core.parallel import streamed_batches, training_generators
-from gradcon_core.protocols import select
-from gradcon_core.tracking import CHECKPOINT_TAG
+from gradcon_core.data.defects import SCHEMA as DEFECT_SCHEMA
+from gradcon_core.data.defects import DefectCounts, defect_tables
+from gradcon_core.data.images import decode_images, encode_png
+from gradcon_core.data.imageset import ImageShape, take_rows, write_image_set
+from gradcon_core.data.protocols import select
+from gradcon_core.training.checkpoint import load_checkpoint
+from gradcon_core.training.parallel import streamed_batches, training_generators
+from jobs.tracking import CHECKPOINT_TAG
 from jobs.train import TrainConfig, epoch_line, run, training_rows
 from tests.conftest import start_moto_s3
 
@@ -46,7 +46,7 @@ def zeros_set(tmp_path_factory, mnist_train, mnist_test):
 
 
 def _train_images(data):
-    from gradcon_core.imageset import read_columns
+    from gradcon_core.data.imageset import read_columns
 
     meta = read_columns(data, ["label", "split"])
     sel = select(meta.column("label").to_numpy(), meta.column("split").to_numpy(zero_copy_only=False), 0)
@@ -148,7 +148,7 @@ def test_stream_mode_at_64x64_rgb_replays_in_one_process_lists_bad_rows_and_scor
     det = load_detector(uri)
     assert (det.channels, det.input_size) == (3, (64, 64))
 
-    from gradcon_core.imageset import read_columns
+    from gradcon_core.data.imageset import read_columns
     ids = read_columns(data, ["id"]).column("id").to_pylist()
     pixels, _ = decode_images(take_rows(data, np.arange(len(ids))).images, 3, (64, 64))
     by_id = dict(zip(ids, torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255))

@@ -20,10 +20,10 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from gradcon_core import load_detector
-from gradcon_core.images import encode_png
-from gradcon_core.imageset import write_image_set
-from gradcon_core.tracking import CHECKPOINT_TAG
+from gradcon_core.data.images import encode_png
+from gradcon_core.data.imageset import write_image_set
 from jobs.cli import main as cli_main
+from jobs.tracking import CHECKPOINT_TAG
 from jobs.train import TrainConfig, training_rows
 from jobs.tune import TuneConfig, run, search_space
 
@@ -78,7 +78,7 @@ def digits_set(tmp_path_factory, mnist_train, mnist_test):
 
 @pytest.mark.parametrize("merge_splits", [False, True])
 def test_tuning_rows_never_include_a_test_row(digits_set, merge_splits):
-    from gradcon_core.imageset import read_columns
+    from gradcon_core.data.imageset import read_columns
 
     cfg = TrainConfig(data=digits_set, normal_class=0, val_anomalies=-1, select_by="val_auroc",
                       merge_splits=merge_splits)

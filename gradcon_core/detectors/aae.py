@@ -16,8 +16,8 @@ import torch.nn.functional as F
 
 from gradcon_core.detectors.autoencoder import AutoencoderDetector
 from gradcon_core.detectors.cae import recon_error
-from gradcon_core.parallel import GradientSync
-from gradcon_core.registry import register_detector
+from gradcon_core.detectors.registry import register_detector
+from gradcon_core.training.parallel import GradientSync
 
 
 @register_detector("aae")

@@ -1,6 +1,6 @@
 """AutoencoderDetector: what every autoencoder detector shares, ARAE's adversarial training among it.
 
-With epsilon > 0 an autoencoder trains adversarially (ARAE, Salehi et al.; gradcon_core/adversarial.py):
+With epsilon > 0 an autoencoder trains adversarially (ARAE, Salehi et al.; gradcon_core/detectors/adversarial.py):
 on x* = x + delta, delta the L-inf attack (|delta| <= epsilon) that moves x's code furthest, it learns
 to reconstruct x, with gamma times the distance of the codes added:
 
@@ -9,7 +9,7 @@ to reconstruct x, with gamma times the distance of the codes added:
 where loss(input, target) is the detector's own (CAE: MSE; DAE: MSE from the noised input; VAE: the ELBO's
 terms with the posterior of the input; WAE: MSE + MMD; AAE: its reconstruction phase) and the code is the
 encoder's output (the VAE's posterior mean). For the CAE this is ARAE's own loss; GradCon puts its gradient
-constraint on it (gradcon_core/objective.py).
+constraint on it (gradcon_core/detectors/objective.py).
 
 Random starts for the whole global batch are drawn from the run's noise generator, each worker attacking
 its own slice of them, so N workers craft exactly the x* one process would (with attack_refresh="epoch",
@@ -21,9 +21,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from gradcon_core.adversarial import LatentAttack, code
+from gradcon_core.detectors.adversarial import LatentAttack, code
 from gradcon_core.detectors.neural import NeuralDetector
-from gradcon_core.parallel import GradientSync, LocalBatch
+from gradcon_core.training.parallel import GradientSync, LocalBatch
 
 
 class AutoencoderDetector(NeuralDetector):

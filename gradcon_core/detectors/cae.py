@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from gradcon_core.detectors.autoencoder import AutoencoderDetector
-from gradcon_core.registry import register_detector
+from gradcon_core.detectors.registry import register_detector
 
 
 def recon_error(x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gradcon_core.detectors.cae import CAEDetector
-from gradcon_core.registry import register_detector
+from gradcon_core.detectors.registry import register_detector
 
 
 @register_detector("dae")

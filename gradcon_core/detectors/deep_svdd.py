@@ -20,8 +20,8 @@ import torch
 import torch.nn as nn
 
 from gradcon_core.detectors.neural import NeuralDetector
-from gradcon_core.parallel import GradientSync
-from gradcon_core.registry import register_detector
+from gradcon_core.detectors.registry import register_detector
+from gradcon_core.training.parallel import GradientSync
 
 OBJECTIVES = ("one-class", "soft-boundary")
 CENTRE_EPS = 0.1  # Ruff's: a coordinate of c near 0 is trivially matched by zero weights

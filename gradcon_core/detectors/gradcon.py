@@ -1,9 +1,8 @@
 """GradConDetector: the GradCon autoencoder, trained with the gradient constraint, scored by its gradients.
 
 An AutoencoderDetector whose score-time state is its ReferenceGradients, whose step is the official
-gradcon_step (gradcon_core/objective.py) and whose score is gradcon_core/scoring.py's. With epsilon > 0 it
-trains adversarially (ARAE: gradcon_core/detectors/autoencoder.py), the constraint acting on the gradients
-of ARAE's loss.
+gradcon_step (objective.py) and whose score is scoring.py's. With epsilon > 0 it trains adversarially
+(ARAE: autoencoder.py), the constraint acting on the gradients of ARAE's loss.
 """
 from __future__ import annotations
 
@@ -11,10 +10,10 @@ import torch
 import torch.nn as nn
 
 from gradcon_core.detectors.autoencoder import AutoencoderDetector
-from gradcon_core.objective import ReferenceGradients, gradcon_step, validation_loss
-from gradcon_core.parallel import GradientSync
-from gradcon_core.registry import register_detector
-from gradcon_core.scoring import METHODS, score_components
+from gradcon_core.detectors.objective import ReferenceGradients, gradcon_step, validation_loss
+from gradcon_core.detectors.registry import register_detector
+from gradcon_core.detectors.scoring import METHODS, score_components
+from gradcon_core.training.parallel import GradientSync
 
 OUTPUT_INITS = ("default", "mean")
 
@@ -24,7 +23,7 @@ class GradConDetector(AutoencoderDetector):
     """Autoencoder trained with the gradient constraint (weight alpha); score = recon + beta * grad score.
 
     alpha = 0 trains a plain autoencoder (the reference gradients are still tracked, so the
-    gradient score stays defined). epsilon > 0 trains it adversarially (ARAE, gradcon_core.adversarial):
+    gradient score stays defined). epsilon > 0 trains it adversarially (ARAE, gradcon_core.detectors.adversarial):
     alpha = beta = 0 with epsilon > 0 is ARAE itself, alpha > 0 GradCon + ARAE.
 
     output_init="mean" (a recipe, not the official code's; docs/design.md §3): before the first step the

@@ -2,7 +2,7 @@
 
 A subclass says how to take one optimisation step (train_step, or just `batch_loss` for one optimiser
 and one loss), what its objective is on held-out normal images (validation_loss) and how to score a
-batch (score_batch). The epoch loop is gradcon_core/training.py's, the same for `fit` and for every
+batch (score_batch). The epoch loop is gradcon_core/training/loop.py's, the same for `fit` and for every
 data-parallel worker of `gradcon train`.
 
 Distributed contract of train_step(x, sync, scale): x is this worker's n_r images of a global batch
@@ -25,11 +25,11 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from gradcon_core.detector import Detector, with_prefix
-from gradcon_core.inputs import as_image_batch
-from gradcon_core.parallel import GradientSync, LocalBatch, all_reduce_gradients, local_batches
-from gradcon_core.scoring import score_batch_size
-from gradcon_core.training import EpochReport, TrainingData, train_epochs
+from gradcon_core.data.arrays import as_image_batch
+from gradcon_core.detectors.contract import Detector, with_prefix
+from gradcon_core.detectors.scoring import score_batch_size
+from gradcon_core.training.loop import EpochReport, TrainingData, train_epochs
+from gradcon_core.training.parallel import GradientSync, LocalBatch, all_reduce_gradients, local_batches
 
 log = logging.getLogger("gradcon")
 

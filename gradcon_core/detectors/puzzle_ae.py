@@ -22,8 +22,8 @@ import torch.nn.functional as F
 
 from gradcon_core.detectors.cae import recon_error
 from gradcon_core.detectors.neural import NeuralDetector
-from gradcon_core.parallel import GradientSync
-from gradcon_core.registry import register_detector
+from gradcon_core.detectors.registry import register_detector
+from gradcon_core.training.parallel import GradientSync
 
 PERMUTATIONS = torch.tensor([p for p in itertools.permutations(range(4)) if p != (0, 1, 2, 3)])  # 23 x 4
 

@@ -17,12 +17,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from gradcon_core.checkpoint import data_fingerprint
-from gradcon_core.detector import Detector, with_prefix
+from gradcon_core.data.arrays import as_image_batch
+from gradcon_core.data.sizes import ImageSize, as_hw
 from gradcon_core.detectors.cae import CAEDetector
-from gradcon_core.inputs import as_image_batch
-from gradcon_core.models.sizes import ImageSize, as_hw
-from gradcon_core.registry import create_model, register_detector
+from gradcon_core.detectors.contract import Detector, with_prefix
+from gradcon_core.detectors.registry import register_detector
+from gradcon_core.models.registry import create_model
+from gradcon_core.training.checkpoint import data_fingerprint
 
 FEATURES = ("pixels", "cae")
 

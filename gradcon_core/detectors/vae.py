@@ -15,10 +15,10 @@ import torch.nn.functional as F
 
 from gradcon_core.detectors.autoencoder import AutoencoderDetector
 from gradcon_core.detectors.cae import recon_error
-from gradcon_core.objective import ReferenceGradients, constrained_update, gradient_constraint
-from gradcon_core.parallel import GradientSync
-from gradcon_core.registry import register_detector
-from gradcon_core.scoring import score_components
+from gradcon_core.detectors.objective import ReferenceGradients, constrained_update, gradient_constraint
+from gradcon_core.detectors.registry import register_detector
+from gradcon_core.detectors.scoring import score_components
+from gradcon_core.training.parallel import GradientSync
 
 SCORES = ("recon", "kl")
 
@@ -62,10 +62,10 @@ class VAEDetector(AutoencoderDetector):
 class VAEGradDetector(VAEDetector):
     """The VAE trained with GradCon's gradient constraint on its decoder; score = recon + beta * grad score.
 
-    The constraint and the reference gradients are GradCon's (gradcon_core.objective), over all the
+    The constraint and the reference gradients are GradCon's (gradcon_core.detectors.objective), over all the
     decoder's weights (its Linear layer and the four ConvTranspose2d). The constrained gradient is that
     of the reconstruction MSE from the sampled z (the KL term has no decoder gradient); the score is
-    gradcon_core.scoring's, on the deterministic posterior-mean reconstruction.
+    gradcon_core.detectors.scoring's, on the deterministic posterior-mean reconstruction.
 
     Distributed: as GradConDetector: the inner gradients are mean-all-reduced (differentiably) before
     the cosine and the reference is updated from the all-reduced gradient, so it is exact given the noise.

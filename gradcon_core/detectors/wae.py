@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from gradcon_core.detectors.autoencoder import AutoencoderDetector
 from gradcon_core.detectors.cae import recon_error
-from gradcon_core.registry import register_detector
+from gradcon_core.detectors.registry import register_detector
 
 SCALES = (0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
 

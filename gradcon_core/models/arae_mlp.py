@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from gradcon_core.models.sizes import ImageSize, as_hw
-from gradcon_core.registry import register_model
+from gradcon_core.data.sizes import ImageSize, as_hw
+from gradcon_core.models.registry import register_model
 
 
 def _dense(sizes: list[int]) -> list[nn.Module]:

@@ -16,8 +16,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from gradcon_core.models.sizes import ImageSize, as_hw
-from gradcon_core.registry import register_model
+from gradcon_core.data.sizes import ImageSize, as_hw
+from gradcon_core.models.registry import register_model
 
 MNIST_WIDTHS, CIFAR_WIDTHS = (8, 4), (32, 64, 128)
 FINAL_SIDE = 7  # pool while the smaller side is larger than this (28 -> 14 -> 7)

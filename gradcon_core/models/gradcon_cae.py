@@ -21,8 +21,8 @@ from functools import cache
 import torch
 import torch.nn as nn
 
-from gradcon_core.models.sizes import ImageSize, as_hw
-from gradcon_core.registry import register_model
+from gradcon_core.data.sizes import ImageSize, as_hw
+from gradcon_core.models.registry import register_model
 
 KERNEL, STRIDE, ENCODER_PADDING = 4, 2, 2
 LATENT_SIDE = 4  # encoder stages continue while the smaller side is larger than this

@@ -10,9 +10,9 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from gradcon_core.data.sizes import ImageSize
 from gradcon_core.models.gradcon_cae import GradConCAE
-from gradcon_core.models.sizes import ImageSize
-from gradcon_core.registry import register_model
+from gradcon_core.models.registry import register_model
 
 
 class LatentAE(nn.Module):

@@ -1,10 +1,10 @@
 """One-class evaluation of a detector on an image set: one run per (normal class, seed), and its outputs.
 
-A run selects rows under a protocol (gradcon_core/protocols.py), trains the detector on the class's
+A run selects rows under a protocol (gradcon_core/data/protocols.py), trains the detector on the class's
 train rows (model selection on its validation rows), and only then reads and scores the test rows.
 Undecodable rows are left out and listed by id. A finished run is saved on its own (RunResult.save), so an
 evaluation that stops keeps it. write_outputs turns the runs into results.csv, table.csv/table.md (mean +- std
-over seeds, beside the papers' rows: gradcon_core/papers.py), roc.png, histograms.png, auroc_by_class.png,
+over seeds, beside the papers' rows: gradcon_core/results/papers.py), roc.png, histograms.png, auroc_by_class.png,
 selections.json and skipped_rows.csv.
 """
 from __future__ import annotations
@@ -20,13 +20,13 @@ import numpy as np
 import pyarrow.fs as pafs
 import torch
 
-from gradcon_core.images import decode_images
-from gradcon_core.imageset import ImageRows, ImageShape, take_rows
+from gradcon_core.data.images import decode_images
+from gradcon_core.data.imageset import ImageRows, ImageShape, take_rows
+from gradcon_core.data.protocols import select
+from gradcon_core.detectors.settings import DetectorSettings
 from gradcon_core.metrics import evaluate
-from gradcon_core.papers import Comparison, published_rows
-from gradcon_core.protocols import select
-from gradcon_core.report import markdown, plot_histograms, plot_roc, summarize, write_csv
-from gradcon_core.settings import DetectorSettings
+from gradcon_core.results.papers import Comparison, published_rows
+from gradcon_core.results.plots import markdown, plot_histograms, plot_roc, summarize, write_csv
 
 
 @dataclass

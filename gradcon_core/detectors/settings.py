@@ -7,9 +7,9 @@ beta=, lr=, epsilon=, ... keep today's commands and configs/mnist.yaml working: 
 "the detector's default".
 
 image_size and channels say what images the detector takes. Left at None, a job takes them from the image
-set's recorded shape (gradcon prepare records it; gradcon_core/imageset.py), else the channels from the
+set's recorded shape (gradcon prepare records it; gradcon_core/data/imageset.py), else the channels from the
 set's first image and the size from the network's default (28x28 for every registered one), with a notice.
-Images of another size are resized to it when decoded (gradcon_core/images.py); the checkpoint records both.
+Images of another size are resized to it when decoded (gradcon_core/data/images.py); the checkpoint records both.
 """
 from __future__ import annotations
 
@@ -21,11 +21,11 @@ from typing import Any
 import torch
 
 from gradcon_core.config import bounded
-from gradcon_core.detector import Detector
-from gradcon_core.images import channels_of
-from gradcon_core.imageset import ImageShape
-from gradcon_core.models.sizes import ImageSize, as_hw
-from gradcon_core.registry import create_detector, detector_class
+from gradcon_core.data.images import channels_of
+from gradcon_core.data.imageset import ImageShape
+from gradcon_core.data.sizes import ImageSize, as_hw
+from gradcon_core.detectors.contract import Detector
+from gradcon_core.detectors.registry import create_detector, detector_class
 
 SHORT_FORMS = ("alpha", "beta", "lr", "epsilon", "gamma", "attack_steps", "attack_refresh")
 

@@ -8,7 +8,7 @@ Every detector:
 - save(path) / load_detector(path), with its settings read from its __init__'s signature (get_params,
   scikit-learn's convention: every keyword argument is kept as an attribute of the same name).
 
-Trainable (iterative) detectors also offer what a data-parallel trainer drives (gradcon_core/training.py):
+Trainable (iterative) detectors also offer what a data-parallel trainer drives (gradcon_core/training/loop.py):
 optimizers, prepare(x, sync), train_epoch(x, order, noise, batch_size, rank, world_size, sync) and
 validation_loss(x). `iterative` says which kind a detector is.
 """
@@ -22,10 +22,11 @@ import numpy as np
 import pyarrow.fs as pafs
 import torch
 
-from gradcon_core import checkpoint
+from gradcon_core.detectors.registry import detector_class
 from gradcon_core.metrics import threshold_from_scores
-from gradcon_core.parallel import GradientSync, LocalBatch
-from gradcon_core.registry import create_model, detector_class
+from gradcon_core.models.registry import create_model
+from gradcon_core.training import checkpoint
+from gradcon_core.training.parallel import GradientSync, LocalBatch
 
 # Constructor arguments that are run-time choices, not part of the method: not saved with it.
 RUNTIME_ARGUMENTS = ("self", "model", "device", "score_batch_size")

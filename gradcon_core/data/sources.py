@@ -2,10 +2,10 @@
 
 mnist / fashion-mnist (IDX files), cifar10 (a cifar-10-batches-py folder), folder (one subfolder per
 class, optional train/ and test/), parquet (an existing parquet or Hugging Face export: its image bytes kept,
-a Hugging Face struct flattened), defects (generated: gradcon_core/defects.py). `gradcon prepare` writes what
-they yield as an image set (gradcon_core/imageset.py). Folder and parquet images keep their bytes as they
+a Hugging Face struct flattened), defects (generated: gradcon_core/data/defects.py). `gradcon prepare` writes what
+they yield as an image set (gradcon_core/data/imageset.py). Folder and parquet images keep their bytes as they
 are (a JPEG stays that JPEG) unless a size is asked for: then Resizer decodes each image under the policy of
-gradcon_core/images.py and stores it as a PNG of that size.
+gradcon_core/data/images.py and stores it as a PNG of that size.
 """
 from __future__ import annotations
 
@@ -18,11 +18,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from gradcon_core.defects import CLASSES, DEFAULT_COUNTS, DefectCounts, defect_tables
-from gradcon_core.idx import load_mnist
-from gradcon_core.images import ImageError, channels_of, decode_images, encode_png, encode_raw
-from gradcon_core.imageset import IMAGE, ImageShape, image_bytes, iter_batches
-from gradcon_core.models.sizes import ImageSize, as_hw
+from gradcon_core.data.defects import CLASSES, DEFAULT_COUNTS, DefectCounts, defect_tables
+from gradcon_core.data.idx import load_mnist
+from gradcon_core.data.images import ImageError, channels_of, decode_images, encode_png, encode_raw
+from gradcon_core.data.imageset import IMAGE, ImageShape, image_bytes, iter_batches
+from gradcon_core.data.sizes import ImageSize, as_hw
 
 SOURCES = ("mnist", "fashion-mnist", "cifar10", "folder", "parquet", "defects")
 KNOWN_DATASETS = ("mnist", "fashion-mnist", "cifar10", "defects")  # recorded in the set (a folder is the user's)
@@ -70,7 +70,7 @@ def _cifar_source(source: Path) -> Iterator[pa.Table]:
                 batch = pickle.load(f, encoding="bytes")  # the official CIFAR-10 python format
             images.append(batch[b"data"].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
             labels.append(np.asarray(batch[b"labels"]))
-        # Kept RGB at 32x32: models resize with Lanczos when decoding (see gradcon_core/images.py).
+        # Kept RGB at 32x32: models resize with Lanczos when decoding (see gradcon_core/data/images.py).
         yield from _arrays_to_tables(np.concatenate(images), np.concatenate(labels), split)
 
 
@@ -107,7 +107,7 @@ def tables(kind: str, source: str | None, filesystem: pafs.FileSystem | None = N
     """The image set's rows from a source, as tables of CHUNK rows (filesystem: for a parquet source on S3).
 
     image_size, seed, counts and classes are the generated defects set's (it has no source; see
-    gradcon_core/defects.py); other sources are resized by Resizer, after reading."""
+    gradcon_core/data/defects.py); other sources are resized by Resizer, after reading."""
     if kind == "defects":
         return defect_tables(image_size or DEFECTS_DEFAULT_SIZE, seed, counts, classes, rows_per_table=CHUNK)
     if source is None:
@@ -139,7 +139,7 @@ ENCODINGS = {"png": encode_png, "raw": encode_raw}  # how prepare stores images 
 class Resizer:
     """Decodes every image of the tables it is given (tables of one set, in turn) to one (height, width) and
     re-encodes it (PNG, or raw pixels). The channel count is the first decodable image's unless given; rows
-    that fail the decoding policy (gradcon_core/images.py: unreadable, too large, another channel count) are
+    that fail the decoding policy (gradcon_core/data/images.py: unreadable, too large, another channel count) are
     left out and kept in `skipped` as (id, reason)."""
 
     def __init__(self, image_size: ImageSize, channels: int | None = None, encoding: str = "png"):

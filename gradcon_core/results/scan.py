@@ -19,8 +19,8 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from gradcon_core.imageset import list_parquet_files
-from gradcon_core.result_table import SCHEMA
+from gradcon_core.data.imageset import list_parquet_files
+from gradcon_core.results.table import SCHEMA
 
 log = logging.getLogger("gradcon")
 COLUMNS = ("id", "score", "recon_error", "grad_score", "is_anomaly", "threshold", "model_id", "error", "label",

@@ -15,8 +15,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from gradcon_core.adversarial import arae_loss
-from gradcon_core.parallel import GradientSync, all_reduce_gradients
+from gradcon_core.detectors.adversarial import arae_loss
+from gradcon_core.training.parallel import GradientSync, all_reduce_gradients
 
 COS_EPS = 1e-8  # F.cosine_similarity's default, as in the official code
 
@@ -123,7 +123,7 @@ def gradcon_losses(
 
     scale weights this batch's reconstruction loss: a data-parallel worker holding n_r of a global
     batch of B images across N workers uses N * n_r / B, so that the mean over workers of its
-    gradients is the gradient of the global batch mean (gradcon_core/parallel.py); J and recon come back
+    gradients is the gradient of the global batch mean (gradcon_core/training/parallel.py); J and recon come back
     weighted.
     With adversarial images x_adv (ARAE), "recon" is the ARAE loss and the constraint acts on its gradients.
     """

@@ -5,7 +5,7 @@ sums into global means, measures validation (val_loss; val_auroc against validat
 the selection key (lowest val_loss or highest val_auroc), and hands each epoch to a callback: `fit`
 keeps the best state in memory, the Ray worker reports to Ray Train and checkpoints. With one worker
 and no sync it is the single-process run; with N workers, each passing its rank and an all-reduce sync,
-they take exactly the single-process steps (gradcon_core/parallel.py). Detectors that are not
+they take exactly the single-process steps (gradcon_core/training/parallel.py). Detectors that are not
 iterative (scikit-learn's) are fitted once and reported as one epoch.
 """
 from __future__ import annotations
@@ -18,10 +18,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from gradcon_core.checkpoint import data_fingerprint
-from gradcon_core.detector import Detector
+from gradcon_core.detectors.contract import Detector
 from gradcon_core.metrics import auroc
-from gradcon_core.parallel import (
+from gradcon_core.training.checkpoint import data_fingerprint
+from gradcon_core.training.parallel import (
     GradientSync,
     LocalBatch,
     StepClock,

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-from gradcon_core.report import pyplot
+from gradcon_core.results.plots import pyplot
 
-PAPER_RESULTS = Path(__file__).resolve().parents[1] / "docs" / "paper_results"
+PAPER_RESULTS = Path(__file__).resolve().parents[2] / "docs" / "paper_results"
 GRADCON, ARAE, PUZZLE = "Kwon et al. 2020", "Salehi et al. 2020 (ARAE)", "Salehi et al. 2020 (Puzzle-AE)"
 
 

@@ -30,7 +30,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from gradcon_core.metrics import threshold_from_scores
-from gradcon_core.result_table import SCHEMA
+from gradcon_core.results.table import SCHEMA
 
 RESULT_KEY = b"gradcon_result"
 PARTS = "_parts"

@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call, grad, vmap
 
-from gradcon_core.objective import COS_EPS, constraint_layers
+from gradcon_core.detectors.objective import COS_EPS, constraint_layers
 
 METHODS = ("fast", "vmap")
 

@@ -1,7 +1,7 @@
 """A static HTML report of a result table: one folder (index.html, plots/, images/) that opens from disk.
 
 No server, no internet: the CSS is inline and every picture is a PNG file beside the HTML. The result
-table is streamed once (gradcon_core.result_scan); of the image set, only the `id` columns are read in
+table is streamed once (gradcon_core.results.scan); of the image set, only the `id` columns are read in
 full, and the images only from the row groups that hold a row shown. With a detector that reconstructs,
 each shown image sits beside its reconstruction and a per-pixel squared-error heat map (at the model's
 input size, one colour scale for the whole report).
@@ -22,13 +22,13 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from PIL import Image
 
-from gradcon_core.detector import Detector
-from gradcon_core.images import ImageError, channels_of, decode_image, decode_images, encode_png
-from gradcon_core.imageset import IMAGE, image_bytes, list_parquet_files
+from gradcon_core.data.images import ImageError, channels_of, decode_image, decode_images, encode_png
+from gradcon_core.data.imageset import IMAGE, image_bytes, list_parquet_files
+from gradcon_core.detectors.contract import Detector
+from gradcon_core.files import resolve, write_bytes
 from gradcon_core.metrics import f1_at
-from gradcon_core.report import pyplot
-from gradcon_core.result_scan import ResultScan, scan_results
-from gradcon_core.storage import resolve, write_bytes
+from gradcon_core.results.plots import pyplot
+from gradcon_core.results.scan import ResultScan, scan_results
 
 log = logging.getLogger("gradcon")
 HEAT_COLORMAP = "inferno"

@@ -18,7 +18,7 @@ import yaml
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from gradcon_core.storage import exists, read_bytes, resolve, write_bytes
+from gradcon_core.files import exists, read_bytes, resolve, write_bytes
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.yaml"

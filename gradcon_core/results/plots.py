@@ -48,7 +48,7 @@ def write_csv(rows: list[dict], path: Path) -> None:
 
 
 def markdown(table: list[dict], title: str) -> str:
-    """The per-class table of every metric, mean +- std over seeds (gradcon_core/papers.py puts it beside the
+    """The per-class table of every metric, mean +- std over seeds (gradcon_core/results/papers.py puts it beside the
     papers)."""
     lines = [f"# {title}", "", "| class | AUROC | AUPR | F1 | FPR@95%TPR | seeds |", "|---|---|---|---|---|---|"]
     for e in table:

@@ -32,8 +32,8 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from gradcon_core.images import encode_png
-from gradcon_core.models.sizes import ImageSize, as_hw
+from gradcon_core.data.images import encode_png
+from gradcon_core.data.sizes import ImageSize, as_hw
 
 CLASSES = ("fabric", "wood", "metal", "carpet")
 DEFECT_TYPES = ("scratch", "hole", "stain", "color_spot", "cut_paste")

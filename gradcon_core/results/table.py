@@ -9,8 +9,8 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from gradcon_core.detector import Detector
-from gradcon_core.images import decode_images
+from gradcon_core.data.images import decode_images
+from gradcon_core.detectors.contract import Detector
 
 SCHEMA = pa.schema([
     ("id", pa.string()),

@@ -1,34 +1,12 @@
-"""Name -> constructor registries for networks and detectors (timm-style)."""
+"""Name -> class registry of detectors: @register_detector("gradcon"), create_detector("gradcon", ...)."""
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 from typing import Any
 
-import torch.nn as nn
+from gradcon_core.models.registry import create_model
 
-_MODELS: dict[str, Callable[..., nn.Module]] = {}
 _DETECTORS: dict[str, type] = {}
-
-
-def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-    _MODELS[fn.__name__] = fn
-    return fn
-
-
-def create_model(name: str, **kwargs: Any) -> nn.Module:
-    if name not in _MODELS:
-        raise ValueError(f"unknown model {name!r}; registered models: {sorted(_MODELS)}")
-    args = inspect.signature(_MODELS[name]).bind(**kwargs)
-    args.apply_defaults()
-    model = _MODELS[name](**args.arguments)
-    # How to build it again, written into checkpoints as YAML (which has lists, not tuples: image_size=(H, W)).
-    model.spec = {"name": name, **{k: list(v) if isinstance(v, tuple) else v for k, v in args.arguments.items()}}
-    return model
-
-
-def list_models() -> list[str]:
-    return sorted(_MODELS)
 
 
 def register_detector(name: str) -> Callable[[type], type]:

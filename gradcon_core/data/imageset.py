@@ -23,7 +23,7 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from gradcon_core.storage import resolve
+from gradcon_core.files import resolve
 
 IMAGE = "image"
 SHAPE_KEY = b"gradcon"

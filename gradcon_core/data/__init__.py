@@ -1,0 +1,1 @@
+"""Images -> image sets: decoding, parquet sets, sources, protocols, generated sets."""

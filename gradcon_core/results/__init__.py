@@ -1,0 +1,1 @@
+"""Result tables and files, metrics of a run, evaluation, paper tables, reports."""

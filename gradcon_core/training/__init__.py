@@ -1,0 +1,1 @@
+"""The one training loop, its data-parallel plumbing and checkpoints."""
