@@ -53,7 +53,7 @@ bench: install data
 
 # The papers' per-class tables under a budget, written to docs/results/ (benchmarks/reproduce.py). The default fits a
 # 2-core CPU in about an hour for MNIST; the official budget is EPOCHS=1000 (on a GPU: GPUS_PER_RUN=0.25).
-# PARAMS="output_init=mean" runs the fast-start recipe instead of the official one (README "Benchmarks").
+# PARAMS="output_init=mean" runs the fast-start recipe instead of the official one (docs/results/README.md).
 EPOCHS ?= 20
 SEEDS ?= 0,1,2
 GPUS_PER_RUN ?= 0

@@ -1,8 +1,12 @@
-"""Shared helpers for the benchmarks: timing that is fair on CPU and CUDA, and a machine description."""
+"""Shared helpers for the benchmarks: timing that is fair on CPU and CUDA, machine descriptions, and the
+sections of docs/benchmarks.md that the benchmarks write (publish)."""
 from __future__ import annotations
 
 import os
 import platform
+import re
+import shlex
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -67,3 +71,38 @@ def peak_memory(fn: Callable[[], None], device: torch.device) -> int | None:
     reset.write_text("5")
     fn()
     return read("VmHWM:") - before
+
+
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
+DOCS_HEADER = """# Benchmarks
+
+Written by the benchmark scripts, not by hand: each section is the latest run of the command it names
+(`--write-docs`), with the machine and the date. Rerun a command to replace its section.
+"""
+
+
+def describe_machine() -> str:
+    """The CPU's model and logical CPUs, the GPU where there is one, Python and torch."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                 if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    gpu = f", {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ", no GPU"
+    return f"{cpu}, {os.cpu_count()} logical CPUs{gpu}; Python {platform.python_version()}, torch {torch.__version__}"
+
+
+def publish(section: str, title: str, body: str, docs: Path = DOCS) -> None:
+    """Replace `section` of docs/benchmarks.md (appended if new) with body, under its title and a line naming
+    what measured it: this script's command line, the machine and the date."""
+    command = shlex.join(["python", f"benchmarks/{Path(sys.argv[0]).name}", *sys.argv[1:]])
+    begin, end = f"<!-- begin {section} -->", f"<!-- end {section} -->"
+    block = (f"{begin}\n## {title}\n\n`{command}` on {describe_machine()}, {time.strftime('%Y-%m-%d')}.\n\n"
+             f"{body.strip()}\n{end}")
+    text = docs.read_text() if docs.exists() else DOCS_HEADER
+    pattern = re.compile(re.escape(begin) + ".*?" + re.escape(end), re.S)
+    text = pattern.sub(lambda _: block, text) if pattern.search(text) else f"{text.rstrip()}\n\n{block}\n"
+    docs.write_text(text)
+    print(f"wrote section {section!r} of {docs}")

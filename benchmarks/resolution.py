@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, peak_memory  # noqa: E402
+from common import machine, peak_memory, publish  # noqa: E402
 from score_speed import plain_rate, scorer_rate  # noqa: E402
 from train_speed import step_rates  # noqa: E402
 
@@ -46,6 +46,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=2048, help="images scored at 28x28; fewer at larger sizes")
     parser.add_argument("--steps", type=int, default=20, help="training steps per timing")
     parser.add_argument("--train-batch", type=int, default=64)
+    parser.add_argument("--write-docs", action="store_true", help="the table into docs/benchmarks.md")
     args = parser.parse_args()
     device = torch.device(args.device)
     print(f"machine: {machine(device)}")
@@ -68,11 +69,13 @@ def main() -> None:
         print(f"  plain fwd+bwd {name}, batch {batch:<5} {plain:>10,.0f} images/s")
         rows.append((name, batch, fast, fast / plain, plain_step / gradcon_step, det_batch,
                      "n/a" if peak is None else f"{peak / 2**20:,.0f} MiB"))
-    print("\n| image | score batch | scorer images/s | scorer / plain fwd+bwd | GradCon step / plain step "
-          "| decision_function batch | its peak memory |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
-    for name, batch, fast, ratio, step_ratio, det_batch, peak in rows:
-        print(f"| {name} | {batch} | {fast:,.0f} | {ratio:.2f} | {step_ratio:.2f}x | {det_batch} | {peak} |")
+    table = "\n".join(["| image | score batch | scorer images/s | scorer / plain fwd+bwd | GradCon step / plain step "
+                       "| decision_function batch | its peak memory |", "|---|---:|---:|---:|---:|---:|---:|",
+                       *(f"| {name} | {batch} | {fast:,.0f} | {ratio:.2f} | {step_ratio:.2f}x | {det_batch} | {peak} |"
+                         for name, batch, fast, ratio, step_ratio, det_batch, peak in rows)])
+    print("\n" + table)
+    if args.write_docs:
+        publish(f"resolution-{device.type}", f"GradCon at resolution ({device.type.upper()})", table)
 
 
 if __name__ == "__main__":

@@ -10,8 +10,6 @@ figures as bars). GPU mode (the default where CUDA is available) passes the CUDA
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import re
 import subprocess
 import sys
@@ -25,6 +23,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from common import describe_machine  # noqa: E402
+
 RATE = re.compile(r"^\s*(?:\(\w\)\s*)?(?P<name>[^\n]*?)\s+(?P<rate>[\d,]+(?:\.\d+)?) images/s", re.M)
 
 
@@ -47,20 +48,6 @@ def plan(gpu: bool, quick: bool) -> dict[str, list[str]]:
         "tune_arae": ["--classes", "0", "--trials", "2", "--epochs", "1", "--train-images", "300",
                       "--attack-steps", "3"] if quick else [],
     }
-
-
-def machine(gpu: bool) -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                 if line.startswith("model name")]
-        cpu = names[0] if names else cpu
-    except OSError:
-        pass
-    text = f"CPU: {cpu}, {os.cpu_count()} logical CPUs; Python {platform.python_version()}, torch {torch.__version__}"
-    if gpu:
-        text += f"; GPU: {torch.cuda.get_device_name(0)}"
-    return text
 
 
 def plot(name: str, output: str, path: Path) -> bool:
@@ -97,7 +84,7 @@ def main() -> int:
             raise SystemExit(f"unknown benchmark(s) {sorted(unknown)}; choose from {sorted(runs)}")
         runs = {k: v for k, v in runs.items() if k in args.only.split(",")}
     lines = [f"# Benchmark report ({time.strftime('%Y-%m-%d %H:%M')}, {'GPU' if gpu else 'CPU'} mode"
-             f"{', quick' if args.quick else ''})", "", machine(gpu), ""]
+             f"{', quick' if args.quick else ''})", "", describe_machine(), ""]
     failed = []
     for name, extra in runs.items():
         cmd = [sys.executable, str(HERE / f"{name}.py"), *extra]

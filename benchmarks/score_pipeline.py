@@ -180,7 +180,7 @@ def main() -> None:
         shutil.rmtree(out, ignore_errors=True)
         cpu_before = sum(driver.cpu_times()[:2])
         with PeakMemory() as mem:
-            summary = run(ScoreConfig(model=str(model), input=str(data), output=str(out), decode=decode,
+            summary = run(ScoreConfig(checkpoint=str(model), input=str(data), output=str(out), decode=decode,
                                       batch_size=args.batch_size, concurrency=concurrency, quiet=True,
                                       cpus_per_actor=args.cpus_per_actor, gpus_per_actor=args.gpus_per_actor))
         return summary, mem.peak / 2**20, sum(driver.cpu_times()[:2]) - cpu_before - mem.cpu  # not the sampler's

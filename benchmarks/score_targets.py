@@ -138,7 +138,7 @@ def main() -> None:
         out = work / f"out-{kind}"
         shutil.rmtree(out, ignore_errors=True)
         batch_size = args.batch_size or (512 if kind == "jpeg128" else 2048)
-        summary = run(ScoreConfig(model=model, input=str(data), output=str(out), batch_size=batch_size,
+        summary = run(ScoreConfig(checkpoint=model, input=str(data), output=str(out), batch_size=batch_size,
                                   gpus_per_actor=args.gpus_per_actor, concurrency=args.concurrency, quiet=True))
         after = args.rows / (summary["seconds"] - summary["first_results_s"])
         target = TARGETS[kind]

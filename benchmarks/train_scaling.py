@@ -26,6 +26,9 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import publish  # noqa: E402
+
 from gradcon_core import create_model  # noqa: E402
 from gradcon_core.detectors.objective import ReferenceGradients, constraint_layers, gradcon_step  # noqa: E402
 from gradcon_core.training.parallel import AllReduceMean  # noqa: E402
@@ -111,6 +114,14 @@ def job_scaling(data: str, epochs: int, normal_class: int) -> None:
 # nccl-tests runs show for H100s on NVLink in one node and on 400 Gb/s InfiniBand across nodes, rounded down.
 # Assumptions, not measurements: replace them with your cluster's nccl-tests numbers.
 PROJECTED_LINKS = {8: ("8 GPUs, one node (NVLink)", 100e9, 20e-6), 64: ("64 GPUs, 8 nodes (InfiniBand)", 20e9, 50e-6)}
+PROJECTION_NOTE = ("A GradCon step runs three all-reduces one after the other (the inner gradients forward and "
+                   "backward, then every gradient): more workers shrink compute per worker and leave them. The "
+                   "network's real all-reduce sizes, a ring all-reduce, and assumed links: 100 GB/s bus bandwidth "
+                   "and 20 us latency for 8 GPUs on NVLink in one node; 20 GB/s and 50 us for 64 GPUs over 400 Gb/s "
+                   "InfiniBand in eight nodes. Compare the compute column with the `step compute` of your epoch "
+                   "lines. The global batch is fixed by the math, so compute per worker falls as 1/N: scale the "
+                   "global batch with the workers (and the learning rate with it), or keep N where the per-worker "
+                   "batch fills the GPU.")
 
 
 def allreduce_seconds(nbytes: int, workers: int, bus_bandwidth: float, latency: float) -> float:
@@ -118,19 +129,26 @@ def allreduce_seconds(nbytes: int, workers: int, bus_bandwidth: float, latency: 
     return latency + nbytes * 2 * (workers - 1) / workers / bus_bandwidth
 
 
-def projection(sizes: list[tuple[int, int]]) -> None:
+def projection(sizes: list[tuple[int, int]]) -> str:
     """Per GradCon step: the inner all-reduce (the constrained weights' gradients, forward and backward) and the
-    final one (every gradient), one after the other, as the step cannot overlap them."""
-    print("PROJECTION (arithmetic from the all-reduce sizes and the assumed links in PROJECTED_LINKS):")
+    final one (every gradient), one after the other, as the step cannot overlap them; as a Markdown table."""
+    links = list(PROJECTED_LINKS.items())
+    head = "".join(f" {n} workers ({where}): comm per step | 90% efficiency needs compute >= |"
+                   for n, (where, _, _) in links)
+    rows = ["| image | inner all-reduce (x2 per step) | final all-reduce |" + head,
+            "|---|---:|---:|" + "---:|---:|" * len(links)]
     for size, channels in sizes:
         model = create_model("gradcon_cae", in_channels=channels, image_size=size)
         final = sum(p.numel() * p.element_size() for p in model.parameters())
         inner = sum(layer.weight.numel() * layer.weight.element_size() for layer in constraint_layers(model))
-        for workers, (where, bandwidth, latency) in PROJECTED_LINKS.items():
+        cells = []
+        for workers, (_, bandwidth, latency) in links:
             comm = 2 * allreduce_seconds(inner, workers, bandwidth, latency) + allreduce_seconds(
                 final, workers, bandwidth, latency)
-            print(f"  {size}x{size}x{channels}: inner {inner / 2**20:.2f} MiB x2, final {final / 2**20:.2f} MiB; "
-                  f"{where}: {1e3 * comm:.2f} ms per step; 90% efficiency needs >= {9e3 * comm:.1f} ms compute")
+            cells.append(f" {1e3 * comm:.2f} ms | {9e3 * comm:.1f} ms |")
+        name = f"{size}x{size}x{channels}"
+        rows.append(f"| {name} | {inner / 2**20:.2f} MiB | {final / 2**20:.2f} MiB |" + "".join(cells))
+    return "\n".join(rows)
 
 
 def main() -> None:
@@ -143,8 +161,13 @@ def main() -> None:
     parser.add_argument("--sync-only", action="store_true")
     parser.add_argument("--projection-only", action="store_true")
     parser.add_argument("--sizes", default="28:1,64:3,128:3,256:3", help="projection: SIZE:CHANNELS,...")
+    parser.add_argument("--write-docs", action="store_true", help="the projection into docs/benchmarks.md")
     args = parser.parse_args()
-    projection([tuple(int(v) for v in s.split(":")) for s in args.sizes.split(",")])
+    table = projection([tuple(int(v) for v in s.split(":")) for s in args.sizes.split(",")])
+    print(f"PROJECTION (arithmetic from the all-reduce sizes and the assumed links in PROJECTED_LINKS):\n{table}")
+    if args.write_docs:
+        publish("scaling-projection", "Data-parallel training: what the all-reduces cost at 8 and 64 GPUs "
+                "(arithmetic, not a measurement)", f"{PROJECTION_NOTE}\n\n{table}")
     if args.projection_only:
         return
     sync_costs(args.steps, args.batch)

@@ -91,8 +91,8 @@ def main() -> None:
                            f"storage=s3://{BUCKET}/runs", "name=two-nodes"], env)
             print("\n".join(placement(address, "RayTrainWorker")))
             checkpoint = out.split("best checkpoint: ")[-1].split()[0]
-            gradcon(["score", "--model", checkpoint, "--input", data, "--output", f"s3://{BUCKET}/scores",
-                     "--concurrency", "2", "--address", address], env)
+            gradcon(["score", f"checkpoint={checkpoint}", f"input={data}", f"output=s3://{BUCKET}/scores",
+                     "concurrency=2", f"address={address}"], env)
             print("\n".join(placement(address, "Scorer")))
         finally:  # this cluster's processes only (`ray stop` would stop every Ray on the machine)
             stop([p for p in psutil.process_iter(["cmdline"]) if f"{tmp}/ray" in " ".join(p.info["cmdline"] or [])],

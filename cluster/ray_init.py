@@ -77,7 +77,7 @@ def _loopback_node() -> Iterator[None]:
 def embedded_cpus(min_cpus: float = 0) -> int:
     """Logical CPUs of an embedded Ray: the machine's, or min_cpus where a job needs more.
 
-    A job sized for its own machine (the README's 2-worker train on a 2-core laptop needs 2 CPUs for its
+    A job sized for its own machine (the tour's 2-worker train on a 2-core laptop needs 2 CPUs for its
     workers and 2 for Ray Data's reads) then runs time-sliced instead of being refused; a real cluster
     keeps its own count and the jobs' honest checks.
     """

@@ -1,10 +1,16 @@
-"""Typed dataclass configs: defaults in code, overridden by a YAML file, then by key=value flags."""
+"""Typed dataclass configs: defaults in code, overridden by a YAML file, then by key=value arguments.
+
+Every config is a dataclass deriving from Config, whose __post_init__ checks every field (validate: finite
+numbers, lower bounds, plain names) and makes local paths absolute; a config's own __post_init__ adds the
+checks that are its alone. So a config that exists is a valid one, however it was made: from the command
+line, from YAML, or in code.
+"""
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 import os
+import re
 import types
 import typing
 from pathlib import Path
@@ -13,15 +19,6 @@ from typing import Any, TypeVar
 import yaml
 
 T = TypeVar("T")
-# Settings every long job has, which also have flags of their own (--tracking mlflow, --quiet).
-FLAGS = ("tracking", "quiet", "verbose")
-
-
-@dataclasses.dataclass
-class JobSettings:
-    tracking: str = "none"  # or mlflow: MLflow at MLFLOW_TRACKING_URI, default runs/mlflow.db (gradcon[mlflow])
-    quiet: bool = False  # no progress lines
-    verbose: bool = False  # also Ray Train's own INFO lines (worker group, every report and checkpoint)
 
 
 def bounded(default: Any, at_least: float | None = None, above: float | None = None) -> Any:
@@ -75,6 +72,17 @@ def validate(cfg: Any) -> None:
             raise ValueError(f"config {f.name}: {problem}")
 
 
+@dataclasses.dataclass
+class Config:
+    """The base of every typed config (see the module docstring)."""
+
+    def __post_init__(self) -> None:
+        validate(self)
+        for f in dataclasses.fields(self):
+            if f.metadata.get("path") and isinstance(getattr(self, f.name), str):
+                setattr(self, f.name, absolute(getattr(self, f.name)))
+
+
 def parse_scalar(text: str) -> Any:
     """A number where the text reads as one (YAML alone takes "1e-7" for a string), else YAML's reading."""
     for cast in (int, float):
@@ -93,8 +101,9 @@ def _coerce(name: str, value: Any, annotation: Any) -> Any:
             return None
         return _coerce(name, value, args[0])
     if origin in (list, tuple):
-        if isinstance(value, str):
-            value = yaml.safe_load(value) if value.startswith("[") else [v for v in value.split(",") if v]
+        if isinstance(value, str):  # "[1, 2]", "1,2", or a size "48x64"
+            separator = "x" if re.fullmatch(r"\d+x\d+", value) else ","
+            value = yaml.safe_load(value) if value.startswith("[") else [v for v in value.split(separator) if v]
         elif not isinstance(value, (list, tuple)):  # one value where a list is wanted (image_size: 64)
             value = [value]
         (item,) = typing.get_args(annotation)[:1] or (Any,)
@@ -148,38 +157,9 @@ def load_config(
     unknown = sorted(set(values) - known)
     if unknown:
         raise ValueError(f"unknown config key(s) {unknown} for {cls.__name__}; known: {sorted(known)}")
-    cfg = cls(**{k: _coerce(k, v, hints[k]) for k, v in values.items()})
-    validate(cfg)
-    for f in dataclasses.fields(cfg):
-        if f.metadata.get("path") and isinstance(getattr(cfg, f.name), str):
-            setattr(cfg, f.name, absolute(getattr(cfg, f.name)))
-    return cfg
+    return cls(**{k: _coerce(k, v, hints[k]) for k, v in values.items()})  # (checked by its __post_init__)
 
 
 def save_config(cfg: Any, path: str | Path) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
-
-
-def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
-    """`--config FILE` and positional `key=value` overrides for a job whose settings are `cls`."""
-    parser.add_argument("--config", help=f"YAML file with {cls.__name__} fields")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="override a config field")
-    add_flags(parser, cls)
-
-
-def add_flags(parser: argparse.ArgumentParser, cls: type) -> None:
-    """--tracking NAME, --quiet and --verbose, for a job whose settings include JobSettings."""
-    if issubclass(cls, JobSettings):
-        parser.add_argument("--tracking", choices=("none", "mlflow"), help="experiment tracking (default none)")
-        parser.add_argument("--quiet", action="store_const", const="true", help="no progress lines")
-        parser.add_argument("--verbose", action="store_const", const="true", help="also Ray's own INFO lines")
-
-
-def flag_overrides(args: argparse.Namespace) -> list[str]:
-    """The flags of add_flags as key=value overrides (they win over the YAML file and key=value)."""
-    return [f"{k}={getattr(args, k)}" for k in FLAGS if getattr(args, k, None) is not None]
-
-
-def config_from_arguments(args: argparse.Namespace, cls: type[T]) -> T:
-    return load_config(cls, args.config, [*args.overrides, *flag_overrides(args)])

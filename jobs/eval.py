@@ -15,7 +15,6 @@ skipped_rows.csv (undecodable rows, by id) and config.yaml.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -26,15 +25,7 @@ import numpy as np
 import torch
 
 from cluster.storage import S3Options, filesystem_for
-from gradcon_core.config import (
-    JobSettings,
-    add_config_arguments,
-    bounded,
-    config_from_arguments,
-    local_path,
-    plain_name,
-    save_config,
-)
+from gradcon_core.config import bounded, local_path, plain_name, save_config
 from gradcon_core.data.imageset import (
     ImageShape,
     check_image_set,
@@ -48,7 +39,7 @@ from gradcon_core.detectors.settings import DetectorSettings
 from gradcon_core.results.evaluation import RunResult, evaluate_class, per_class_auroc, write_outputs
 from gradcon_core.results.papers import our_method
 from jobs.progress import Progress
-from jobs.tracking import config_params, require, start_run
+from jobs.tracking import JobSettings, config_params, start_run
 
 
 @dataclass
@@ -71,6 +62,16 @@ class EvalConfig(DetectorSettings, JobSettings):
     address: str | None = None  # Ray cluster; None: RAY_ADDRESS, else an embedded local Ray
     s3_endpoint: str | None = None
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.protocol not in PROTOCOLS:
+            raise ValueError(f"unknown protocol {self.protocol!r}; choose one of {PROTOCOLS}")
+        if self.device == "cuda" and self.gpus_per_run == 0:
+            raise ValueError("device=cuda needs gpus_per_run > 0 (Ray gives a run only the GPUs it asks for)")
+
+
+Config = EvalConfig
+
 
 # Settings that do not change what a run computes: a resumed eval may differ in them.
 NOT_RUN_SETTINGS = ("classes", "seeds", "out", "name", "compare_with", "address", "cpus_per_run", "gpus_per_run",
@@ -78,12 +79,6 @@ NOT_RUN_SETTINGS = ("classes", "seeds", "out", "name", "compare_with", "address"
 
 
 def run(cfg: EvalConfig) -> list[dict]:
-    if cfg.protocol not in PROTOCOLS:
-        raise ValueError(f"unknown protocol {cfg.protocol!r}; choose one of {PROTOCOLS}")
-    cfg.detector_params()  # an unknown detector or setting fails here, before any work
-    if cfg.device == "cuda" and cfg.gpus_per_run == 0:
-        raise ValueError("device=cuda needs gpus_per_run > 0 (Ray gives a run only the GPUs it asks for)")
-    require(cfg.tracking)
     options = S3Options.from_env(endpoint=cfg.s3_endpoint)
     fs, _ = filesystem_for(cfg.data, options)
     check_image_set(cfg.data, fs)
@@ -185,12 +180,3 @@ def _write(cfg: EvalConfig, out: Path, runs: list[RunResult], other: tuple[str, 
                        other=other)
     print(md)
     print(f"results in {out}/ ({', '.join(sorted(p.name for p in out.iterdir() if p.is_file()))})")
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_config_arguments(parser, EvalConfig)
-
-
-def main(args: argparse.Namespace) -> int:
-    run(config_from_arguments(args, EvalConfig))
-    return 0

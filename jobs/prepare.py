@@ -1,29 +1,30 @@
 """Write an image set (parquet; columns id, image, label, split, ...) from a source.
 
-gradcon prepare mnist --source data/mnist --out data/sets/mnist
-gradcon prepare fashion-mnist --source /usr/share/datasets/fashion-mnist --out s3://bucket/fmnist/
-gradcon prepare cifar10 --source cifar-10-batches-py --out data/sets/cifar10
-gradcon prepare folder --source photos/ --out data/sets/photos  (one subfolder per class; train/ test/ optional)
-gradcon prepare parquet --source hf.parquet --out data/sets/x      (re-encode an existing parquet / HF export)
-gradcon prepare defects --image-size 128 --out data/sets/defects  (generated RGB textures with defects)
+gradcon prepare mnist source=data/mnist out=data/sets/mnist
+gradcon prepare fashion-mnist source=/usr/share/datasets/fashion-mnist out=s3://bucket/fmnist/
+gradcon prepare cifar10 source=cifar-10-batches-py out=data/sets/cifar10
+gradcon prepare folder source=photos/ out=data/sets/photos  (one subfolder per class; train/ test/ optional)
+gradcon prepare parquet source=hf.parquet out=data/sets/x     (re-encode an existing parquet / HF export)
+gradcon prepare defects image_size=128 out=data/sets/defects  (generated RGB textures with defects)
 
---encoding raw stores uint8 pixels instead of PNG (gradcon_core/data/images.py), which scoring reads with no decoding.
---image-size S (or HxW) resizes every image to that size, stored as PNG; without it folder and parquet images
-keep their bytes (a JPEG stays that JPEG). When every image has one known shape (mnist, cifar10, defects, any
-resized set) the files record it, and train, eval, tune and demo size their networks by it
+encoding=raw stores uint8 pixels instead of PNG (gradcon_core/data/images.py), which scoring reads with no
+decoding. image_size=S (or HxW) resizes every image to that size, stored as PNG; without it folder and parquet
+images keep their bytes (a JPEG stays that JPEG). When every image has one known shape (mnist, cifar10,
+defects, any resized set) the files record it, and train, eval, tune and demo size their networks by it
 (gradcon_core/data/imageset.py). Re-running with the same input writes identical files.
 """
 from __future__ import annotations
 
-import argparse
 import sys
+from dataclasses import dataclass, field
 
 from tqdm import tqdm
 
 from cluster.storage import S3Options, check_reachable, check_readable, filesystem_for
+from gradcon_core.config import Config, bounded, local_path
 from gradcon_core.data.defects import CLASSES, DEFAULT_COUNTS, DefectCounts
 from gradcon_core.data.imageset import ImageSetWriter, check_image_set
-from gradcon_core.data.sizes import ImageSize
+from gradcon_core.data.sizes import ImageSize, as_hw
 from gradcon_core.data.sources import ENCODINGS, KNOWN_DATASETS, SOURCES, Resizer, known_shape, tables
 
 
@@ -37,8 +38,8 @@ def prepare(kind: str, source: str | None, out: str, rows_per_file: int = 20000,
     if encoding not in ENCODINGS:
         raise ValueError(f"unknown encoding {encoding!r}; choose one of {sorted(ENCODINGS)}")
     if encoding == "raw" and image_size is None and known_shape(kind) is None:
-        raise ValueError(f"--encoding raw stores every image at one size, and {kind} images have sizes of their "
-                         "own: give --image-size")
+        raise ValueError(f"encoding=raw stores every image at one size, and {kind} images have sizes of their "
+                         "own: give image_size=")
     options = options or S3Options.from_env()
     check_reachable(out, options)  # bad credentials: a clear error before any work
     source_fs = None
@@ -64,47 +65,45 @@ def prepare(kind: str, source: str | None, out: str, rows_per_file: int = 20000,
     return writer.close()
 
 
-def image_size_argument(text: str) -> int | tuple[int, int]:
-    """"64" (square) or "48x64" (height x width)."""
-    try:
-        sides = tuple(int(s) for s in text.lower().split("x"))
-    except ValueError:
-        sides = ()
-    if len(sides) not in (1, 2) or min(sides) < 1:
-        raise argparse.ArgumentTypeError(f"an image size is S or HxW in pixels (e.g. 64 or 48x64), got {text!r}")
-    return sides[0] if len(sides) == 1 else sides
+WORDS = ("kind",)  # gradcon prepare KIND key=value ...
 
 
-def counts_argument(text: str) -> DefectCounts:
-    try:
-        train, test_normal, test_defective = (int(n) for n in text.split(","))
-        return DefectCounts(train, test_normal, test_defective)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"counts are TRAIN,TEST_NORMAL,TEST_DEFECTIVE (e.g. 200,40,40), "
-                                         f"got {text!r}") from None
+@dataclass
+class PrepareConfig(Config):
+    kind: str = ""  # the source: mnist, fashion-mnist, cifar10, folder, parquet or defects
+    source: str | None = local_path(None)  # IDX folder, cifar-10-batches-py/, image folder or parquet (not defects)
+    out: str = local_path("")  # the image set: a local folder, file:// or s3:// prefix
+    image_size: list[int] | None = bounded(None, at_least=1)  # resize to S or HxW (defects: generate at it; 128)
+    encoding: str = "png"  # or raw: uint8 pixels, scored with no decoding (one size: the source's or image_size)
+    rows_per_file: int = bounded(20000, at_least=1)
+    seed: int = 0  # defects: the generator's seed
+    counts: list[int] = field(default_factory=lambda: [200, 40, 40])  # defects: TRAIN,TEST_NORMAL,TEST_DEFECTIVE
+    classes: list[str] = field(default_factory=lambda: list(CLASSES))  # defects: the texture kinds
+    download: bool = False  # mnist, fashion-mnist: fetch with torchvision
+    s3_endpoint: str | None = None  # default: AWS_ENDPOINT_URL, else AWS
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.kind not in SOURCES:
+            raise ValueError(f"name the source: gradcon prepare KIND out=..., KIND one of {', '.join(SOURCES)}"
+                             + (f" (got {self.kind!r})" if self.kind else ""))
+        if not self.out:
+            raise ValueError("prepare needs out= (the image set to write)")
+        if self.encoding not in ENCODINGS:
+            raise ValueError(f"config encoding: must be one of {', '.join(sorted(ENCODINGS))}, got {self.encoding!r}")
+        if len(self.counts) != 3:
+            raise ValueError(f"config counts: TRAIN,TEST_NORMAL,TEST_DEFECTIVE (e.g. 200,40,40), got {self.counts}")
+        if self.image_size is not None:
+            as_hw(self.image_size[0] if len(self.image_size) == 1 else self.image_size)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("kind", choices=SOURCES)
-    parser.add_argument("--source", help="IDX folder, cifar-10-batches-py/, image folder or parquet (not for defects)")
-    parser.add_argument("--out", required=True, help="local folder, file:// or s3:// prefix")
-    parser.add_argument("--image-size", type=image_size_argument,
-                        help="resize every image to S or HxW pixels (defects: generate at it; default 128)")
-    parser.add_argument("--seed", type=int, default=0, help="defects: the generator's seed")
-    parser.add_argument("--counts", type=counts_argument, default=DEFAULT_COUNTS,
-                        help="defects: images per texture kind: TRAIN,TEST_NORMAL,TEST_DEFECTIVE (default 200,40,40)")
-    parser.add_argument("--classes", type=lambda text: tuple(text.split(",")), default=CLASSES,
-                        help=f"defects: texture kinds, comma-separated (default {','.join(CLASSES)})")
-    parser.add_argument("--encoding", choices=sorted(ENCODINGS), default="png",
-                        help="raw: uint8 pixels, scored with no decoding (one size: the source's or --image-size)")
-    parser.add_argument("--rows-per-file", type=int, default=20000)
-    parser.add_argument("--download", action="store_true", help="mnist/fashion-mnist: fetch with torchvision")
-    parser.add_argument("--s3-endpoint", help="S3 endpoint URL (default: AWS_ENDPOINT_URL or AWS)")
+Config = PrepareConfig
 
 
-def main(args: argparse.Namespace) -> int:
-    paths = prepare(args.kind, args.source, args.out, args.rows_per_file, args.download,
-                    S3Options.from_env(endpoint=args.s3_endpoint), args.image_size, args.seed, args.counts,
-                    args.classes, args.encoding)
-    print(f"wrote {len(paths)} file(s) under {args.out}")
-    return 0
+def run(cfg: PrepareConfig) -> list[str]:
+    size = cfg.image_size and (cfg.image_size[0] if len(cfg.image_size) == 1 else tuple(cfg.image_size))
+    paths = prepare(cfg.kind, cfg.source, cfg.out, cfg.rows_per_file, cfg.download,
+                    S3Options.from_env(endpoint=cfg.s3_endpoint), size, cfg.seed, DefectCounts(*cfg.counts),
+                    tuple(cfg.classes), cfg.encoding)
+    print(f"wrote {len(paths)} file(s) under {cfg.out}")
+    return paths

@@ -1,25 +1,24 @@
 """Submit a job (train, tune, score, eval, ...) to a Ray cluster's job API, follow its logs, exit with its status.
 
-gradcon submit JOB [--address http://HEAD:8265] [--no-wait] [--env NAME ...] [--allow-secret-env] [--pip PKG==V ...]
-               -- JOB ARGUMENTS
-  e.g.  gradcon submit score --address http://127.0.0.1:8265 -- --model s3://b/runs/r/checkpoint --input ...
+gradcon submit JOB [address=http://HEAD:8265] [wait=false] [env=NAME,...] [allow_secret_env=true]
+               [pip=PKG==V,...] -- JOB'S OWN SETTINGS
+  e.g.  gradcon submit score address=http://127.0.0.1:8265 -- checkpoint=s3://b/runs/r/checkpoint input=...
 
 The entrypoint is `python -m jobs JOB ARGUMENTS` (quoted with shlex) run on the head with this repository as
 its working_dir (uploaded without .venv, data, runs, results, .git and caches); the head's Python must have the
 package's dependencies (ray_cluster.yaml installs them pinned). Exit code: 0 when the job SUCCEEDED, 1 when
 it FAILED or was STOPPED (its error is printed), 2 when the cluster cannot be reached or refuses the token.
-With --no-wait only the job id is printed (exit 0).
+With wait=false only the job id is printed (exit 0).
 
 Token authentication: when RAY_AUTH_MODE is unset and a token is at hand (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH
 or ~/.ray/auth_token), it is sent, as `ray start` does; RAY_AUTH_MODE=disabled is respected. The token is
-never printed. --env NAME forwards a variable from this environment by name (e.g. AWS_ENDPOINT_URL). Ray keeps
+never printed. env=NAME forwards a variable from this environment by name (e.g. AWS_ENDPOINT_URL). Ray keeps
 a runtime_env in plaintext (its job table, which anyone with access to the job API reads, and the head's
 runtime-env agent log), so a secret-looking name (SECRET, TOKEN, PASSWORD, CREDENTIAL, PRIVATE, KEY) is refused
-unless --allow-secret-env: credentials belong to the cluster (instance profile, IRSA, a Kubernetes Secret).
+unless allow_secret_env=true: credentials belong to the cluster (instance profile, IRSA, a Kubernetes Secret).
 """
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import os
@@ -27,11 +26,13 @@ import shlex
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
 from cluster.redact import is_secret_name, redact, secret_values
+from gradcon_core.config import Config, local_path
 
 JOBS = ("prepare", "train", "tune", "score", "eval", "demo")
 REPO = Path(__file__).resolve().parents[1]
@@ -39,10 +40,11 @@ REPO = Path(__file__).resolve().parents[1]
 EXCLUDES = ["/.venv", "/data", "/runs", "/results", "/.git", "/.ci", "__pycache__", ".pytest_cache",
             ".ruff_cache", "*.egg-info", "*.pyc"]
 AUTH_MODE = "RAY_AUTH_MODE"
-# The jobs' settings that name local paths (key=value or --key VALUE), and the output settings whose defaults are
-# relative (train/tune `runs`, eval `results`, demo `runs/demo`): on the cluster they would be written inside the
-# job's temporary copy of this repository and lost with it.
-PATH_SETTINGS = {"data", "storage", "out", "data_dir", "model", "input", "output", "source"}
+# The jobs' settings that name local paths (key=value, or the --key VALUE of the release before: --model was the
+# checkpoint), and the output settings whose defaults are relative (train/tune `runs`, eval `results`, demo
+# `runs/demo`): on the cluster they would be written inside the job's temporary copy of this repository and lost.
+PATH_SETTINGS = {"data", "storage", "out", "data_dir", "checkpoint", "input", "output", "source", "compare_with"}
+OLD_FLAGS = {"model": "checkpoint"}
 OUTPUT_SETTING = {"train": "storage", "tune": "storage", "eval": "out", "demo": "out"}
 
 
@@ -68,6 +70,7 @@ def _path_arguments(job_args: list[str]) -> Iterator[tuple[str, str, str]]:
     for k, arg in enumerate(job_args):
         if arg.startswith("--"):
             name, _, value = arg[2:].partition("=")
+            name = OLD_FLAGS.get(name, name)
             if not value and k + 1 < len(job_args):
                 value, arg = job_args[k + 1], f"{arg} {job_args[k + 1]}"
         else:
@@ -110,18 +113,18 @@ def runtime_env(working_dir: str, env_names: list[str], pip: list[str], allow_se
     env_vars = {}
     for name in env_names:
         if name not in os.environ:
-            raise SubmissionError(f"--env {name}: {name} is not set in this environment")
+            raise SubmissionError(f"env={name}: {name} is not set in this environment")
         if is_secret_name(name) and not allow_secrets:
-            raise SubmissionError(f"--env {name}: refused: it looks like a secret, and Ray would keep its value in "
+            raise SubmissionError(f"env={name}: refused: it looks like a secret, and Ray would keep its value in "
                                   f"plaintext in {RUNTIME_ENV_KEPT}; {CLUSTER_CREDENTIALS}. To send it anyway: "
-                                  "--allow-secret-env")
+                                  "allow_secret_env=true")
         if is_secret_name(name):
             print(f"warning: {name} goes to the cluster in the job's runtime_env: Ray keeps its value in plaintext "
                   f"in {RUNTIME_ENV_KEPT}", file=sys.stderr)
         env_vars[name] = os.environ[name]
     unpinned = [p for p in pip if "==" not in p and "@" not in p]
     if unpinned:
-        raise SubmissionError(f"--pip {' '.join(unpinned)}: pin a version (NAME==VERSION or NAME @ URL@COMMIT)")
+        raise SubmissionError(f"pip={','.join(unpinned)}: pin a version (NAME==VERSION or NAME @ URL@COMMIT)")
     env: dict = {"working_dir": working_dir, "excludes": EXCLUDES}
     if env_vars:
         env["env_vars"] = env_vars
@@ -147,7 +150,7 @@ def _send_token_if_available() -> None:
 
 @contextlib.contextmanager
 def _api_address(address: str) -> Iterator[None]:
-    """JobSubmissionClient lets RAY_API_SERVER_ADDRESS / RAY_ADDRESS override its argument: make --address win."""
+    """JobSubmissionClient lets RAY_API_SERVER_ADDRESS / RAY_ADDRESS override its argument: make address= win."""
     saved = os.environ.get("RAY_API_SERVER_ADDRESS")
     os.environ["RAY_API_SERVER_ADDRESS"] = address
     try:
@@ -178,7 +181,7 @@ def connect(address: str):
     except OSError as e:
         raise SubmissionError(f"cannot reach the Ray job API at {address} ({type(e).__name__}); on a cloud cluster "
                               "open a tunnel first: `ray dashboard ray_cluster.yaml`, then use "
-                              "--address http://127.0.0.1:8265") from None
+                              "address=http://127.0.0.1:8265") from None
 
 
 async def _follow(client, job_id: str, secrets: list[str]) -> None:
@@ -195,66 +198,53 @@ def follow(client, job_id: str, secrets: list[str]) -> str:
     return str(status)
 
 
-def _options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--address", default=os.environ.get("RAY_ADDRESS") or "http://127.0.0.1:8265",
-                        help="the head's job API, default $RAY_ADDRESS or http://127.0.0.1:8265 (a tunnel)")
-    parser.add_argument("--no-wait", action="store_true", help="print the job id and return")
-    parser.add_argument("--working-dir", default=str(REPO), help="uploaded as the job's working_dir (this repo)")
-    parser.add_argument("--env", action="append", default=[], metavar="NAME",
-                        help="forward this environment variable by name (not credentials: see --allow-secret-env)")
-    parser.add_argument("--allow-secret-env", action="store_true",
-                        help="let --env send secret-looking variables, which Ray keeps in plaintext in its job "
-                             "table and the head's logs")
-    parser.add_argument("--pip", action="append", default=[], metavar="PKG==VERSION",
-                        help="extra pinned pip requirement for the job's runtime_env")
-    parser.add_argument("--submission-id", help="job id to use (default: one Ray makes)")
+WORDS = ("job",)  # gradcon submit JOB key=value ... -- JOB'S OWN SETTINGS
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    _options(parser)
-    # One REMAINDER (not a `job` positional, which would swallow the `--` after it): JOB [OPTIONS] -- ARGS.
-    parser.add_argument("target", nargs=argparse.REMAINDER, metavar="JOB [OPTIONS] -- ARGS",
-                        help=f"JOB is one of {', '.join(JOBS)}; the job's own arguments go after --")
+@dataclass
+class SubmitConfig(Config):
+    job: str = ""  # the job to run on the cluster: prepare, train, tune, score, eval or demo
+    address: str = field(default_factory=lambda: os.environ.get("RAY_ADDRESS") or "http://127.0.0.1:8265")  # job API
+    wait: bool = True  # false: print the job id and return
+    working_dir: str = local_path(str(REPO))  # uploaded as the job's working_dir (this repository)
+    env: list[str] = field(default_factory=list)  # forward these environment variables by name (not credentials)
+    allow_secret_env: bool = False  # let env= send secret-looking variables (Ray keeps them in plaintext)
+    pip: list[str] = field(default_factory=list)  # extra pinned pip requirements (PKG==VERSION) for the job
+    submission_id: str | None = None  # the job's id (default: one Ray makes)
+    job_args: list[str] = field(default_factory=list)  # the job's own settings: what follows `--`
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.job not in JOBS:
+            raise SubmissionError(f"name the job to submit, one of {', '.join(JOBS)}: gradcon submit JOB -- "
+                                  "ITS SETTINGS" + (f" (got {self.job!r})" if self.job else ""))
 
 
-def _split(args: argparse.Namespace) -> tuple[argparse.Namespace, str, list[str]]:
-    """(options, job, the job's arguments): options may come before or after JOB, and end at `--`."""
-    if not args.target or args.target[0] not in JOBS:
-        raise SubmissionError(f"name the job to submit, one of {', '.join(JOBS)}: gradcon submit JOB -- ARGS")
-    job, rest = args.target[0], args.target[1:]
-    own, job_args = (rest[:rest.index("--")], rest[rest.index("--") + 1:]) if "--" in rest else (rest, [])
-    parser = argparse.ArgumentParser(prog=f"gradcon submit {job}")
-    _options(parser)
-    parser.set_defaults(**{k: v for k, v in vars(args).items() if k not in ("target", "command")})
-    options, unknown = parser.parse_known_args(own)
-    if unknown:
-        raise SubmissionError(f"unknown submit options {' '.join(unknown)}: the job's own arguments go after --, "
-                              f"e.g. gradcon submit {job} -- {' '.join(unknown)}")
-    return options, job, job_args
+Config = SubmitConfig
 
 
-def main(args: argparse.Namespace) -> int:
-    args, job, job_args = _split(args)
-    check_paths(job, job_args, args.working_dir)
-    secrets = secret_values(args.env)
-    env = runtime_env(args.working_dir, args.env, args.pip, args.allow_secret_env)
-    client = connect(args.address)
-    command = entrypoint(job, job_args)
+def run(cfg: SubmitConfig) -> int:
+    """Submit, follow, and return the exit code (0 SUCCEEDED, 1 FAILED or STOPPED, 130 stopped following)."""
+    check_paths(cfg.job, cfg.job_args, cfg.working_dir)
+    secrets = secret_values(cfg.env)
+    env = runtime_env(cfg.working_dir, cfg.env, cfg.pip, cfg.allow_secret_env)
+    client = connect(cfg.address)
+    command = entrypoint(cfg.job, cfg.job_args)
     try:
-        job_id = client.submit_job(entrypoint=command, runtime_env=env, submission_id=args.submission_id)
+        job_id = client.submit_job(entrypoint=command, runtime_env=env, submission_id=cfg.submission_id)
     except RuntimeError as e:
-        raise SubmissionError(f"the cluster at {args.address} did not accept the job: {redact(str(e), secrets)}") \
+        raise SubmissionError(f"the cluster at {cfg.address} did not accept the job: {redact(str(e), secrets)}") \
             from None
-    if args.no_wait:
+    if not cfg.wait:
         print(job_id)
         return 0
-    print(f"job {job_id} submitted to {args.address}: {redact(command, secrets)}", file=sys.stderr)
+    print(f"job {job_id} submitted to {cfg.address}: {redact(command, secrets)}", file=sys.stderr)
     try:
         status = follow(client, job_id, secrets)
     except KeyboardInterrupt:
         ray = "RAY_AUTH_MODE=token ray" if os.environ.get(AUTH_MODE) == "token" else "ray"  # its CLI needs the hint
         print(f"\nstopped following; job {job_id} goes on. Follow it: {ray} job logs --follow {job_id} --address "
-              f"{args.address}   stop it: {ray} job stop {job_id} --address {args.address}", file=sys.stderr)
+              f"{cfg.address}   stop it: {ray} job stop {job_id} --address {cfg.address}", file=sys.stderr)
         return 130
     if status == "SUCCEEDED":
         print(f"job {job_id} SUCCEEDED", file=sys.stderr)
@@ -262,4 +252,3 @@ def main(args: argparse.Namespace) -> int:
     message = client.get_job_info(job_id).message or ""
     print(f"job {job_id} {status}: {redact(message, secrets)}", file=sys.stderr)
     return 1
-

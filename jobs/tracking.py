@@ -31,6 +31,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from gradcon_core.config import Config
+
 log = logging.getLogger("gradcon")
 TRACKERS = ("none", "mlflow")
 RUNS_DIR = "runs"
@@ -56,6 +58,19 @@ def require(tracking: str) -> None:
             import mlflow  # noqa: F401
         except ImportError:
             raise ValueError(f"tracking=mlflow needs the mlflow package: {INSTALL_HINT}") from None
+
+
+@dataclasses.dataclass
+class JobSettings(Config):
+    """What every long job has: where it tracks itself and how much it prints."""
+
+    tracking: str = "none"  # or mlflow: MLflow at MLFLOW_TRACKING_URI, default runs/mlflow.db (gradcon[mlflow])
+    quiet: bool = False  # no progress lines
+    verbose: bool = False  # also Ray's own INFO lines (Train's worker group, every report and checkpoint)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(self.tracking)
 
 
 def config_params(config: Any) -> dict[str, Any]:

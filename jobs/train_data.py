@@ -37,8 +37,7 @@ SHUFFLE_BUFFER_BATCHES = 8  # stream mode mixes rows within this many local batc
 
 
 def resolve_data_mode(mode: str, rows: int, channels: int, size: tuple[int, int]) -> str:
-    if mode not in DATA_MODES:
-        raise ValueError(f"data_mode must be one of {', '.join(DATA_MODES)}, got {mode!r}")
+    """memory or stream: `mode` itself, or auto's choice for the class's rows (one of DATA_MODES)."""
     if mode != "auto":
         return mode
     return "stream" if rows * channels * size[0] * size[1] * 4 > STREAM_ABOVE_BYTES else "memory"
@@ -149,7 +148,7 @@ def all_rows_to_one_worker(read_ahead_mb: int | None = None):
     read_ahead_mb caps the object-store bytes Ray Data holds ahead of the workers (None: Ray's default, a
     share of the store). A worker keeps the store pages it has read mapped, so its RSS grows with the
     store pages the class passes through; a cap makes the store reuse fewer pages, at the cost of reading
-    in step with training instead of ahead (README, Scaling)."""
+    in step with training instead of ahead (docs/benchmarks.md)."""
     from ray.train import DataConfig
 
     class AllRows(DataConfig):

@@ -1,10 +1,10 @@
 """Hyperparameter sweeps on Ray Tune: every trial is one `gradcon train` run (itself 1..N workers).
 
-gradcon tune [--config FILE] [key=value ...] --search NAME=DIST ...
-  e.g. gradcon tune data=s3://b/mnist/ normal_class=3 num_samples=64 --search "alpha=loguniform(1e-3,1)" \
-       "epsilon=uniform(0,0.3)"
+gradcon tune [--config FILE] [key=value ...] search.NAME=DIST ...
+  e.g. gradcon tune data=s3://b/mnist/ normal_class=3 num_samples=64 "search.alpha=loguniform(1e-3,1)" \
+       "search.epsilon=uniform(0,0.3)"
 
-Every `gradcon train` setting is the base of all trials; --search (or `search:` in the YAML) draws
+Every `gradcon train` setting is the base of all trials; search.NAME=DIST (or `search:` in the YAML) draws
 some of them per trial from uniform(a,b), loguniform(a,b), randint(a,b) (b excluded), choice(x,...)
 or grid(x,...). ASHA stops poor trials early (scheduler=fifo runs all to the end); search_alg=optuna
 samples with Optuna's TPE instead of at random.
@@ -21,7 +21,6 @@ checkpoint's URI). resume=<name> continues an interrupted sweep; finished trials
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -37,13 +36,13 @@ import pyarrow.parquet as pq
 import yaml
 
 from cluster.storage import S3Options, filesystem_for
-from gradcon_core.config import absolute, add_config_arguments, flag_overrides, load_config, parse_scalar
+from gradcon_core.config import absolute, parse_scalar
 from gradcon_core.detectors.registry import detector_class
 from gradcon_core.detectors.settings import SHORT_FORMS
 from gradcon_core.files import read_bytes, write_bytes
 from gradcon_core.training.loop import SELECT_BY
 from jobs import train
-from jobs.tracking import config_params, require, start_run, tracking_uri
+from jobs.tracking import config_params, start_run, tracking_uri
 from jobs.train import TrainConfig
 
 # Run settings a sweep may draw per trial, beside any detector setting as params.NAME (e.g. params.nu).
@@ -66,7 +65,7 @@ class TuneConfig(TrainConfig):
     tune_seed: int = 0  # seeds the search algorithm (each trial's training seed is `seed`, or searched)
     trust_storage: bool = False  # resume state your key did not sign (cluster/sweep_state.py): only your own
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         super().__post_init__()
         if self.metric not in SELECT_BY:
             raise ValueError(f"metric must be one of {sorted(SELECT_BY)}, got {self.metric!r}")
@@ -76,7 +75,7 @@ class TuneConfig(TrainConfig):
         if self.num_samples < 1 or self.grace_period < 1 or self.reduction_factor < 2:
             raise ValueError("need num_samples >= 1, grace_period >= 1 and reduction_factor >= 2")
         if not self.search and not self.resume:
-            raise ValueError("nothing to search: give --search NAME=DIST (e.g. alpha=loguniform(1e-3,1))")
+            raise ValueError("nothing to search: give search.NAME=DIST (e.g. search.alpha=loguniform(1e-3,1))")
         self.search = {name: parse_distribution(name, spec) for name, spec in dict(self.search).items()}
         searched = [n[len(PARAM_PREFIX):] for n in self.search if n.startswith(PARAM_PREFIX)]
         if searched and "detector" not in self.search:
@@ -90,6 +89,9 @@ class TuneConfig(TrainConfig):
     def train_config(self, **values) -> TrainConfig:
         """The train run of a trial: these settings with `values` (params.NAME ones into params) drawn."""
         return TrainConfig(**with_values({f.name: getattr(self, f.name) for f in fields(TrainConfig)}, values))
+
+
+Config = TuneConfig  # the CLI's name for this job's settings
 
 
 def with_values(base: dict, values: dict) -> dict:
@@ -186,97 +188,143 @@ def sweep_storage(cfg: TuneConfig) -> tuple[pafs.FileSystem, str]:
     return filesystem_for(cfg.storage, S3Options.from_env(endpoint=cfg.s3_endpoint), credentials_in_pickles=False)
 
 
+@dataclass
+class Sweep:
+    """Where a sweep lives: its name and folder in the storage's filesystem."""
+
+    name: str
+    fs: pafs.FileSystem
+    store_path: str
+
+    @property
+    def path(self) -> str:
+        return f"{self.store_path}/{self.name}"
+
+
 def run(cfg: TuneConfig):
     """Run (or resume) the sweep; returns Tune's ResultGrid and the summary written next to it."""
     import ray
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-    from ray.tune.search.basic_variant import BasicVariantGenerator
 
     from cluster.ray_init import check_shared_storage, init_ray
-    from cluster.sweep_state import SignState, sign, verify
 
     store_fs, store_path = sweep_storage(cfg)
-    name = cfg.resume or cfg.name or f"tune-c{cfg.normal_class}-{time.strftime('%Y%m%d-%H%M%S')}"
-    sweep = f"{store_path}/{name}"
-    if cfg.resume:  # the sweep's own settings, as saved when it started
-        saved = f"{sweep}/tune_config.yaml"
-        if store_fs.get_file_info(saved).type == pafs.FileType.NotFound:
-            raise FileNotFoundError(f"no sweep named {cfg.resume!r} under {cfg.storage} to resume")
-        cfg = resumed_config(cfg, yaml.safe_load(read_bytes(store_fs, saved)))
-        if cfg.trust_storage:  # the user vouches for the storage: sign what is there with their key
-            print(f"trust_storage=true: signing the state of sweep {name} as it is now", file=sys.stderr)
-            sign(store_fs, sweep)
-    require(cfg.tracking)
+    sweep = Sweep(cfg.resume or cfg.name or f"tune-c{cfg.normal_class}-{time.strftime('%Y%m%d-%H%M%S')}",
+                  store_fs, store_path)
+    if cfg.resume:
+        cfg = resumed(cfg, sweep)
     # One MLflow run for the sweep, found again by name when it resumes; each trial's train run is its child.
-    tracker = start_run(cfg.tracking, name, uri=tracking_uri())
+    tracker = start_run(cfg.tracking, sweep.name, uri=tracking_uri())
     tracker.log_params(config_params(cfg))
     parent = tracker.run_id and {"uri": tracker.uri, "run_id": tracker.run_id}
-    base = asdict(cfg.train_config(storage=f"{cfg.storage.rstrip('/')}/{name}/trials", resume=None, name=None,
-                                   select_by=cfg.metric, val_anomalies=cfg.val_anomalies or -1,
-                                   tracking=cfg.tracking if parent else "none"))
     if not ray.is_initialized():
         init_ray(cfg.address, min_cpus=cfg.num_workers + 2 + TRIAL_DRIVER_CPU)  # one trial (_concurrency)
     check_shared_storage(cfg.storage, cfg.shared_storage)
-    trainable = tune.with_resources(tune.with_parameters(run_trial, base=base, tracking_parent=parent),
-                                    {"CPU": TRIAL_DRIVER_CPU})
-    is_s3 = str(cfg.storage).startswith("s3://")
-    if cfg.resume:
-        verify(store_fs, sweep, f"sweep {name}")  # just before Tune unpickles anything
-        tuner = tune.Tuner.restore(sweep, trainable, resume_unfinished=True, restart_errored=True,
-                                   storage_filesystem=store_fs)
-    else:
-        mode, concurrency = SELECT_BY[cfg.metric], _concurrency(cfg)
-        if cfg.search_alg == "optuna":
-            from ray.tune.search.optuna import OptunaSearch
-
-            searcher, limit = OptunaSearch(seed=cfg.tune_seed), concurrency
-        else:  # Tune ignores max_concurrent_trials for a generator it is given: the limit goes in here
-            searcher, limit = BasicVariantGenerator(random_state=cfg.tune_seed, max_concurrent=concurrency), None
-        scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=cfg.epochs, grace_period=cfg.grace_period,
-                                   reduction_factor=cfg.reduction_factor)
-                     if cfg.scheduler == "asha" else FIFOScheduler())
-        tuner = tune.Tuner(
-            trainable,
-            param_space=search_space(cfg.search),
-            tune_config=tune.TuneConfig(metric=cfg.metric, mode=mode, num_samples=cfg.num_samples,
-                                        search_alg=searcher, scheduler=scheduler,
-                                        max_concurrent_trials=limit),
-            run_config=tune.RunConfig(name=name, storage_path=store_path,
-                                      storage_filesystem=store_fs if is_s3 else None,
-                                      failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
-                                      callbacks=[SignState()]),
-        )
-        sign(store_fs, sweep, ["tuner.pkl"])  # written by the Tuner just now
-        write_bytes(store_fs, f"{sweep}/tune_config.yaml", yaml.safe_dump(asdict(cfg), sort_keys=False).encode())
+    tuner = restored_tuner(cfg, sweep, parent) if cfg.resume else new_tuner(cfg, sweep, parent)
     with tracker:
         grid = tuner.fit()
-        summary = write_results(grid, cfg, name, store_fs, sweep)
-        # Tune ends a trial at its last report (or ASHA's stop), before its train run logs its end: done here.
-        for row in pq.read_table(f"{sweep}/trials.parquet", filesystem=store_fs).to_pylist():
-            if row["trial_id"] is None:  # failed before its first report: its train run marked itself FAILED
-                continue
-            trial = tracker.child(f"trial-{row['trial_id']}")
-            trial.log_metrics({k: row[k] for k in (f"best_{cfg.metric}", f"last_{cfg.metric}", "iterations")
-                               if row[k] is not None})
-            trial.set_tags({"stopped_early": row["stopped_early"]})
-            if row["best_checkpoint"]:
-                trial.set_checkpoint(f"{'s3://' if is_s3 else ''}{row['best_checkpoint']}")
-            trial.finish("FAILED" if row["status"] == "error" else "FINISHED")
-        tracker.log_metrics({f"best_{cfg.metric}": summary["best_value"], "trials": summary["trials"],
-                             "stopped_early": summary["stopped_early"], "errored": summary["errored"]})
-        for artifact in ("trials.csv", "summary.json", "best_config.yaml"):
-            tracker.log_text(read_bytes(store_fs, f"{sweep}/{artifact}").decode(), artifact)
-        tracker.set_checkpoint(summary["best_checkpoint"])
-    print(f"sweep {name}: {summary['trials']} trials ({summary['stopped_early']} stopped early by "
+        summary = write_results(grid, cfg, sweep)
+        track_trials(cfg, sweep, tracker, summary)
+    print(f"sweep {sweep.name}: {summary['trials']} trials ({summary['stopped_early']} stopped early by "
           f"{cfg.scheduler}, {summary['errored']} errored); best {cfg.metric} = {summary['best_value']:.6g} "
           f"with {summary['best_values']}\n  best config: {summary['best_config']}\n  best checkpoint: "
           f"{summary['best_checkpoint']}")
     return grid, summary
 
 
-def write_results(grid, cfg: TuneConfig, name: str, fs: pafs.FileSystem, sweep: str) -> dict:
+def resumed(cfg: TuneConfig, sweep: Sweep) -> TuneConfig:
+    """The settings of the sweep to resume, as saved when it started (with today's cluster and storage)."""
+    from cluster.sweep_state import sign
+
+    saved = f"{sweep.path}/tune_config.yaml"
+    if sweep.fs.get_file_info(saved).type == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"no sweep named {cfg.resume!r} under {cfg.storage} to resume")
+    cfg = resumed_config(cfg, yaml.safe_load(read_bytes(sweep.fs, saved)))
+    if cfg.trust_storage:  # the user vouches for the storage: sign what is there with their key
+        print(f"trust_storage=true: signing the state of sweep {sweep.name} as it is now", file=sys.stderr)
+        sign(sweep.fs, sweep.path)
+    return cfg
+
+
+def trainable(cfg: TuneConfig, sweep: Sweep, parent: dict | None):
+    """What Tune runs per trial: run_trial on the sweep's base train config, its driver holding a sliver of CPU."""
+    from ray import tune
+
+    base = asdict(cfg.train_config(storage=f"{cfg.storage.rstrip('/')}/{sweep.name}/trials", resume=None, name=None,
+                                   select_by=cfg.metric, val_anomalies=cfg.val_anomalies or -1,
+                                   tracking=cfg.tracking if parent else "none"))
+    return tune.with_resources(tune.with_parameters(run_trial, base=base, tracking_parent=parent),
+                               {"CPU": TRIAL_DRIVER_CPU})
+
+
+def restored_tuner(cfg: TuneConfig, sweep: Sweep, parent: dict | None):
+    from ray import tune
+
+    from cluster.sweep_state import verify
+
+    verify(sweep.fs, sweep.path, f"sweep {sweep.name}")  # just before Tune unpickles anything
+    return tune.Tuner.restore(sweep.path, trainable(cfg, sweep, parent), resume_unfinished=True, restart_errored=True,
+                              storage_filesystem=sweep.fs)
+
+
+def new_tuner(cfg: TuneConfig, sweep: Sweep, parent: dict | None):
+    """A new sweep's Tuner (its search, scheduler and concurrency), its state signed and its settings saved."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    from cluster.sweep_state import SignState, sign
+
+    concurrency = _concurrency(cfg)
+    if cfg.search_alg == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        searcher, limit = OptunaSearch(seed=cfg.tune_seed), concurrency
+    else:  # Tune ignores max_concurrent_trials for a generator it is given: the limit goes in here
+        searcher, limit = BasicVariantGenerator(random_state=cfg.tune_seed, max_concurrent=concurrency), None
+    scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=cfg.epochs, grace_period=cfg.grace_period,
+                               reduction_factor=cfg.reduction_factor) if cfg.scheduler == "asha" else FIFOScheduler())
+    tuner = tune.Tuner(
+        trainable(cfg, sweep, parent),
+        param_space=search_space(cfg.search),
+        tune_config=tune.TuneConfig(metric=cfg.metric, mode=SELECT_BY[cfg.metric], num_samples=cfg.num_samples,
+                                    search_alg=searcher, scheduler=scheduler, max_concurrent_trials=limit),
+        run_config=tune.RunConfig(name=sweep.name, storage_path=sweep.store_path,
+                                  storage_filesystem=sweep.fs if _is_s3(cfg) else None,
+                                  failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
+                                  callbacks=[SignState()]),
+    )
+    sign(sweep.fs, sweep.path, ["tuner.pkl"])  # written by the Tuner just now
+    write_bytes(sweep.fs, f"{sweep.path}/tune_config.yaml", yaml.safe_dump(asdict(cfg), sort_keys=False).encode())
+    return tuner
+
+
+def _is_s3(cfg: TuneConfig) -> bool:
+    return str(cfg.storage).startswith("s3://")
+
+
+def track_trials(cfg: TuneConfig, sweep: Sweep, tracker, summary: dict) -> None:
+    """Each trial's outcome into its MLflow child run, and the sweep's into its own. Tune ends a trial at its last
+    report (or ASHA's stop), before its train run logs its end: it is done here."""
+    for row in pq.read_table(f"{sweep.path}/trials.parquet", filesystem=sweep.fs).to_pylist():
+        if row["trial_id"] is None:  # failed before its first report: its train run marked itself FAILED
+            continue
+        trial = tracker.child(f"trial-{row['trial_id']}")
+        trial.log_metrics({k: row[k] for k in (f"best_{cfg.metric}", f"last_{cfg.metric}", "iterations")
+                           if row[k] is not None})
+        trial.set_tags({"stopped_early": row["stopped_early"]})
+        if row["best_checkpoint"]:
+            trial.set_checkpoint(f"{'s3://' if _is_s3(cfg) else ''}{row['best_checkpoint']}")
+        trial.finish("FAILED" if row["status"] == "error" else "FINISHED")
+    tracker.log_metrics({f"best_{cfg.metric}": summary["best_value"], "trials": summary["trials"],
+                         "stopped_early": summary["stopped_early"], "errored": summary["errored"]})
+    for artifact in ("trials.csv", "summary.json", "best_config.yaml"):
+        tracker.log_text(read_bytes(sweep.fs, f"{sweep.path}/{artifact}").decode(), artifact)
+    tracker.set_checkpoint(summary["best_checkpoint"])
+
+
+def write_results(grid, cfg: TuneConfig, sweep: Sweep) -> dict:
     """trials.parquet/.csv, best_config.yaml and summary.json next to Tune's own experiment state."""
+    fs, name, folder = sweep.fs, sweep.name, sweep.path
     mode = SELECT_BY[cfg.metric]
     pick = max if mode == "max" else min
     rows = []
@@ -300,39 +348,22 @@ def write_results(grid, cfg: TuneConfig, name: str, fs: pafs.FileSystem, sweep: 
         raise RuntimeError(f"sweep {name}: no trial reported {cfg.metric}; see the errors above")
     best = pick(ok, key=lambda r: r[f"best_{cfg.metric}"])
     table = pa.Table.from_pylist(rows)
-    with fs.open_output_stream(f"{sweep}/trials.parquet") as f:
+    with fs.open_output_stream(f"{folder}/trials.parquet") as f:
         pq.write_table(table, f)
-    with fs.open_output_stream(f"{sweep}/trials.csv") as f:
+    with fs.open_output_stream(f"{folder}/trials.csv") as f:
         pacsv.write_csv(table, f)
     best_values = {k: best[k] for k in cfg.search}
     best_config = asdict(cfg.train_config(**best_values, storage=cfg.storage, name=None, resume=None,
                                           select_by=cfg.metric, val_anomalies=cfg.val_anomalies or -1))
-    write_bytes(fs, f"{sweep}/best_config.yaml", yaml.safe_dump(best_config, sort_keys=False).encode())
-    checkpoint = f"{'s3://' if str(cfg.storage).startswith('s3://') else ''}{best['best_checkpoint']}"
+    write_bytes(fs, f"{folder}/best_config.yaml", yaml.safe_dump(best_config, sort_keys=False).encode())
+    scheme = "s3://" if _is_s3(cfg) else ""
+    checkpoint = f"{scheme}{best['best_checkpoint']}"
     summary = {"name": name, "metric": cfg.metric, "mode": mode, "trials": len(rows),
                "stopped_early": sum(r["stopped_early"] for r in rows),
                "errored": sum(r["status"] == "error" for r in rows),
                "best_trial": best["trial_id"], "best_value": best[f"best_{cfg.metric}"], "best_values": best_values,
                "best_seed": best["seed"], "best_checkpoint": checkpoint,
-               "best_config": f"{'s3://' if str(cfg.storage).startswith('s3://') else ''}{sweep}/best_config.yaml",
+               "best_config": f"{scheme}{folder}/best_config.yaml",
                "tune_seed": cfg.tune_seed, "search": cfg.search}
-    write_bytes(fs, f"{sweep}/summary.json", json.dumps(summary, indent=2).encode())
+    write_bytes(fs, f"{folder}/summary.json", json.dumps(summary, indent=2).encode())
     return summary
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_config_arguments(parser, TuneConfig)
-    parser.add_argument("--search", nargs="+", default=[], metavar="NAME=DIST",
-                        help="e.g. alpha=loguniform(1e-3,1) epsilon=uniform(0,0.3) batch_size=choice(32,64)")
-
-
-def main(args: argparse.Namespace) -> int:
-    searched = {}
-    for item in args.search:
-        if "=" not in item:
-            raise ValueError(f"--search {item!r} is not of the form NAME=DIST")
-        key, spec = item.split("=", 1)
-        searched[key.strip()] = spec
-    cfg = load_config(TuneConfig, args.config, [*args.overrides, *flag_overrides(args)], extra={"search": searched})
-    run(cfg)
-    return 0

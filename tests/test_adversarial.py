@@ -10,6 +10,7 @@ from gradcon_core.detectors.adversarial import LatentAttack, arae_loss
 from gradcon_core.detectors.autoencoder import AutoencoderDetector
 from gradcon_core.detectors.objective import gradcon_step
 from gradcon_core.detectors.registry import create_detector, detector_class
+from gradcon_core.training.loop import TrainingData, run_steps
 from gradcon_core.training.parallel import training_generators
 from tests.conftest import gloo_group
 
@@ -50,7 +51,7 @@ def test_epsilon_zero_is_plain_training_exactly(zeros):
     order = torch.Generator().manual_seed(3)
     for _ in range(2):
         for idx in torch.randperm(len(zeros), generator=order).split(16):
-            gradcon_step(plain.model, plain.reference, plain.optimizer, zeros[idx], plain.alpha)
+            gradcon_step(plain.model, plain.reference, plain.optimizer, zeros[idx], plain.settings.alpha)
     for k, v in plain.state_tensors().items():
         assert torch.equal(det.state_tensors()[k], v), k
 
@@ -61,7 +62,8 @@ def test_an_arae_step_descends_the_adversarial_loss_under_the_constraint(zeros):
     x_adv = det.attack.craft(det.model, zeros[:32], det.attack.random_start(zeros[:32].shape,
                                                                            torch.Generator().manual_seed(1)))
     expected = float(arae_loss(det.model, zeros[:32], x_adv, 0.1).detach())
-    stats = gradcon_step(det.model, det.reference, det.optimizer, zeros[:32], det.alpha, x_adv=x_adv, gamma=0.1)
+    stats = gradcon_step(det.model, det.reference, det.optimizer, zeros[:32], det.settings.alpha, x_adv=x_adv,
+                         gamma=0.1)
     assert stats.recon == pytest.approx(expected, rel=1e-5) and stats.grad_loss < 0
     assert expected > float(torch.nn.functional.mse_loss(det.model(zeros[:32]), zeros[:32])) * 0.5
 
@@ -123,6 +125,11 @@ def test_bad_arae_settings_are_clear_errors():
         _detector(epsilon=0.1, attack_refresh="sometimes")
 
 
+def _epoch(det, x, order, noise, rank=0, world=1, sync=None) -> None:
+    """One memory-mode epoch of the training loop, in global batches of 12."""
+    run_steps(det, TrainingData(x).steps(det, 0, order, noise, 12, rank, world, sync, None), noise, sync)
+
+
 def _worker(rank: int, world: int, store: str, x: torch.Tensor, kwargs: dict, out: str) -> None:
     from gradcon_core.training.parallel import AllReduceMean
 
@@ -130,7 +137,7 @@ def _worker(rank: int, world: int, store: str, x: torch.Tensor, kwargs: dict, ou
         det = _detector(**kwargs)
         order, noise = training_generators(0)
         for _ in range(2):
-            det.train_epoch(x, order, noise, 12, rank, world, AllReduceMean(world))
+            _epoch(det, x, order, noise, rank, world, AllReduceMean(world))
         if rank == 0:
             torch.save(det.state_tensors(), out)
 
@@ -145,7 +152,7 @@ def test_two_processes_with_arae_take_the_single_process_steps(zeros, refresh, t
     single = _detector(**kwargs)
     order, noise = training_generators(0)
     for _ in range(2):
-        single.train_epoch(x, order, noise, 12)  # 40 images: the last global batch of 4 splits 2 + 2
+        _epoch(single, x, order, noise)  # 40 images: the last global batch of 4 splits 2 + 2
     distributed = torch.load(out, weights_only=True)
     for k, v in single.state_tensors().items():
         torch.testing.assert_close(distributed[k].double(), v.double(), rtol=1e-5, atol=1e-6, msg=k)

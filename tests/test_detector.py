@@ -49,7 +49,8 @@ def test_fit_moves_weights_and_learns_to_tell_ones_from_other_digits(fitted):
 def test_components_add_up_and_threshold_comes_from_validation(fitted):
     det, _, x, _ = fitted
     parts = det.score_components(x)
-    np.testing.assert_allclose(parts["score"], parts["recon_error"] + det.beta * parts["grad_score"], rtol=1e-6)
+    np.testing.assert_allclose(parts["score"], parts["recon_error"] + det.settings.beta * parts["grad_score"],
+                               rtol=1e-6)
     assert det.threshold_ is not None
     predicted = det.predict(x)
     assert set(np.unique(predicted)) <= {0, 1}
@@ -73,6 +74,18 @@ def test_save_load_round_trip_gives_identical_scores(fitted, tmp_path):
     assert config["detector"] == "gradcon" and config["alpha"] == 0.03 and config["beta"] == 0.12
     assert config["model"] == {"name": "gradcon_cae", "in_channels": 1, "image_size": 28}
     assert len(checkpoint_id(path)) == 16
+
+
+def test_a_run_folder_or_its_best_checkpoint_file_loads_the_best_checkpoint(fitted, tmp_path):
+    """What a user holds after `gradcon train name=RUN`: the run's folder, with best_checkpoint pointing into it."""
+    det, _, x, _ = fitted
+    run = tmp_path / "runs" / "digit1"
+    det.save(run / "checkpoint_000003")
+    (run / "best_checkpoint").write_text(str(run / "checkpoint_000003"))
+    for held in (run, run / "best_checkpoint", run / "checkpoint_000003"):
+        np.testing.assert_array_equal(load_detector(str(held)).decision_function(x[:8]), det.decision_function(x[:8]))
+    with pytest.raises(FileNotFoundError, match="is not a gradcon checkpoint"):
+        load_detector(str(tmp_path / "runs"))
 
 
 def test_loading_to_score_builds_no_optimizer(fitted, tmp_path):

@@ -18,6 +18,7 @@ from gradcon_core.detectors.neural import NeuralDetector
 from gradcon_core.detectors.registry import create_detector, detector_class
 from gradcon_core.detectors.shallow import KDEDetector, OCSVMDetector
 from gradcon_core.results.table import result_rows
+from gradcon_core.training.parallel import LocalBatch
 
 VARIANTS = [("vae", {"score": "kl"}), ("deep_svdd", {"objective": "soft-boundary"}), ("ocsvm", {"features": "cae"}),
             ("kde", {"features": "cae"})]
@@ -148,7 +149,7 @@ def record_steps(opt: torch.optim.Optimizer, i: int, events: list) -> None:
 
 
 @pytest.mark.parametrize("case", NEURAL, ids=[case_id(c) for c in NEURAL])
-def test_train_step_all_reduces_every_gradient_before_every_optimizer_step(case, task):
+def test_a_step_all_reduces_every_gradient_before_every_optimizer_step(case, task):
     x = torch.from_numpy(task[0][:8, None]).float() / 255
     name, kwargs = case
     runs = []
@@ -160,7 +161,7 @@ def test_train_step_all_reduces_every_gradient_before_every_optimizer_step(case,
         for i, opt in enumerate(det.optimizers):
             record_steps(opt, i, events)
         torch.manual_seed(1)
-        det.train_step(x, sync=RecordingSync(events) if sync else None)
+        det.step(x, LocalBatch.alone(len(x)), torch.Generator(), RecordingSync(events) if sync else None)
         runs.append(det)
     steps = [e for e in events if e[0] == "step"]
     assert sorted(e[1] for e in steps) == list(range(len(runs[1].optimizers)))
@@ -233,9 +234,12 @@ def test_two_workers_with_sync_take_exactly_the_global_batch_step(task, name):
     workers, group = [copy.deepcopy(single) for _ in range(2)], ThreadGroup(2)
     for step in range(3):
         batch = x[8 * step: 8 * step + 8]
-        single.train_step(batch)
-        threads = [threading.Thread(target=w.train_step, args=(batch[4 * r: 4 * r + 4], group.member(r), 1.0))
-                   for r, w in enumerate(workers)]  # scale = N * n_r / B = 2 * 4 / 8
+        single.step(batch, LocalBatch.alone(8), torch.Generator())
+        # Worker r holds images 4r..4r+3 of the global batch of 8: scale = N * n_r / B = 2 * 4 / 8.
+        threads = [threading.Thread(target=w.step, args=(batch[4 * r: 4 * r + 4], LocalBatch(torch.arange(4), 1.0, 4,
+                                                                                              8, 4 * r),
+                                                         torch.Generator(), group.member(r)))
+                   for r, w in enumerate(workers)]
         for t in threads:
             t.start()
         for t in threads:

@@ -29,7 +29,7 @@ def test_eval_writes_tables_and_plots_and_reports_corrupt_rows(small_mnist_idx, 
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
     code = main(["eval", f"data={data}", "classes=0,1", "seeds=0,1", "epochs=1", f"out={tmp_path}", "name=run",
-                 "--tracking", "mlflow"])
+                 "tracking=mlflow"])
     assert code == 0
     out = tmp_path / "run"
     for name in ("table.md", "table.csv", "results.csv", "roc.png", "histograms.png", "auroc_by_class.png",

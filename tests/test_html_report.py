@@ -99,8 +99,8 @@ def results(detector, image_set, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def report(detector, image_set, results, tmp_path_factory):
     out = tmp_path_factory.mktemp("report")
-    return build_report(str(results), str(out), images=str(image_set[0]), detector=detector, model="ckpt", top_k=10,
-                        normal_sample=6, seed=3), out
+    return build_report(str(results), str(out), images=str(image_set[0]), detector=detector, checkpoint="ckpt",
+                        top_k=10, normal_sample=6, seed=3), out
 
 
 def test_detector_reconstruct_contract(detector, mnist_test):
@@ -287,15 +287,15 @@ def test_gradcon_report_command_on_s3(detector, image_set, results, s3_server, t
     detector.save("gradcon-test/report/ckpt", filesystem=fs)
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_server.access_key)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_server.secret_key)
-    code = cli_main(["report", "--results", "s3://gradcon-test/report/scores", "--images",
-                     "s3://gradcon-test/report/set", "--model", "s3://gradcon-test/report/ckpt", "--out",
-                     str(tmp_path / "r"), "--top-k", "4", "--normal-sample", "2", "--s3-endpoint", s3_server.endpoint])
+    code = cli_main(["report", "results=s3://gradcon-test/report/scores", "images=s3://gradcon-test/report/set",
+                     "checkpoint=s3://gradcon-test/report/ckpt", f"out={tmp_path / 'r'}", "top_k=4",
+                     "normal_sample=2", f"s3_endpoint={s3_server.endpoint}"])
     assert code == 0
     printed = capsys.readouterr().out
     assert f"report: {tmp_path / 'r' / 'index.html'}" in printed and "AUROC" in printed
     assert len(list((tmp_path / "r/images").glob("*-error.png"))) == 2 + 2  # 4 top minus 2 ghosts, 2 normal
-    assert cli_main(["report", "--results", str(tmp_path / "nothing"), "--out", str(tmp_path / "x")]) == 2
-    assert cli_main(["report", "--out", str(tmp_path / "x")]) == 2
+    assert cli_main(["report", f"results={tmp_path / 'nothing'}", f"out={tmp_path / 'x'}"]) == 2
+    assert cli_main(["report", f"out={tmp_path / 'x'}"]) == 2
 
 
 @pytest.mark.slow

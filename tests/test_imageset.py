@@ -51,7 +51,7 @@ def test_prepare_round_trip_is_pixel_exact_and_idempotent(small_mnist_idx, mnist
 
 def test_a_raw_encoded_set_scores_as_its_png_set_does(small_mnist_idx, tmp_path, mnist_train):
     """--encoding raw: the same rows, ids and pixels as the PNG set, so the same result table; RGB and resized
-    too; a source of many sizes needs --image-size."""
+    too; a source of many sizes needs image_size=."""
     from gradcon_core.data.images import RAW_MAGIC
     from gradcon_core.results.table import result_rows
 
@@ -68,7 +68,7 @@ def test_a_raw_encoded_set_scores_as_its_png_set_does(small_mnist_idx, tmp_path,
     folder.mkdir(parents=True)
     for i, size in enumerate([(20, 30), (40, 24)]):
         Image.fromarray(np.full((*size, 3), 60 * i, np.uint8)).save(folder / f"{i}.png")
-    with pytest.raises(ValueError, match="give --image-size"):
+    with pytest.raises(ValueError, match="give image_size="):
         prepare("folder", str(tmp_path / "photos"), str(tmp_path / "f"), encoding="raw")
     prepare("folder", str(tmp_path / "photos"), str(tmp_path / "f"), encoding="raw", image_size=16)
     pixels, errors = decode_images(take_rows(str(tmp_path / "f"), np.arange(2)).images, 3, (16, 16))
@@ -238,7 +238,7 @@ def test_cifar10_batches_are_kept_rgb(tmp_path):
 
 def test_prepare_image_size_resizes_records_the_shape_and_leaves_out_bad_rows(tmp_path, capsys):
     """A folder of RGB JPEGs of several sizes (and a broken and a greyscale file): kept byte for byte without
-    --image-size; with it, every good image is a PNG of that size, the files record it, bad rows are named."""
+    image_size=; with it, every good image is a PNG of that size, the files record it, bad rows are named."""
     root, rng = tmp_path / "photos", np.random.default_rng(0)
     (root / "bolt").mkdir(parents=True)
     originals = {}
@@ -275,7 +275,7 @@ def test_prepare_defects_generates_at_the_size_and_records_it(tmp_path):
     table = pq.read_table(out)
     assert table.num_rows == 4 and table.column("is_anomaly").to_pylist() == [False, False, False, True]
     assert decode_image(table.column("image")[0].as_py(), 3, (40, 40)).shape == (40, 40, 3)
-    with pytest.raises(ValueError, match="needs a --source"):
+    with pytest.raises(ValueError, match="needs source="):
         prepare("mnist", None, str(tmp_path / "x"))
 
 

@@ -200,15 +200,15 @@ def _processes_with(marker: str) -> list[str]:
 
 @pytest.mark.slow
 def test_the_quick_demo_and_a_tune_run_side_by_side_on_a_two_core_machine(zeros_set, tmp_path):
-    """The README's first command, reduced (`gradcon demo --quick`: local S3, embedded Ray, 2 Ray Train workers,
+    """The README's first command, reduced (`gradcon demo quick=true`: local S3, embedded Ray, 2 Ray Train workers,
     scoring, report), and a 1-worker `gradcon tune`, at once, each with its own embedded Ray sized for a 2-core
     machine: both succeed, the demo prints an AUROC above chance and readable logs, and each has stopped
     everything it started by the time it returns. (One test for these claims: every embedded Ray and Ray
     Train start costs tens of seconds on two cores.)"""
     demo_out = tmp_path / "demo"
-    commands = {"demo": ["demo", "--quick", f"data_dir={MNIST_DIR}", f"out={demo_out}"],
+    commands = {"demo": ["demo", "quick=true", f"data_dir={MNIST_DIR}", f"out={demo_out}"],
                 "tune": ["tune", "normal_class=0", "epochs=1", "batch_size=16", f"data={zeros_set}", "num_workers=1",
-                         "num_samples=1", f"storage={tmp_path}", "name=readme-tune", "--search", "lr=choice(0.001)"]}
+                         "num_samples=1", f"storage={tmp_path}", "name=readme-tune", "search.lr=choice(0.001)"]}
     markers = {job: uuid.uuid4().hex for job in commands}  # inherited by every process the command starts
     logs = {job: open(tmp_path / f"{job}.log", "w") for job in commands}  # closed below
     jobs = {job: Watched([sys.executable, "-c", TWO_CORES, *args], stdout=logs[job], stderr=subprocess.STDOUT,

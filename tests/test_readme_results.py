@@ -1,4 +1,4 @@
-"""The README's "Results in DuckDB and pandas" code blocks, run as written: locally and on S3 (moto)."""
+"""The "Results in DuckDB and pandas" code blocks of docs/commands.md, run as written: locally and on S3 (moto)."""
 from __future__ import annotations
 
 import io
@@ -15,7 +15,7 @@ from gradcon_core.data.images import encode_png
 from gradcon_core.data.imageset import write_image_set
 from gradcon_core.results.table import SCHEMA
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = Path(__file__).resolve().parents[1] / "docs" / "commands.md"
 SECTION = "## Results in DuckDB and pandas"
 ROWS = 200
 ERRORS = {17: "undecodable image (UnidentifiedImageError: cannot identify image file)", 60: "empty image bytes",
@@ -24,7 +24,7 @@ ERRORS = {17: "undecodable image (UnidentifiedImageError: cannot identify image 
 
 def readme_blocks() -> list[str]:
     text = README.read_text()
-    assert SECTION in text, f"README has no section {SECTION!r}"
+    assert SECTION in text, f"{README.name} has no section {SECTION!r}"
     section = text.split(SECTION, 1)[1].split("\n## ", 1)[0]
     return re.findall(r"```python\n(.*?)```", section, flags=re.S)
 

@@ -52,7 +52,7 @@ def _read(prefix, fs=None):
 
 
 def test_job_scores_equal_the_detector_and_nothing_is_lost(ray_local, model_dir, image_set, tmp_path, capsys):
-    summary = run(ScoreConfig(model=model_dir, input=image_set, output=str(tmp_path / "out"), batch_size=64))
+    summary = run(ScoreConfig(checkpoint=model_dir, input=image_set, output=str(tmp_path / "out"), batch_size=64))
     assert "scoring: 500/500 rows (100%)" in capsys.readouterr().err  # progress, as a line in a log
     table, files = _read(str(tmp_path / "out"))
     assert [f.rsplit("/", 1)[1] for f in files] == ["part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
@@ -81,7 +81,7 @@ def test_bad_rows_are_flagged_not_dropped(ray_local, model_dir, tmp_path, mnist_
                                          "image": pa.array(images, pa.binary())}), rows_per_file=5)
     pq.write_table(pa.table({"id": pa.array([], pa.string()), "image": pa.array([], pa.binary())}),
                    data / "part-00009.parquet")  # an empty file
-    summary = run(ScoreConfig(model=model_dir, input=str(data), output=str(tmp_path / "out")))
+    summary = run(ScoreConfig(checkpoint=model_dir, input=str(data), output=str(tmp_path / "out")))
     table, files = _read(str(tmp_path / "out"))
     assert len(files) == 3 and table.num_rows == len(images) == summary["rows"] == 10
     errors = dict(zip(table.column("id").to_pylist(), table.column("error").to_pylist()))
@@ -90,7 +90,7 @@ def test_bad_rows_are_flagged_not_dropped(ray_local, model_dir, tmp_path, mnist_
     assert "undecodable" in errors["r3"] and "3 channel" in errors["r5"] and "empty" in errors["r9"]
     assert summary["errors"] == 3 and table.column("is_anomaly").null_count == 3
     # Decoding in a Ray Data CPU stage (what a GPU actor pool gets by default) gives the same table.
-    run(ScoreConfig(model=model_dir, input=str(data), output=str(tmp_path / "tasks"), decode="tasks"))
+    run(ScoreConfig(checkpoint=model_dir, input=str(data), output=str(tmp_path / "tasks"), decode="tasks"))
     assert _read(str(tmp_path / "tasks"))[0].equals(table)
 
 
@@ -100,7 +100,7 @@ def test_a_decompression_bomb_is_a_row_error_even_as_the_first_row(ray_local, mo
     images = [bomb_png(), *(encode_png(img) for img in mnist_test[0][:3])]
     data = tmp_path / "bomb"
     write_image_set(str(data), pa.table({"id": ["bomb", "a", "b", "c"], "image": pa.array(images, pa.binary())}))
-    summary = run(ScoreConfig(model=model_dir, input=str(data), output=str(tmp_path / "out")))
+    summary = run(ScoreConfig(checkpoint=model_dir, input=str(data), output=str(tmp_path / "out")))
     table, _ = _read(str(tmp_path / "out"))
     errors = dict(zip(table.column("id").to_pylist(), table.column("error").to_pylist()))
     assert summary["rows"] == 4 and summary["errors"] == 1 and table.column("score").null_count == 1
@@ -132,7 +132,7 @@ def test_results_reach_the_driver_block_by_block(ray_local, model_dir, image_set
     as batch_size asked rows) and the driver heard of all 500 rows at once, at the end."""
     counted = []
     monkeypatch.setattr(jobs.score.Progress, "update", lambda self, n=1: counted.append(n))
-    summary = run(ScoreConfig(model=model_dir, input=image_set, output=str(tmp_path / "out"), batch_size=64,
+    summary = run(ScoreConfig(checkpoint=model_dir, input=image_set, output=str(tmp_path / "out"), batch_size=64,
                               concurrency=2, block_mb=0.01))
     assert sum(counted) == summary["rows"] == 500 and len(counted) >= 5
     assert 0 < summary["first_results_s"] < summary["seconds"]
@@ -140,7 +140,7 @@ def test_results_reach_the_driver_block_by_block(ray_local, model_dir, image_set
 
 def test_rerun_completes_a_killed_job_without_duplicates(ray_local, model_dir, image_set, tmp_path):
     out = tmp_path / "out"
-    cfg = ScoreConfig(model=model_dir, input=image_set, output=str(out), batch_size=128)
+    cfg = ScoreConfig(checkpoint=model_dir, input=image_set, output=str(out), batch_size=128)
     run(cfg)
     before = _read(str(out))[0]
     # What a kill leaves: one output never written, one half written (never under its final name).
@@ -158,7 +158,7 @@ def test_rerun_completes_a_killed_job_without_duplicates(ray_local, model_dir, i
     assert table.column("is_anomaly").equals(before.column("is_anomaly"))
     assert len(set(table.column("id").to_pylist())) == table.num_rows == 500
     # Complete means this model, this threshold setting and this input's content: another threshold, all again.
-    again = run(ScoreConfig(model=model_dir, input=image_set, output=str(out), batch_size=128, threshold=0.0))
+    again = run(ScoreConfig(checkpoint=model_dir, input=image_set, output=str(out), batch_size=128, threshold=0.0))
     assert again["scored_now"] == 500 and set(_read(str(out))[0].column("threshold").to_pylist()) == {0.0}
     # A file there that is not ours is never overwritten: refused before any work, by name.
     pq.write_table(pa.table({"x": [1]}), out / "part-00001.parquet")
@@ -166,14 +166,14 @@ def test_rerun_completes_a_killed_job_without_duplicates(ray_local, model_dir, i
         run(cfg)
     assert pq.read_table(out / "part-00001.parquet").column_names == ["x"]
     with pytest.raises(ValueError, match="is the input image set or inside it"):
-        run(ScoreConfig(model=model_dir, input=image_set, output=f"{image_set}/scores"))
+        run(ScoreConfig(checkpoint=model_dir, input=image_set, output=f"{image_set}/scores"))
 
 
 def test_contamination_sets_the_threshold_from_this_runs_scores(ray_local, model_dir, image_set, tmp_path,
                                                                 capsys, monkeypatch):
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
-    summary = run(ScoreConfig(model=model_dir, input=image_set, output=str(tmp_path / "out"), contamination=0.1,
+    summary = run(ScoreConfig(checkpoint=model_dir, input=image_set, output=str(tmp_path / "out"), contamination=0.1,
                               tracking="mlflow", quiet=True))
     assert "scoring:" not in capsys.readouterr().err
     client = MlflowClient(tracking_uri=store)
@@ -194,7 +194,7 @@ def test_input_and_output_on_s3(ray_local, model_dir, image_set, s3_server):
     table = pa.concat_tables(pq.read_table(p) for p in sorted(glob.glob(f"{image_set}/*.parquet")))
     write_image_set("s3://gradcon-test/score-in", table, rows_per_file=250, filesystem=fs)
     load_detector(model_dir).save("s3://gradcon-test/models/m", filesystem=fs)
-    cfg = ScoreConfig(model="s3://gradcon-test/models/m", input="s3://gradcon-test/score-in",
+    cfg = ScoreConfig(checkpoint="s3://gradcon-test/models/m", input="s3://gradcon-test/score-in",
                       output="s3://gradcon-test/score-out", s3_endpoint=s3.endpoint)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("AWS_ACCESS_KEY_ID", s3.access_key)
@@ -206,24 +206,24 @@ def test_input_and_output_on_s3(ray_local, model_dir, image_set, s3_server):
 
 def test_clear_errors_before_any_work(ray_local, model_dir, image_set, tmp_path, seaweed_s3):
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        run(ScoreConfig(model=str(tmp_path / "no-model"), input=image_set, output=str(tmp_path / "o")))
+        run(ScoreConfig(checkpoint=str(tmp_path / "no-model"), input=image_set, output=str(tmp_path / "o")))
     rgb = tmp_path / "rgb"
     write_image_set(str(rgb), pa.table({"image": [encode_png(np.zeros((28, 28, 3), np.uint8))] * 3}))
     with pytest.raises(ValueError, match="1-channel images but .* holds 3-channel"):
-        run(ScoreConfig(model=model_dir, input=str(rgb), output=str(tmp_path / "o")))
+        run(ScoreConfig(checkpoint=model_dir, input=str(rgb), output=str(tmp_path / "o")))
     wrong = S3Options(seaweed_s3.options.endpoint, seaweed_s3.options.access_key, "not-the-secret-77", "us-east-1")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("AWS_ACCESS_KEY_ID", wrong.access_key)
         mp.setenv("AWS_SECRET_ACCESS_KEY", wrong.secret_key)
         with pytest.raises(StorageError) as err:
-            run(ScoreConfig(model=model_dir, input="s3://gradcon-test/anything", output=str(tmp_path / "o"),
+            run(ScoreConfig(checkpoint=model_dir, input="s3://gradcon-test/anything", output=str(tmp_path / "o"),
                             s3_endpoint=wrong.endpoint))
     assert "not-the-secret-77" not in str(err.value) and "AWS_SECRET_ACCESS_KEY" in str(err.value)
 
 
 def test_an_actor_pool_that_leaves_no_cpu_for_reading_is_refused(ray_local, model_dir, image_set, tmp_path):
     with pytest.raises(ValueError, match="no CPU for reading"):
-        run(ScoreConfig(model=model_dir, input=image_set, output=str(tmp_path / "o"), concurrency=4))
+        run(ScoreConfig(checkpoint=model_dir, input=image_set, output=str(tmp_path / "o"), concurrency=4))
 
 
 @pytest.mark.parametrize("gpus, cpus", [(1.0, 1.0), (0.25, 1.0), (0.0, 1.0), (0.0, 2.0)])
@@ -232,8 +232,8 @@ def test_scoring_actors_get_their_resources_without_ray_data_s_experimental_warn
     asked for, and none of its "experimental" warnings at the default settings on a GPU."""
     from ray.data._internal.execution.operators.map_operator import _canonicalize_ray_remote_args
 
-    args = _canonicalize_ray_remote_args(jobs.score.actor_resources(ScoreConfig(gpus_per_actor=gpus,
-                                                                                cpus_per_actor=cpus)))
+    cfg = ScoreConfig(checkpoint="c", input="i", output="o", gpus_per_actor=gpus, cpus_per_actor=cpus)
+    args = _canonicalize_ray_remote_args(jobs.score.actor_resources(cfg))
     assert args == {"num_cpus": cpus, "num_gpus": gpus} and "experimental" not in caplog.text
 
 
@@ -244,8 +244,8 @@ def test_a_really_killed_job_completes_on_rerun(ray_local, model_dir, image_set,
     table = pa.table({"id": [f"k{i:05d}" for i in range(4000)],
                       "image": pa.array([rows.images[i % 500] for i in range(4000)], pa.binary())})
     write_image_set(str(data), table, rows_per_file=200)  # 20 files
-    args = ["--model", model_dir, "--input", str(data), "--output", str(out), "--batch-size", "64", "--block-mb", "0.1",
-            "--address", ray_local.get_runtime_context().gcs_address]
+    args = [f"checkpoint={model_dir}", f"input={data}", f"output={out}", "batch_size=64", "block_mb=0.1",
+            f"address={ray_local.get_runtime_context().gcs_address}"]
     proc = subprocess.Popen([sys.executable, "-m", "jobs", "score", *args], start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
@@ -262,7 +262,7 @@ def test_a_really_killed_job_completes_on_rerun(ray_local, model_dir, image_set,
         time.sleep(0.2)
     done_before = {p.name: p.stat().st_mtime_ns for p in out.glob("*.parquet")}
     assert 0 < len(done_before) < 20, "the kill should land mid-run"
-    summary = run(ScoreConfig(model=model_dir, input=str(data), output=str(out), batch_size=64))
+    summary = run(ScoreConfig(checkpoint=model_dir, input=str(data), output=str(out), batch_size=64))
     assert summary["rows"] == 4000 and summary["scored_now"] == 4000 - 200 * len(done_before)
     assert {n: (out / n).stat().st_mtime_ns for n in done_before} == done_before  # complete files kept
     result, files = _read(str(out))
@@ -276,7 +276,7 @@ def test_input_and_output_on_a_real_seaweedfs(ray_local, model_dir, image_set, s
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("AWS_ACCESS_KEY_ID", seaweed_s3.access_key)
         mp.setenv("AWS_SECRET_ACCESS_KEY", seaweed_s3.secret_key)
-        summary = run(ScoreConfig(model=model_dir, input="s3://gradcon-test/sw-in", output="s3://gradcon-test/sw-out",
+        summary = run(ScoreConfig(checkpoint=model_dir, input="s3://gradcon-test/sw-in", output="s3://gradcon-test/sw-out",
                                   s3_endpoint=seaweed_s3.options.endpoint))
     result, files = _read("s3://gradcon-test/sw-out", fs)
     assert len(files) == 2 and result.num_rows == summary["rows"] == 500 and summary["errors"] == 0

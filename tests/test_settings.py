@@ -23,7 +23,7 @@ def test_defaults_are_the_detectors_own():
 
 def test_short_forms_and_params_reach_the_detector():
     det = DetectorSettings(alpha=0.05, params={"beta": 0.2, "epsilon": 0.1}).build(channels=1)
-    assert (det.alpha, det.beta, det.epsilon, det.attack.epsilon) == (0.05, 0.2, 0.1, 0.1)
+    assert (det.settings.alpha, det.settings.beta, det.settings.epsilon, det.attack.epsilon) == (0.05, 0.2, 0.1, 0.1)
     assert DetectorSettings(model="arae_mlp").build(channels=1).model.spec["name"] == "arae_mlp"
     with pytest.raises(ValueError, match=r"\['alpha'\] given both"):
         DetectorSettings(alpha=0.05, params={"alpha": 0.1}).detector_params()
@@ -36,14 +36,14 @@ def test_the_command_line_sets_any_detector_setting():
                                           "params.nu=0.05", "lr=1e-4"])
     assert cfg.params == {"objective": "soft-boundary", "nu": 0.05}
     det = cfg.build(channels=1)
-    assert (det.objective, det.nu, det.lr) == ("soft-boundary", 0.05, 1e-4)
+    assert (det.settings.objective, det.settings.nu, det.settings.lr) == ("soft-boundary", 0.05, 1e-4)
     # YAML reads 1e-7 as a string; settings given on a command line are numbers where they read as one.
-    assert load_config(EvalConfig, None, ["params.lr=1e-7"]).build(channels=1).lr == 1e-7
+    assert load_config(EvalConfig, None, ["params.lr=1e-7"]).build(channels=1).settings.lr == 1e-7
 
 
 def test_todays_config_file_still_loads():
     det = load_config(TrainConfig, CONFIGS / "mnist.yaml").build(channels=1)
-    assert (det.alpha, det.beta, det.lr) == (0.03, 0.12, 0.001)
+    assert (det.settings.alpha, det.settings.beta, det.settings.lr) == (0.03, 0.12, 0.001)
 
 
 @pytest.mark.parametrize("name", list_detectors())
@@ -78,9 +78,11 @@ def test_sane_settings_pass_the_checks():
     from jobs.score import ScoreConfig
     from jobs.train import TrainConfig
 
-    cfg = load_config(TrainConfig, overrides=["alpha=0.03", "name=run-1", "max_failures=-1", "params.nu=0.1"])
+    cfg = load_config(TrainConfig, overrides=["alpha=0.03", "name=run-1", "max_failures=-1", "params.beta=0.1"])
     assert (cfg.alpha, cfg.name, cfg.max_failures) == (0.03, "run-1", -1)
-    assert load_config(ScoreConfig, overrides=["gpus_per_actor=0.25", "block_mb=0.5"]).block_mb == 0.5
+    score = load_config(ScoreConfig, overrides=["checkpoint=c", "input=i", "output=o", "gpus_per_actor=0.25",
+                                                "block_mb=0.5"])
+    assert score.block_mb == 0.5
 
 
 def test_local_paths_are_made_absolute_and_urls_kept(tmp_path, monkeypatch):
@@ -91,8 +93,9 @@ def test_local_paths_are_made_absolute_and_urls_kept(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cfg = load_config(TuneConfig, overrides=["data=data/sets/mnist"], extra={"search": {"alpha": "loguniform(1e-3,1)"}})
     assert (cfg.data, cfg.storage) == (str(tmp_path / "data/sets/mnist"), str(tmp_path / "runs"))
-    score = load_config(ScoreConfig, overrides=["model=s3://b/runs/r/checkpoint", "input=images", "output=~/scores"])
-    assert (score.model, score.input) == ("s3://b/runs/r/checkpoint", str(tmp_path / "images"))
+    score = load_config(ScoreConfig, overrides=["checkpoint=s3://b/runs/r/checkpoint", "input=images",
+                                                "output=~/scores"])
+    assert (score.checkpoint, score.input) == ("s3://b/runs/r/checkpoint", str(tmp_path / "images"))
     assert score.output == str(Path.home() / "scores")
 
 

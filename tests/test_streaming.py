@@ -7,7 +7,7 @@ import torch.multiprocessing as mp
 
 from gradcon_core.detectors.registry import create_detector
 from gradcon_core.metrics import auroc
-from gradcon_core.training.loop import StreamedData, train_epochs
+from gradcon_core.training.loop import StreamedData, run_steps, train_epochs
 from gradcon_core.training.parallel import streamed_batches, training_generators
 from tests.conftest import gloo_group
 
@@ -87,7 +87,7 @@ def test_two_streaming_workers_take_the_steps_of_one_process_on_the_union_of_the
         steps = [[ids for e, ids in w["log"] if e == epoch] for w in workers]
         assert [len(s) for s in steps] == [5, 3]
         global_batches = [images[sum((s[t] for s in steps if t < len(s)), [])] for t in range(5)]
-        single.train_batches(streamed_batches(global_batches, images[:1]), noise)
+        run_steps(single, streamed_batches(global_batches, images[:1]), noise)
     for k, v in single.state_tensors().items():
         torch.testing.assert_close(workers[0]["state"][k].double(), v.double(), rtol=1e-5, atol=1e-5, msg=k)
 
@@ -118,11 +118,11 @@ def test_a_detector_that_needs_the_whole_class_refuses_to_stream(images):
 
 
 def test_one_streaming_process_equals_fit_on_the_same_batches(images):
-    """World size 1: train_epochs on a stream is train_batches on its batches, step for step."""
+    """World size 1: train_epochs on a stream is run_steps on its batches, step for step."""
     det, log = _detector("gradcon"), []
     train_epochs(det, _streamed(images, 0, 1, log), epochs=1, batch_size=6, seed=0)
     same = _detector("gradcon")
     _, noise = training_generators(0)
-    same.train_batches(streamed_batches([images[ids] for _, ids in log], images[:1]), noise)
+    run_steps(same, streamed_batches([images[ids] for _, ids in log], images[:1]), noise)
     for k, v in same.state_tensors().items():
         torch.testing.assert_close(det.state_tensors()[k], v, rtol=0, atol=0, msg=k)

@@ -166,9 +166,9 @@ def test_submitted_score_job_succeeds_and_keeps_secrets_out(head, score_inputs, 
     (its whole temp dir: every log, the jobs' working dirs), not in the job API's list_jobs and not in anything
     `gradcon submit` printed."""
     s3 = seaweed_s3.options
-    result = _submit(head, "score", "--env", "AWS_ENDPOINT_URL", "--",
-                     "--model", str(score_inputs / "ckpt"), "--input", str(score_inputs / "set"),
-                     "--output", "s3://gradcon-test/submitted", "--batch-size", "128",
+    result = _submit(head, "score", "env=AWS_ENDPOINT_URL", "--",
+                     f"checkpoint={score_inputs / 'ckpt'}", f"input={score_inputs / 'set'}",
+                     "output=s3://gradcon-test/submitted", "batch_size=128",
                      extra_env={"AWS_ENDPOINT_URL": s3.endpoint})
     assert result.returncode == 0, result.stdout + result.stderr
     assert "SUCCEEDED" in result.stderr and "rows 500  errors 0" in result.stdout  # the job's own logs, followed
@@ -185,23 +185,23 @@ def test_submitted_score_job_succeeds_and_keeps_secrets_out(head, score_inputs, 
 
 
 def test_a_secret_is_not_sent_in_the_runtime_env(head, tmp_path):
-    """--env with a secret-looking name is refused before anything reaches the cluster (Ray would keep its value
+    """env= with a secret-looking name is refused before anything reaches the cluster (Ray would keep its value
     in plaintext in its job table and the head's runtime-env agent log)."""
     secret = secrets.token_hex(16)
-    result = _submit(head, "score", "--env", "AWS_SECRET_ACCESS_KEY", "--", "--model", str(tmp_path / "none"),
-                     "--input", str(tmp_path), "--output", str(tmp_path / "o"),
+    result = _submit(head, "score", "env=AWS_SECRET_ACCESS_KEY", "--", f"checkpoint={tmp_path / 'none'}",
+                     f"input={tmp_path}", f"output={tmp_path / 'o'}",
                      extra_env={"AWS_SECRET_ACCESS_KEY": secret})
     assert result.returncode == 2, result.stdout + result.stderr
-    assert "AWS_SECRET_ACCESS_KEY" in result.stderr and "--allow-secret-env" in result.stderr
+    assert "AWS_SECRET_ACCESS_KEY" in result.stderr and "allow_secret_env=true" in result.stderr
     assert "instance profile" in result.stderr and secret not in result.stdout + result.stderr
     assert _leaks(head, secret) == []
 
 
 def test_an_allowed_secret_warns_where_ray_keeps_it(head, tmp_path):
-    """With --allow-secret-env the variable is sent, and the warning names the places where it then is."""
+    """With allow_secret_env=true the variable is sent, and the warning names the places where it then is."""
     secret = secrets.token_hex(16)
-    result = _submit(head, "score", "--allow-secret-env", "--env", "GRADCON_TEST_TOKEN", "--",
-                     "--model", str(tmp_path / "none"), "--input", str(tmp_path), "--output", str(tmp_path / "o"),
+    result = _submit(head, "score", "allow_secret_env=true", "env=GRADCON_TEST_TOKEN", "--",
+                     f"checkpoint={tmp_path / 'none'}", f"input={tmp_path}", f"output={tmp_path / 'o'}",
                      extra_env={"GRADCON_TEST_TOKEN": secret})
     assert result.returncode == 1  # the job ran (and failed: no model)
     assert "warning: GRADCON_TEST_TOKEN" in result.stderr and secret not in result.stdout + result.stderr
@@ -212,15 +212,15 @@ def test_an_allowed_secret_warns_where_ray_keeps_it(head, tmp_path):
 
 
 def test_a_failing_job_exits_non_zero_with_its_error(head, tmp_path):
-    result = _submit(head, "score", "--", "--model", str(tmp_path / "no-such-model"), "--input", str(tmp_path),
-                     "--output", str(tmp_path / "o"))
+    result = _submit(head, "score", "--", f"checkpoint={tmp_path / 'no-such-model'}", f"input={tmp_path}",
+                     f"output={tmp_path / 'o'}")
     assert result.returncode == 1
     assert "FAILED" in result.stderr and "no-such-model does not exist" in result.stderr
     assert head[1] not in result.stdout + result.stderr
 
 
 def test_a_wrong_token_is_a_clear_error(head):
-    refused = _submit(head, "score", "--no-wait", extra_env={"RAY_AUTH_TOKEN": "not-the-token-123"})
+    refused = _submit(head, "score", "wait=false", extra_env={"RAY_AUTH_TOKEN": "not-the-token-123"})
     assert refused.returncode == 2 and "refused" in refused.stderr and "RAY_AUTH_TOKEN" in refused.stderr
     assert "not-the-token-123" not in refused.stdout + refused.stderr
 
@@ -228,14 +228,14 @@ def test_a_wrong_token_is_a_clear_error(head):
 def test_no_cluster_is_a_clear_error(monkeypatch, capsys):
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # in this process: leave the session's Ray settings alone
     url = f"http://127.0.0.1:{_free_ports(1)[0]}"
-    assert cli_main(["submit", "score", "--no-wait", "--address", url, "--", "--model", "/m"]) == 2
+    assert cli_main(["submit", "score", "wait=false", f"address={url}", "--", "checkpoint=/m"]) == 2
     assert "cannot reach the Ray job API" in capsys.readouterr().err
 
 
 def test_a_token_path_naming_no_file_is_a_clear_error(monkeypatch, capsys, tmp_path):
     monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "no-token"))
     url = f"http://127.0.0.1:{_free_ports(1)[0]}"
-    assert cli_main(["submit", "score", "--no-wait", "--address", url, "--", "--model", "/m"]) == 2
+    assert cli_main(["submit", "score", "wait=false", f"address={url}", "--", "checkpoint=/m"]) == 2
     assert f"RAY_AUTH_TOKEN_PATH={tmp_path / 'no-token'} is not a file" in capsys.readouterr().err
     from cluster.ray_init import init_ray
 
@@ -272,7 +272,7 @@ def test_ctrl_c_stops_following_and_says_how_to_resume(monkeypatch, capsys):
     monkeypatch.setattr(submit, "connect", lambda address: Client())
     monkeypatch.setattr(submit, "follow", interrupted)
     monkeypatch.setenv("RAY_AUTH_MODE", "token")
-    assert cli_main(["submit", "train", "--address", "http://h:8265", "--", "epochs=1", "storage=s3://b/r"]) == 130
+    assert cli_main(["submit", "train", "address=http://h:8265", "--", "epochs=1", "storage=s3://b/r"]) == 130
     err = capsys.readouterr().err
     assert "RAY_AUTH_MODE=token ray job logs --follow raysubmit_x --address http://h:8265" in err
     assert "ray job stop raysubmit_x" in err
@@ -286,7 +286,7 @@ def test_secret_names_are_refused_in_the_runtime_env_unless_allowed(monkeypatch)
     assert [n for n in ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "AWS_SESSION_TOKEN", "DB_PASSWORD",
                         "AWS_ENDPOINT_URL", "KEYBOARD") if is_secret_name(n)] == \
         ["AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "AWS_SESSION_TOKEN", "DB_PASSWORD"]
-    with pytest.raises(SubmissionError, match="AWS_SECRET_ACCESS_KEY: refused.*instance profile.*--allow-secret-env"):
+    with pytest.raises(SubmissionError, match="AWS_SECRET_ACCESS_KEY: refused.*instance profile.*allow_secret_env"):
         runtime_env(str(REPO), ["AWS_ENDPOINT_URL", "AWS_SECRET_ACCESS_KEY"], [])
     env = runtime_env(str(REPO), ["AWS_SECRET_ACCESS_KEY"], [], allow_secrets=True)
     assert env["env_vars"] == {"AWS_SECRET_ACCESS_KEY": "wJalrXUtnFEMI"}
@@ -299,11 +299,12 @@ class _Refusing:
 
 
 @pytest.mark.parametrize(("job", "args", "culprit"), [
-    ("score", ["--model", "runs/r/checkpoint", "--input", "s3://b/in", "--output", "s3://b/out"],
+    ("score", ["checkpoint=runs/r/checkpoint", "input=s3://b/in", "output=s3://b/out"], "checkpoint=runs/r/checkpoint"),
+    ("score", ["--model", "runs/r/checkpoint", "--input", "s3://b/in", "--output", "s3://b/out"],  # old flags
      "--model runs/r/checkpoint"),
-    ("score", ["--model", "s3://b/m", "--input", "/data/in", "--output=scores"], "--output=scores"),
+    ("score", ["checkpoint=s3://b/m", "input=/data/in", "output=scores"], "output=scores"),
     ("train", ["data=data/sets/mnist", "storage=s3://b/runs"], "data=data/sets/mnist"),
-    ("tune", ["data=/data/set", "storage=./sweeps", "--search", "alpha=uniform(0,1)"], "storage=./sweeps"),
+    ("tune", ["data=/data/set", "storage=./sweeps", "search.alpha=uniform(0,1)"], "storage=./sweeps"),
     ("train", ["data=s3://b/sets/mnist"], "storage is not given"),  # its default, `runs`, is relative
     ("eval", ["data=s3://b/sets/mnist", "classes=0"], "out is not given"),
 ])
@@ -311,7 +312,7 @@ def test_relative_paths_are_refused_before_anything_is_submitted(monkeypatch, ca
     """On the cluster a relative path resolves inside the job's temporary copy of this repository: inputs are
     not there, and outputs written there are lost with it."""
     monkeypatch.setattr(submit, "connect", lambda address: _Refusing())
-    assert cli_main(["submit", job, "--address", "http://h:8265", "--", *args]) == 2
+    assert cli_main(["submit", job, "address=http://h:8265", "--", *args]) == 2
     err = capsys.readouterr().err
     assert culprit in err and "absolute" in err, err
 
@@ -328,5 +329,5 @@ def test_absolute_paths_and_urls_are_submitted(monkeypatch, tmp_path):
     config = tmp_path / "train.yaml"
     config.write_text("storage: s3://b/runs\n")
     args = ["--config", str(config), "data=/shared/sets/mnist", "normal_class=3"]
-    assert cli_main(["submit", "train", "--no-wait", "--address", "http://h:8265", "--", *args]) == 0
+    assert cli_main(["submit", "train", "wait=false", "address=http://h:8265", "--", *args]) == 0
     assert submitted["entrypoint"] == f"python -m jobs train --config {config} data=/shared/sets/mnist normal_class=3"

@@ -23,6 +23,7 @@ from gradcon_core.data.images import decode_images, encode_png
 from gradcon_core.data.imageset import ImageShape, take_rows, write_image_set
 from gradcon_core.data.protocols import select
 from gradcon_core.training.checkpoint import load_checkpoint
+from gradcon_core.training.loop import run_steps
 from gradcon_core.training.parallel import streamed_batches, training_generators
 from jobs.tracking import CHECKPOINT_TAG
 from jobs.train import TrainConfig, epoch_line, run, training_rows
@@ -162,7 +163,7 @@ def test_stream_mode_at_64x64_rgb_replays_in_one_process_lists_bad_rows_and_scor
         trained.append(sorted(i for step in steps for i in step))
         batches = [torch.stack([by_id[i] for i in step]) for step in steps]
         steps_taken += len(batches)
-        single.train_batches(streamed_batches(batches, placeholder=batches[0][:1]), noise)
+        run_steps(single, streamed_batches(batches, placeholder=batches[0][:1]), noise)
     # Every decodable training row once per epoch, none twice (Ray's equal split would drop rows).
     _, selected = training_rows(cfg, data, pafs.LocalFileSystem())
     assert trained[0] == trained[1] == sorted(set(selected["train"]) - {"broken"})
@@ -175,7 +176,7 @@ def test_stream_mode_at_64x64_rgb_replays_in_one_process_lists_bad_rows_and_scor
 
     big, table = image_set("set96", 96, DefectCounts(train=0, test_normal=3, test_defective=3), None)
     capsys.readouterr()
-    summary = score(ScoreConfig(model=uri, input=big, output=str(tmp_path / "scores"), quiet=True))
+    summary = score(ScoreConfig(checkpoint=uri, input=big, output=str(tmp_path / "scores"), quiet=True))
     assert summary["rows"] == 6 and summary["errors"] == 0
     assert capsys.readouterr().err.count("are resized to that when decoded") == 1
     scores = pa.parquet.read_table(tmp_path / "scores").column("score").to_numpy()
@@ -323,7 +324,7 @@ def test_bad_input_fails_fast_with_a_clear_error(ray_local, zeros_set, tmp_path)
         run(TrainConfig(data=zeros_set, normal_class=0, storage=str(tmp_path), resume="nope"))
     with pytest.raises(ValueError, match="do not fit this cluster"):
         run(TrainConfig(data=zeros_set, normal_class=0, num_workers=16, storage=str(tmp_path)))
-    with pytest.raises(ValueError, match="placement_strategy must be one of"):
+    with pytest.raises(ValueError, match="placement_strategy: must be one of"):
         run(TrainConfig(data=zeros_set, normal_class=0, placement_strategy="ANYWHERE", storage=str(tmp_path)))
     with pytest.raises(ValueError, match=r"do not fit this cluster \(\d+ CPUs, 0 GPUs\)"):  # a GPU, even a quarter
         run(TrainConfig(data=zeros_set, normal_class=0, num_workers=1, gpus_per_worker=0.25, storage=str(tmp_path)))
@@ -366,7 +367,7 @@ def test_other_detectors_train_through_the_job_and_score_through_ray_data(
     assert len(set(result.return_value)) == 1  # every rank ends with the same weights and state
     det = load_detector(uri)
     assert det.name == detector and det.threshold_ is not None
-    summary = score(ScoreConfig(model=uri, input=zeros_set, output=str(tmp_path / "scores")))
+    summary = score(ScoreConfig(checkpoint=uri, input=zeros_set, output=str(tmp_path / "scores")))
     table = pa.concat_tables(pa.parquet.read_table(f) for f in sorted((tmp_path / "scores").glob("*.parquet")))
     assert summary["rows"] == table.num_rows == 160 and summary["errors"] == 0
     expected = det.decision_function(decode_images(take_rows(zeros_set, np.arange(160)).images, 1, (28, 28))[0])

@@ -6,7 +6,7 @@ gives Pillow's pixels exactly (tests/test_images.py checks this on a corpus of o
 measures the speed): PNG to libspng (pyspng), 8-bit greyscale and YCbCr JPEG to libjpeg-turbo through
 torchvision, raw to no codec at all, everything else to Pillow, and any file a fast decoder fails on to Pillow.
 
-Policy (also in the README; one test each in tests/test_images.py):
+Policy (also in docs/commands.md; one test each in tests/test_images.py):
 1. Size: an image whose size differs from the model's input is resized to the model's (height, width) with
    Lanczos (as the official CIFAR-10 preparation does). The aspect ratio is not kept: a non-square image is
    stretched to the model's shape, never cropped.

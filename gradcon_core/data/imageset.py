@@ -6,7 +6,7 @@ others, which pass through. Files under a prefix are read in sorted path order, 
 are stable: protocols select rows by number and never copy the data.
 
 When every image of a set has one size and channel count (`gradcon prepare` knows it for mnist, cifar10
-and defects, and for any source it resizes with --image-size), each file's key-value metadata records it
+and defects, and for any source it resizes with image_size=), each file's key-value metadata records it
 under the key "gradcon" as JSON: {"image_size": [height, width], "channels": C}. Jobs read it from the first
 file (recorded_shape) to size their networks; a set without it is sized by the job's settings.
 """

@@ -111,7 +111,7 @@ def tables(kind: str, source: str | None, filesystem: pafs.FileSystem | None = N
     if kind == "defects":
         return defect_tables(image_size or DEFECTS_DEFAULT_SIZE, seed, counts, classes, rows_per_table=CHUNK)
     if source is None:
-        raise ValueError(f"prepare {kind} needs a --source")
+        raise ValueError(f"prepare {kind} needs source=")
     if kind in ("mnist", "fashion-mnist"):
         return _idx_source(Path(source), download, kind)
     if kind == "cifar10":

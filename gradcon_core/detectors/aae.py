@@ -10,45 +10,50 @@ per-sample means too, but each worker draws its own prior samples (exact given t
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from gradcon_core.detectors.autoencoder import AutoencoderDetector
+from gradcon_core.detectors.autoencoder import AutoencoderDetector, AutoencoderSettings
 from gradcon_core.detectors.cae import recon_error
 from gradcon_core.detectors.registry import register_detector
-from gradcon_core.training.parallel import GradientSync
+from gradcon_core.training.parallel import GradientSync, LocalBatch
+
+
+@dataclass(kw_only=True)
+class AAESettings(AutoencoderSettings):
+    adversarial_weight: float = 1.0  # of the generator's loss
+    disc_lr: float = 2e-4  # the discriminator's and the generator's learning rate
 
 
 @register_detector("aae")
 class AAEDetector(AutoencoderDetector):
     default_model = "aae_net"
+    Settings = AAESettings
 
-    def __init__(self, model: nn.Module, adversarial_weight: float = 1.0, lr: float = 1e-3, disc_lr: float = 2e-4,
-                 device: str | torch.device = "auto", score_batch_size: int | None = None,
-                 threshold_percentile: float = 95.0, epsilon: float = 0.0, gamma: float = 0.1, attack_steps: int = 40,
-                 attack_refresh: str = "batch"):
+    def __init__(self, model: nn.Module, **kwargs):
         if not hasattr(model, "discriminator"):
             raise ValueError(f"{type(model).__name__} has no latent discriminator: "
                              "build it with create_model('aae_net')")
-        self.adversarial_weight, self.disc_lr = adversarial_weight, disc_lr
-        super().__init__(model, lr, device, score_batch_size, threshold_percentile, epsilon, gamma, attack_steps,
-                         attack_refresh)
+        super().__init__(model, **kwargs)
 
     def make_optimizers(self) -> list[torch.optim.Optimizer]:
-        m = self.model
+        m, s = self.model, self.settings
         autoencoder = [*m.encoder.parameters(), *m.decoder.parameters()]
-        return [torch.optim.Adam(autoencoder, lr=self.lr),
-                torch.optim.Adam(m.discriminator.parameters(), lr=self.disc_lr, betas=(0.5, 0.999)),
-                torch.optim.Adam(m.encoder.parameters(), lr=self.disc_lr, betas=(0.5, 0.999))]
+        return [torch.optim.Adam(autoencoder, lr=s.lr),
+                torch.optim.Adam(m.discriminator.parameters(), lr=s.disc_lr, betas=(0.5, 0.999)),
+                torch.optim.Adam(m.encoder.parameters(), lr=s.disc_lr, betas=(0.5, 0.999))]
 
     def losses(self, x_in: torch.Tensor, x: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"loss": F.mse_loss(self.model(x_in), x)}
 
-    def train_step(self, x: torch.Tensor, sync: GradientSync | None = None, scale: float = 1.0,
-                   x_adv: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def step(self, x: torch.Tensor, batch: LocalBatch, noise: torch.Generator,
+             sync: GradientSync | None = None) -> dict[str, torch.Tensor]:
         ae_opt, disc_opt, gen_opt = self.optimizers
-        parts = self.training_losses(x, x_adv)  # with x_adv: ARAE's (autoencoder.py)
+        scale = batch.scale
+        parts = self.training_losses(x, self.adversarial_images(x, batch, noise))  # ARAE's with epsilon > 0
         self.update(ae_opt, scale * parts["loss"], sync)
 
         z = self.model.encode(x)
@@ -59,7 +64,7 @@ class AAEDetector(AutoencoderDetector):
 
         fooled = self.model.discriminator(z)
         gen = F.binary_cross_entropy_with_logits(fooled, torch.ones_like(fooled))
-        self.update(gen_opt, scale * self.adversarial_weight * gen, sync)
+        self.update(gen_opt, scale * self.settings.adversarial_weight * gen, sync)
         return {**{k: v.detach() for k, v in parts.items()}, "disc": disc.detach(), "gen": gen.detach()}
 
     def score_batch(self, x: torch.Tensor) -> dict[str, torch.Tensor]:

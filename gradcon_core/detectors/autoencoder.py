@@ -17,32 +17,41 @@ x* of every row this worker uses is crafted before the epoch, as the official co
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from gradcon_core.detectors.adversarial import LatentAttack, code
-from gradcon_core.detectors.neural import NeuralDetector
+from gradcon_core.detectors.neural import NeuralDetector, NeuralSettings
 from gradcon_core.training.parallel import GradientSync, LocalBatch
 
 
+@dataclass(kw_only=True)
+class AutoencoderSettings(NeuralSettings):
+    """ARAE's settings, which every autoencoder takes (adversarial.LatentAttack says what each means)."""
+
+    epsilon: float = 0.0  # > 0: adversarially robust training
+    gamma: float = 0.1
+    attack_steps: int = 40
+    attack_refresh: str = "batch"  # or "epoch" (the official schedule)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.attack()  # checks them
+
+    def attack(self) -> LatentAttack:
+        return LatentAttack(self.epsilon, self.attack_steps, self.gamma, self.attack_refresh)
+
+
 class AutoencoderDetector(NeuralDetector):
-    def __init__(
-        self,
-        model: nn.Module,
-        lr: float = 1e-3,
-        device: str | torch.device = "auto",
-        score_batch_size: int | None = None,
-        threshold_percentile: float = 95.0,
-        epsilon: float = 0.0,
-        gamma: float = 0.1,
-        attack_steps: int = 40,
-        attack_refresh: str = "batch",
-    ):
-        self.epsilon, self.gamma, self.attack_steps, self.attack_refresh = epsilon, gamma, attack_steps, attack_refresh
-        self.attack = LatentAttack(epsilon, attack_steps, gamma, attack_refresh)
+    Settings = AutoencoderSettings
+
+    def __init__(self, model: nn.Module, **kwargs):
+        super().__init__(model, **kwargs)
+        self.attack = self.settings.attack()
         self._x_adv: torch.Tensor | None = None  # this epoch's x* (refresh="epoch")
-        super().__init__(model, lr, device, score_batch_size, threshold_percentile)
 
     # --- what subclasses provide -------------------------------------------------------------
     def losses(self, x_in: torch.Tensor, x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -59,22 +68,26 @@ class AutoencoderDetector(NeuralDetector):
             return self.losses(x, x)
         parts = self.losses(x_adv, x)
         latent = F.mse_loss(code(self.model, x_adv), code(self.model, x))
-        return {**parts, "loss": parts["loss"] + self.gamma * latent, "latent": latent}
+        return {**parts, "loss": parts["loss"] + self.attack.gamma * latent, "latent": latent}
 
-    def train_step(self, x: torch.Tensor, sync: GradientSync | None = None, scale: float = 1.0,
-                   x_adv: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        parts = self.training_losses(x, x_adv)
-        self.update(self.optimizers[0], scale * parts["loss"], sync)
+    def step(self, x: torch.Tensor, batch: LocalBatch, noise: torch.Generator,
+             sync: GradientSync | None = None) -> dict[str, torch.Tensor]:
+        parts = self.training_losses(x, self.adversarial_images(x, batch, noise))
+        self.update(self.optimizers[0], batch.scale * parts["loss"], sync)
         return {k: v.detach() for k, v in parts.items()}  # tensors: summed on the device
 
     @property
+    def epoch_attack(self) -> bool:
+        return self.attack.enabled and self.attack.refresh == "epoch"
+
+    @property
     def stream_problem(self) -> str | None:
-        if self.attack.enabled and self.attack.refresh == "epoch":
+        if self.epoch_attack:
             return "attack_refresh=epoch crafts the whole class's adversarial images before each epoch"
         return super().stream_problem
 
-    def begin_epoch(self, x: torch.Tensor, batches: list[LocalBatch], noise: torch.Generator) -> None:
-        if not (self.attack.enabled and self.attack.refresh == "epoch"):
+    def start_epoch(self, x: torch.Tensor, batches: list[LocalBatch], noise: torch.Generator) -> None:
+        if not self.epoch_attack:
             return
         # Official schedule: x* for the whole set with this epoch's weights, from random starts drawn for every
         # row; this worker crafts only its own rows (the others stay clean images, used only with weight 0).
@@ -83,14 +96,13 @@ class AutoencoderDetector(NeuralDetector):
         self._x_adv = x.clone()
         self._x_adv[rows] = self.attack.craft(self.model, x[rows].to(self.device), start[rows.cpu()]).to(x.device)
 
-    def train_batch(self, x: torch.Tensor, batch: LocalBatch, noise: torch.Generator,
-                    sync: GradientSync | None) -> dict[str, float]:
-        x_adv = None
-        if self.attack.enabled and self.attack.refresh == "epoch":
-            x_adv = self._x_adv[batch.rows].to(self.device)
-        elif self.attack.enabled:
-            # Random starts for the whole global batch (as one process draws them), this worker's slice.
-            start = self.attack.random_start((batch.global_size, *x.shape[1:]), noise)
-            mine = start[batch.offset: batch.offset + batch.own] if batch.own else start[:1]
-            x_adv = self.attack.craft(self.model, x, mine)
-        return self.train_step(x, sync, batch.scale, x_adv=x_adv)
+    def adversarial_images(self, x: torch.Tensor, batch: LocalBatch, noise: torch.Generator) -> torch.Tensor | None:
+        """x* of this worker's images of the step (None when ARAE is off)."""
+        if self.epoch_attack:
+            return self._x_adv[batch.rows].to(self.device)
+        if not self.attack.enabled:
+            return None
+        # Random starts for the whole global batch (as one process draws them), this worker's slice.
+        start = self.attack.random_start((batch.global_size, *x.shape[1:]), noise)
+        mine = start[batch.offset: batch.offset + batch.own] if batch.own else start[:1]
+        return self.attack.craft(self.model, x, mine)

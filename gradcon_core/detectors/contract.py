@@ -1,21 +1,21 @@
-"""The one contract every detector obeys (scikit-learn / PyOD style), and everything the jobs call.
+"""The contract every detector obeys (scikit-learn / PyOD style), and how a detector is saved and loaded.
 
 Every detector:
 - fit(x, epochs, batch_size, seed, x_val) -> self; decision_function(x) -> np.ndarray [N], higher = more
   anomalous; score_components(x) -> {"score", ...}; predict(x) -> 0/1 with threshold_;
   reconstruct(x) -> the images it reconstructs, or None;
 - channels and input_size: what images it takes (the score job decodes to them);
-- save(path) / load_detector(path), with its settings read from its __init__'s signature (get_params,
-  scikit-learn's convention: every keyword argument is kept as an attribute of the same name).
+- its settings: a typed dataclass (`Settings`, kw-only, defaults written once, checked in __post_init__),
+  given to the constructor as keyword arguments and held as det.settings. Run-time choices (the device, the
+  score batch size) are constructor arguments of their own, not settings: they are not saved;
+- save(path) / load_detector(path).
 
-Trainable (iterative) detectors also offer what a data-parallel trainer drives (gradcon_core/training/loop.py):
-optimizers, prepare(x, sync), train_epoch(x, order, noise, batch_size, rank, world_size, sync) and
-validation_loss(x). `iterative` says which kind a detector is.
+Detectors with a trained network are also what the one training loop drives (training.loop.Trainable).
 """
 from __future__ import annotations
 
-import inspect
-from collections.abc import Iterable
+import dataclasses
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -26,21 +26,30 @@ from gradcon_core.detectors.registry import detector_class
 from gradcon_core.metrics import threshold_from_scores
 from gradcon_core.models.registry import create_model
 from gradcon_core.training import checkpoint
-from gradcon_core.training.parallel import GradientSync, LocalBatch
 
-# Constructor arguments that are run-time choices, not part of the method: not saved with it.
-RUNTIME_ARGUMENTS = ("self", "model", "device", "score_batch_size")
 # What a training run records about itself, the same from fit() and from `gradcon train`.
 FIT_INFO = ("epochs", "epoch", "batch_size", "seed", "data_fingerprint")
+
+
+@dataclass(kw_only=True)
+class Settings:
+    """What every detector takes: where its threshold sits among normal images' scores."""
+
+    threshold_percentile: float = 95.0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.threshold_percentile <= 100:
+            raise ValueError(f"threshold_percentile must lie in [0, 100], got {self.threshold_percentile}")
 
 
 class Detector:
     name: str = "detector"  # set by @register_detector
     default_model: str | None = None  # the registry network a fresh detector gets; None: no torch network
-    iterative: bool = False  # trains in epochs of steps (the trainable interface below)
+    Settings: type[Settings] = Settings
     threshold_: float | None = None
 
-    def __init__(self) -> None:
+    def __init__(self, **settings: Any) -> None:
+        self.settings = self.Settings(**settings)
         self.fit_info_: dict[str, Any] = {}
 
     # --- the contract -------------------------------------------------------------------------
@@ -78,54 +87,28 @@ class Detector:
         self.threshold_ = threshold_from_scores(scores, contamination=contamination, percentile=percentile)
         return self.threshold_
 
+    def set_normal_threshold(self, scores: np.ndarray) -> float:
+        """threshold_ at the settings' percentile of normal images' scores (what fit and `gradcon train` do)."""
+        return self.set_threshold(scores=scores, percentile=self.settings.threshold_percentile)
+
     def predict(self, x) -> np.ndarray:
         """1 = anomaly (score above threshold_), 0 = normal."""
         if self.threshold_ is None:
             raise ValueError(f"{self.name} has no threshold_: call fit or set_threshold first")
         return (self.decision_function(x) > self.threshold_).astype(np.int64)
 
-    # --- trainable detectors (iterative = True) -------------------------------------------------
-    @property
-    def optimizers(self) -> list[torch.optim.Optimizer]:
-        return []
-
-    def prepare(self, x: torch.Tensor, sync: GradientSync | None = None) -> None:
-        """One-off state from the training images before the first step (Deep SVDD's centre)."""
-
-    def train_epoch(self, x: torch.Tensor, order: torch.Generator, noise: torch.Generator, batch_size: int,
-                    rank: int = 0, world_size: int = 1, sync: GradientSync | None = None) -> dict[str, float]:
-        """One epoch in global batches of batch_size, this worker taking its slice of each; returns this
-        worker's share of the sums over images of the step's values (summed over workers: the global sums)."""
-        raise NotImplementedError(f"{self.name} is not trained in epochs")
-
-    def train_batches(self, steps: Iterable[tuple[torch.Tensor, LocalBatch]], noise: torch.Generator,
-                      sync: GradientSync | None = None) -> dict[str, float]:
-        """Steps on (this worker's images, its LocalBatch) pairs as they come (stream mode); returns this
-        worker's share of the sums over images of the steps' values."""
-        raise NotImplementedError(f"{self.name} is not trained in steps")
-
-    @property
-    def stream_problem(self) -> str | None:
-        """Why this detector cannot train from a stream of batches (data_mode=stream), or None if it can."""
-        return f"{self.name} is fitted in one go on all its images"
-
-    def validation_loss(self, x) -> float:
-        """The objective on held-out normal images, averaged over images; no update."""
-        raise NotImplementedError(f"{self.name} has no validation loss")
-
     # --- settings: one mechanism for every detector ---------------------------------------------
     @classmethod
     def param_names(cls) -> list[str]:
-        """The detector's settings: its __init__'s arguments, run-time choices left out."""
-        return [n for n in inspect.signature(cls.__init__).parameters if n not in RUNTIME_ARGUMENTS]
+        """The detector's settings: its Settings' fields."""
+        return [f.name for f in dataclasses.fields(cls.Settings)]
 
     @classmethod
     def param_defaults(cls) -> dict[str, Any]:
-        parameters = inspect.signature(cls.__init__).parameters
-        return {n: parameters[n].default for n in cls.param_names()}
+        return {f.name: f.default for f in dataclasses.fields(cls.Settings)}
 
     def get_params(self) -> dict[str, Any]:
-        return {n: _plain(getattr(self, n)) for n in self.param_names()}
+        return {n: _plain(getattr(self.settings, n)) for n in self.param_names()}
 
     # --- persistence ------------------------------------------------------------------------------
     def state_tensors(self) -> dict[str, torch.Tensor]:
@@ -177,8 +160,10 @@ def with_prefix(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torc
 
 
 def load_detector(path: str, filesystem: pafs.FileSystem | None = None) -> Detector:
-    """Any registered detector from a checkpoint directory (local path, file:// or s3://)."""
-    tensors, config = checkpoint.load_checkpoint(str(path), filesystem)
+    """Any registered detector from a checkpoint directory, or a run's folder (its best checkpoint): a local path,
+    file:// or s3://."""
+    path = checkpoint.locate(str(path), filesystem)
+    tensors, config = checkpoint.load_checkpoint(path, filesystem)
     if "detector" not in config:
         raise checkpoint.CheckpointError(f"checkpoint {path}: config.yaml names no detector")
     try:

@@ -16,31 +16,38 @@ worker, not the global quantile).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn as nn
 
-from gradcon_core.detectors.neural import NeuralDetector
+from gradcon_core.detectors.neural import NeuralDetector, NeuralSettings
 from gradcon_core.detectors.registry import register_detector
-from gradcon_core.training.parallel import GradientSync
+from gradcon_core.training.parallel import GradientSync, LocalBatch
 
 OBJECTIVES = ("one-class", "soft-boundary")
 CENTRE_EPS = 0.1  # Ruff's: a coordinate of c near 0 is trivially matched by zero weights
 
 
+@dataclass(kw_only=True)
+class DeepSVDDSettings(NeuralSettings):
+    lr: float = 1e-4
+    objective: str = "one-class"  # or "soft-boundary"
+    nu: float = 0.1  # soft-boundary: the share of images allowed outside the sphere
+    weight_decay: float = 1e-6  # the objective's regulariser
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"unknown objective {self.objective!r}; choose one of {OBJECTIVES}")
+        if not 0 < self.nu <= 1:
+            raise ValueError(f"nu must lie in (0, 1], got {self.nu}")
+
+
 @register_detector("deep_svdd")
 class DeepSVDDDetector(NeuralDetector):
     default_model = "deep_svdd_lenet"
-
-    def __init__(self, model: nn.Module, objective: str = "one-class", nu: float = 0.1, weight_decay: float = 1e-6,
-                 lr: float = 1e-4, device: str | torch.device = "auto", score_batch_size: int | None = None,
-                 threshold_percentile: float = 95.0):
-        if objective not in OBJECTIVES:
-            raise ValueError(f"unknown objective {objective!r}; choose one of {OBJECTIVES}")
-        if not 0 < nu <= 1:
-            raise ValueError(f"nu must lie in (0, 1], got {nu}")
-        self.objective = objective
-        self.nu, self.weight_decay = nu, weight_decay
-        super().__init__(model, lr, device, score_batch_size, threshold_percentile)
+    Settings = DeepSVDDSettings
 
     def make_aux(self) -> nn.Module:
         aux = nn.Module()
@@ -49,7 +56,7 @@ class DeepSVDDDetector(NeuralDetector):
         return aux
 
     def make_optimizers(self) -> list[torch.optim.Optimizer]:
-        return [torch.optim.Adam(self.model.parameters(), lr=self.lr, weight_decay=self.weight_decay)]
+        return [torch.optim.Adam(self.model.parameters(), lr=self.settings.lr, weight_decay=self.settings.weight_decay)]
 
     @torch.no_grad()
     def prepare(self, x: torch.Tensor, sync: GradientSync | None = None) -> None:
@@ -75,27 +82,30 @@ class DeepSVDDDetector(NeuralDetector):
 
     def batch_loss(self, x: torch.Tensor) -> torch.Tensor:
         dist = self.distances(x)
-        if self.objective == "one-class":
+        if self.settings.objective == "one-class":
             return dist.mean()
         r2 = self.aux.radius.pow(2)
-        return r2 + (dist - r2).clamp_min(0).mean() / self.nu
+        return r2 + (dist - r2).clamp_min(0).mean() / self.settings.nu
 
-    def train_step(self, x: torch.Tensor, sync: GradientSync | None = None, scale: float = 1.0) -> dict[str, float]:
-        dist = self.distances(x)
-        if self.objective == "one-class":
-            loss = dist.mean()
-            self.update(self.optimizers[0], scale * loss, sync)
-            return {"loss": float(loss.detach())}
+    def step(self, x: torch.Tensor, batch: LocalBatch, noise: torch.Generator,
+             sync: GradientSync | None = None) -> dict[str, torch.Tensor]:
+        if self.settings.objective == "one-class":
+            return super().step(x, batch, noise, sync)
+        nu, dist = self.settings.nu, self.distances(x)
         r2 = self.aux.radius.pow(2)
-        hinge = (dist - r2).clamp_min(0).mean() / self.nu  # R^2 is a constant for the network's gradient
-        self.update(self.optimizers[0], scale * hinge, sync)
+        hinge = (dist - r2).clamp_min(0).mean() / nu  # R^2 is a constant for the network's gradient
+        self.update(self.optimizers[0], batch.scale * hinge, sync)
         with torch.no_grad():
-            radius = torch.quantile(dist.detach().sqrt(), 1 - self.nu)
+            radius = torch.quantile(dist.detach().sqrt(), 1 - nu)
             if sync is not None:
                 sync.mean_([radius])
             self.aux.radius.copy_(radius)
-        return {"loss": float((r2 + hinge).detach()), "radius": float(radius)}
+        return {"loss": (r2 + hinge).detach(), "radius": radius}
+
+    @property
+    def stream_problem(self) -> str | None:
+        return "deep_svdd computes its centre from the whole class before training (prepare)"
 
     def score_batch(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         dist = self.distances(x)
-        return {"score": dist - self.aux.radius.pow(2) if self.objective == "soft-boundary" else dist}
+        return {"score": dist - self.aux.radius.pow(2) if self.settings.objective == "soft-boundary" else dist}

@@ -6,16 +6,35 @@ gradcon_step (objective.py) and whose score is scoring.py's. With epsilon > 0 it
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn as nn
 
-from gradcon_core.detectors.autoencoder import AutoencoderDetector
+from gradcon_core.detectors.autoencoder import AutoencoderDetector, AutoencoderSettings
 from gradcon_core.detectors.objective import ReferenceGradients, gradcon_step, validation_loss
 from gradcon_core.detectors.registry import register_detector
 from gradcon_core.detectors.scoring import METHODS, score_components
-from gradcon_core.training.parallel import GradientSync
+from gradcon_core.training.parallel import GradientSync, LocalBatch
 
 OUTPUT_INITS = ("default", "mean")
+
+
+@dataclass(kw_only=True)
+class GradConSettings(AutoencoderSettings):
+    alpha: float = 0.03  # weight of the gradient constraint in training (0: a plain autoencoder)
+    beta: float = 0.12  # weight of the gradient score in the anomaly score
+    score_method: str = "fast"  # or "vmap" (scoring.py): the same numbers
+    output_init: str = "default"  # or "mean" (see GradConDetector)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.output_init not in OUTPUT_INITS:
+            raise ValueError(f"unknown output_init {self.output_init!r}; choose one of {OUTPUT_INITS}")
+        if self.score_method not in METHODS:
+            raise ValueError(f"unknown score_method {self.score_method!r}; choose one of {METHODS}")
+        if self.alpha < 0 or self.beta < 0:
+            raise ValueError(f"need alpha >= 0 and beta >= 0; got alpha={self.alpha}, beta={self.beta}")
 
 
 @register_detector("gradcon")
@@ -23,7 +42,7 @@ class GradConDetector(AutoencoderDetector):
     """Autoencoder trained with the gradient constraint (weight alpha); score = recon + beta * grad score.
 
     alpha = 0 trains a plain autoencoder (the reference gradients are still tracked, so the
-    gradient score stays defined). epsilon > 0 trains it adversarially (ARAE, gradcon_core.detectors.adversarial):
+    gradient score stays defined). epsilon > 0 trains it adversarially (ARAE, adversarial.py):
     alpha = beta = 0 with epsilon > 0 is ARAE itself, alpha > 0 GradCon + ARAE.
 
     output_init="mean" (a recipe, not the official code's; docs/design.md §3): before the first step the
@@ -33,35 +52,13 @@ class GradConDetector(AutoencoderDetector):
     for good (every image reconstructed as black, the gradients vanish, AUROC near 0.5).
     """
 
+    Settings = GradConSettings
     cpu_score_batch_size = 64  # the per-image gradient work stays in cache
     aux_name = "reference"
 
-    def __init__(
-        self,
-        model: nn.Module,
-        alpha: float = 0.03,
-        beta: float = 0.12,
-        lr: float = 1e-3,
-        device: str | torch.device = "auto",
-        score_method: str = "fast",
-        score_batch_size: int | None = None,
-        threshold_percentile: float = 95.0,
-        epsilon: float = 0.0,
-        gamma: float = 0.1,
-        attack_steps: int = 40,
-        attack_refresh: str = "batch",
-        output_init: str = "default",
-    ):
-        if output_init not in OUTPUT_INITS:
-            raise ValueError(f"unknown output_init {output_init!r}; choose one of {OUTPUT_INITS}")
-        if score_method not in METHODS:
-            raise ValueError(f"unknown score_method {score_method!r}; choose one of {METHODS}")
-        if alpha < 0 or beta < 0:
-            raise ValueError(f"need alpha >= 0 and beta >= 0; got alpha={alpha}, beta={beta}")
-        self.alpha, self.beta, self.score_method, self.output_init = alpha, beta, score_method, output_init
-        super().__init__(model, lr, device, score_batch_size, threshold_percentile, epsilon, gamma, attack_steps,
-                         attack_refresh)
-        if output_init == "mean":
+    def __init__(self, model: nn.Module, **kwargs):
+        super().__init__(model, **kwargs)
+        if self.settings.output_init == "mean":
             self._output_bias()  # a network it cannot apply to fails here, not at the first step
 
     def _output_bias(self) -> torch.Tensor:
@@ -74,7 +71,7 @@ class GradConDetector(AutoencoderDetector):
         return decoder[-2].bias
 
     def prepare(self, x: torch.Tensor, sync: GradientSync | None = None) -> None:
-        if self.output_init != "mean":
+        if self.settings.output_init != "mean":
             return
         sums = torch.zeros(self.channels, device=self.device)
         for xb in self._batch(x).split(self.score_batch_size):
@@ -87,8 +84,10 @@ class GradConDetector(AutoencoderDetector):
             self._output_bias().copy_(torch.log(mean / (1 - mean)))  # sigmoid(bias) = the mean intensity
 
     @property
-    def prepares(self) -> bool:
-        return self.output_init == "mean"
+    def stream_problem(self) -> str | None:
+        if self.settings.output_init == "mean":
+            return "output_init=mean computes the class's mean image before training (prepare)"
+        return super().stream_problem
 
     def make_aux(self) -> nn.Module:
         return ReferenceGradients.for_model(self.model)
@@ -105,16 +104,16 @@ class GradConDetector(AutoencoderDetector):
     def optimizer(self) -> torch.optim.Optimizer:
         return self.optimizers[0]
 
-    def train_step(self, x: torch.Tensor, sync: GradientSync | None = None, scale: float = 1.0,
-                   x_adv: torch.Tensor | None = None) -> dict[str, float]:
-        s = gradcon_step(self.model, self.aux, self.optimizer, x, self.alpha, sync, scale, x_adv=x_adv,
-                         gamma=self.gamma)
+    def step(self, x: torch.Tensor, batch: LocalBatch, noise: torch.Generator,
+             sync: GradientSync | None = None) -> dict[str, torch.Tensor]:
+        s = gradcon_step(self.model, self.aux, self.optimizer, x, self.settings.alpha, sync, batch.scale,
+                         x_adv=self.adversarial_images(x, batch, noise), gamma=self.settings.gamma)
         return {"loss": s.loss, "recon": s.recon, "grad_loss": s.grad_loss}  # tensors: summed on the device
 
     def validation_loss(self, x) -> float:
         """The official validation J on held-out normal images (first order, batches of 64), averaged."""
-        return validation_loss(self.model, self.aux, self._batch(x), self.alpha)
+        return validation_loss(self.model, self.aux, self._batch(x), self.settings.alpha)
 
     def score_batch(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         # Differentiates through the network (score_components turns autograd on under score's no_grad).
-        return score_components(self.model, self.aux.tensors, x, self.beta, self.score_method)
+        return score_components(self.model, self.aux.tensors, x, self.settings.beta, self.settings.score_method)

@@ -1,35 +1,33 @@
 """NeuralDetector: what every detector with a trained network shares (device, batching, fit, persistence).
 
-A subclass says how to take one optimisation step (train_step, or just `batch_loss` for one optimiser
-and one loss), what its objective is on held-out normal images (validation_loss) and how to score a
-batch (score_batch). The epoch loop is gradcon_core/training/loop.py's, the same for `fit` and for every
-data-parallel worker of `gradcon train`.
+A subclass says how to take one optimisation step (step, or just `batch_loss` for one optimiser and one
+loss), what its objective is on held-out normal images (validation_loss) and how to score a batch
+(score_batch). It is then a training.loop.Trainable: the one loop (training/loop.py) drives it, the same for
+`fit` and for every data-parallel worker of `gradcon train`.
 
-Distributed contract of train_step(x, sync, scale): x is this worker's n_r images of a global batch
-of B across N workers; every loss is multiplied by scale = N * n_r / B before backward, and right
-before each optimizer.step() sync.mean_ all-reduces (mean) the gradients of all of that optimizer's
-parameters (zeros where a parameter got none, so every worker passes the same list). For a loss that
-is a per-sample mean this makes the N workers take exactly the global-batch step. Each detector's
-docstring says where that is not exact. State that is not a gradient (Deep SVDD's radius)
-is all-reduced the same way, so every worker keeps identical state. A trainer calls
-prepare(x_local, sync) once before the first step (Deep SVDD's centre), then
-train_epoch, and checkpoints state_tensors() with each optimizer's state_dict().
+Distributed contract of step(x, batch, noise, sync): x is this worker's n_r images of a global batch of B
+across N workers; every loss is multiplied by batch.scale = N * n_r / B before backward, and right before
+each optimizer.step() sync.mean_ all-reduces (mean) the gradients of all of that optimizer's parameters
+(zeros where a parameter got none, so every worker passes the same list): `update` does both. For a loss
+that is a per-sample mean this makes the N workers take exactly the global-batch step. Each detector's
+docstring says where that is not exact. State that is not a gradient (Deep SVDD's radius) is all-reduced
+the same way, so every worker keeps identical state.
 """
 from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Iterable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn as nn
 
 from gradcon_core.data.arrays import as_image_batch
-from gradcon_core.detectors.contract import Detector, with_prefix
+from gradcon_core.detectors.contract import Detector, Settings, with_prefix
 from gradcon_core.detectors.scoring import score_batch_size
 from gradcon_core.training.loop import EpochReport, TrainingData, train_epochs
-from gradcon_core.training.parallel import GradientSync, LocalBatch, all_reduce_gradients, local_batches
+from gradcon_core.training.parallel import GradientSync, LocalBatch, all_reduce_gradients
 
 log = logging.getLogger("gradcon")
 
@@ -41,24 +39,28 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return torch.device(device)
 
 
+@dataclass(kw_only=True)
+class NeuralSettings(Settings):
+    """What every detector with a trained network takes: the learning rate of its (first) optimiser."""
+
+    lr: float = 1e-3
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.lr <= 0:
+            raise ValueError(f"need lr > 0, got {self.lr}")
+
+
 class NeuralDetector(Detector):
     default_model = "gradcon_cae"
-    iterative = True
+    Settings = NeuralSettings
     cpu_score_batch_size = 256  # small batches keep per-image work in cache on a CPU; a GPU wants big ones
     aux_name = "aux"  # the prefix of the aux state's tensors in checkpoints
 
-    def __init__(
-        self,
-        model: nn.Module,
-        lr: float = 1e-3,
-        device: str | torch.device = "auto",
-        score_batch_size: int | None = None,
-        threshold_percentile: float = 95.0,
-    ):
-        super().__init__()
-        if lr <= 0:
-            raise ValueError(f"need lr > 0, got {lr}")
-        self.model, self.lr, self.threshold_percentile = model, lr, threshold_percentile
+    def __init__(self, model: nn.Module, *, device: str | torch.device = "auto", score_batch_size: int | None = None,
+                 **settings):
+        super().__init__(**settings)
+        self.model = model
         self._score_batch_size = score_batch_size
         self.aux = self.make_aux()
         self.to(device)
@@ -72,29 +74,33 @@ class NeuralDetector(Detector):
         return nn.Module()
 
     def make_optimizers(self) -> list[torch.optim.Optimizer]:
-        return [torch.optim.Adam(self.model.parameters(), lr=self.lr)]
+        return [torch.optim.Adam(self.model.parameters(), lr=self.settings.lr)]
 
     def batch_loss(self, x: torch.Tensor) -> torch.Tensor:
-        """The training loss of a batch (per-sample mean), for the default train_step and validation_loss."""
+        """The training loss of a batch (per-sample mean), for the default step and validation_loss."""
         raise NotImplementedError
 
     def score_batch(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """{"score", ...} per image of a batch already on the device."""
         raise NotImplementedError
 
-    def train_step(self, x: torch.Tensor, sync: GradientSync | None = None, scale: float = 1.0) -> dict[str, float]:
-        """One optimisation step on a batch already on the device; returns {"loss", ...} (unscaled)."""
+    def step(self, x: torch.Tensor, batch: LocalBatch, noise: torch.Generator,
+             sync: GradientSync | None = None) -> dict[str, torch.Tensor]:
+        """One optimisation step on this worker's images x (on the device); returns {"loss", ...} (unweighted)."""
         loss = self.batch_loss(x)
-        self.update(self.optimizers[0], scale * loss, sync)
-        return {"loss": float(loss.detach())}
+        self.update(self.optimizers[0], batch.scale * loss, sync)
+        return {"loss": loss.detach()}
 
-    def begin_epoch(self, x: torch.Tensor, batches: list[LocalBatch], noise: torch.Generator) -> None:
+    def prepare(self, x: torch.Tensor, sync: GradientSync | None = None) -> None:
+        """State from the whole class before the first step (Deep SVDD's centre); nothing by default."""
+
+    def start_epoch(self, x: torch.Tensor, batches: list[LocalBatch], noise: torch.Generator) -> None:
         """Work before an epoch's steps, given all of this worker's batches (ARAE's per-epoch attack)."""
 
-    def train_batch(self, x: torch.Tensor, batch: LocalBatch, noise: torch.Generator,
-                    sync: GradientSync | None) -> dict[str, float]:
-        """One step on this worker's part of a global batch (x on the device); ARAE's attack hooks in here."""
-        return self.train_step(x, sync, batch.scale)
+    @property
+    def stream_problem(self) -> str | None:
+        """Why this detector cannot train from a stream of batches (it needs the whole class), or None."""
+        return None
 
     @torch.no_grad()
     def validation_loss(self, x) -> float:
@@ -165,60 +171,8 @@ class NeuralDetector(Detector):
         if best:  # the weights of the best validation epoch, as the official selection keeps them
             self.load_state_tensors(best["state"])
             self.fit_info_ = {**best["info"], "epochs": epochs}
-        self.set_threshold(scores=self.decision_function(data.threshold_images), percentile=self.threshold_percentile)
+        self.set_normal_threshold(self.decision_function(data.threshold_images))
         return self
-
-    def train_epoch(
-        self,
-        x: torch.Tensor,
-        order: torch.Generator,
-        noise: torch.Generator,
-        batch_size: int,
-        rank: int = 0,
-        world_size: int = 1,
-        sync: GradientSync | None = None,
-    ) -> dict[str, float]:
-        """One epoch in global batches of batch_size, this worker taking its slice of each; returns this
-        worker's share of the sums over images of the steps' values (summed over workers: the global sums).
-
-        Nothing in a step waits for the device: the images move to it once per epoch (when they fit in a
-        quarter of its free memory), the batches are index tensors there, and the steps' values (tensors
-        from train_step, where it returns them) are summed there and read once, at the end.
-        """
-        self.model.train()
-        x = self._on_device(x)
-        order_here = torch.randperm(len(x), generator=order).to(x.device)
-        batches = local_batches(order_here, batch_size, rank, world_size)
-        self.begin_epoch(x, batches, noise)
-        return self.train_batches(((x[batch.rows], batch) for batch in batches), noise, sync)
-
-    def train_batches(self, steps: Iterable[tuple[torch.Tensor, LocalBatch]], noise: torch.Generator,
-                      sync: GradientSync | None = None) -> dict[str, float]:
-        """Steps on (this worker's images, its LocalBatch) pairs: an epoch's, or stream mode's as they arrive
-        (parallel.streamed_batches); returns this worker's share of the sums over images of the steps' values."""
-        self.model.train()
-        sums: dict = {}
-        for x, batch in steps:
-            for k, v in self.train_batch(x.to(self.device), batch, noise, sync).items():
-                sums[k] = sums.get(k, 0.0) + v * batch.own
-        return {k: float(v) for k, v in sums.items()}
-
-    @property
-    def stream_problem(self) -> str | None:
-        if self.prepares:
-            return f"{self.name} computes state from the whole class before training (prepare)"
-        return None
-
-    @property
-    def prepares(self) -> bool:
-        """Whether prepare() computes anything (from the whole class, which stream mode never holds)."""
-        return type(self).prepare is not Detector.prepare
-
-    def _on_device(self, x: torch.Tensor) -> torch.Tensor:
-        if self.device.type != "cuda":
-            return x
-        free, _ = torch.cuda.mem_get_info(self.device)
-        return x.to(self.device) if x.numel() * x.element_size() < free / 4 else x
 
     @torch.no_grad()
     def score_components(self, x) -> dict[str, np.ndarray]:

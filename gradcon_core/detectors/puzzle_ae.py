@@ -15,15 +15,16 @@ image depends only on that image).
 from __future__ import annotations
 
 import itertools
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from gradcon_core.detectors.cae import recon_error
-from gradcon_core.detectors.neural import NeuralDetector
+from gradcon_core.detectors.neural import NeuralDetector, NeuralSettings
 from gradcon_core.detectors.registry import register_detector
-from gradcon_core.training.parallel import GradientSync
+from gradcon_core.training.parallel import GradientSync, LocalBatch
 
 PERMUTATIONS = torch.tensor([p for p in itertools.permutations(range(4)) if p != (0, 1, 2, 3)])  # 23 x 4
 
@@ -36,16 +37,24 @@ def puzzle(x: torch.Tensor, perms: torch.Tensor) -> torch.Tensor:
     return tiles.reshape(n, 2, 2, c, h // 2, w // 2).permute(0, 3, 1, 4, 2, 5).reshape(n, c, h, w)
 
 
+@dataclass(kw_only=True)
+class PuzzleAESettings(NeuralSettings):
+    epsilon: float = 0.0  # > 0: one FGSM step of this size against the reconstruction loss (the paper's attack)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.epsilon < 0:
+            raise ValueError(f"need epsilon >= 0, got {self.epsilon}")
+
+
 @register_detector("puzzle_ae")
 class PuzzleAEDetector(NeuralDetector):
-    def __init__(self, model: nn.Module, epsilon: float = 0.0, lr: float = 1e-3, device: str | torch.device = "auto",
-                 score_batch_size: int | None = None, threshold_percentile: float = 95.0):
-        if epsilon < 0:
-            raise ValueError(f"need epsilon >= 0, got {epsilon}")
+    Settings = PuzzleAESettings
+
+    def __init__(self, model: nn.Module, **kwargs):
         if any(s % 2 for s in model.input_size):
             raise ValueError(f"a 2x2 puzzle needs an even image size, got {model.input_size}")
-        self.epsilon = epsilon
-        super().__init__(model, lr, device, score_batch_size, threshold_percentile)
+        super().__init__(model, **kwargs)
 
     def random_puzzle(self, x: torch.Tensor) -> torch.Tensor:
         return puzzle(x, PERMUTATIONS[torch.randint(len(PERMUTATIONS), (len(x),))])
@@ -53,15 +62,17 @@ class PuzzleAEDetector(NeuralDetector):
     def batch_loss(self, x: torch.Tensor) -> torch.Tensor:
         return F.mse_loss(self.model(self.random_puzzle(x)), x)
 
-    def train_step(self, x: torch.Tensor, sync: GradientSync | None = None, scale: float = 1.0) -> dict[str, float]:
+    def step(self, x: torch.Tensor, batch: LocalBatch, noise: torch.Generator,
+             sync: GradientSync | None = None) -> dict[str, torch.Tensor]:
         p = self.random_puzzle(x)
-        if self.epsilon > 0:
+        epsilon = self.settings.epsilon
+        if epsilon > 0:
             p.requires_grad_(True)
             (g,) = torch.autograd.grad(F.mse_loss(self.model(p), x), p)
-            p = (p + self.epsilon * g.sign()).clamp(0, 1).detach()
+            p = (p + epsilon * g.sign()).clamp(0, 1).detach()
         loss = F.mse_loss(self.model(p), x)
-        self.update(self.optimizers[0], scale * loss, sync)
-        return {"loss": float(loss.detach())}
+        self.update(self.optimizers[0], batch.scale * loss, sync)
+        return {"loss": loss.detach()}
 
     def score_batch(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         errs = torch.stack([recon_error(self.model(puzzle(x, perm.expand(len(x), 4))), x) for perm in PERMUTATIONS])

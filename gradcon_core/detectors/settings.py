@@ -1,7 +1,7 @@
 """How every job names and configures its detector: `detector=NAME params={...}`, the same in train, eval,
 tune and demo.
 
-A detector's settings are its constructor's keyword arguments (Detector.param_names); their defaults are
+A detector's settings are the fields of its Settings dataclass (Detector.param_names); their defaults are
 written once, there. `params.NAME=VALUE` on a command line sets one of them. The short forms alpha=,
 beta=, lr=, epsilon=, ... keep today's commands and configs/mnist.yaml working: left at None they mean
 "the detector's default".
@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from gradcon_core.config import bounded
+from gradcon_core.config import Config, bounded
 from gradcon_core.data.images import channels_of
 from gradcon_core.data.imageset import ImageShape
 from gradcon_core.data.sizes import ImageSize, as_hw
@@ -31,7 +31,7 @@ SHORT_FORMS = ("alpha", "beta", "lr", "epsilon", "gamma", "attack_steps", "attac
 
 
 @dataclass
-class DetectorSettings:
+class DetectorSettings(Config):
     detector: str = "gradcon"  # any registered detector (gradcon_core.list_detectors())
     params: dict[str, Any] = field(default_factory=dict)  # its settings, e.g. {objective: soft-boundary, nu: 0.05}
     model: str | None = None  # its network from the model registry (e.g. arae_mlp); None: the detector's own
@@ -45,6 +45,17 @@ class DetectorSettings:
     gamma: float | None = None
     attack_steps: int | None = None
     attack_refresh: str | None = None  # "batch", or "epoch" (the official ARAE schedule)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.channels is not None and self.channels not in (1, 3):
+            raise ValueError(f"channels must be 1 or 3, got {self.channels}")
+        self.image_hw()  # a size no network takes fails here
+        params = self.detector_params()
+        try:  # the detector's own checks of its settings' values
+            detector_class(self.detector).Settings(**params)
+        except TypeError as e:  # a setting of the wrong kind
+            raise ValueError(f"bad settings for detector {self.detector!r}: {e}") from None
 
     def detector_params(self) -> dict[str, Any]:
         """The detector's settings given here (short forms and params), checked against its constructor."""
@@ -80,8 +91,6 @@ class DetectorSettings:
     def image_shape(self, recorded: ImageShape | None, first_image: Callable[[], bytes | None]) -> ImageShape:
         """The shape the detector takes: these settings', else the set's `recorded` one, else the channels of
         its first image and the network's default size (said on stderr, once per call)."""
-        if self.channels is not None and self.channels not in (1, 3):
-            raise ValueError(f"channels must be 1 or 3, got {self.channels}")
         if self.channels and recorded and self.channels != recorded.channels:
             raise ValueError(f"channels={self.channels}, but the image set's images have {recorded.channels} "
                              "(an image is never converted to another channel count: leave channels unset)")
@@ -94,7 +103,7 @@ class DetectorSettings:
             size = self.build(channels).input_size
             print(f"note: the image set records no image size; the detector takes {size[0]}x{size[1]} (its "
                   "network's default) and every image is resized to it. Set image_size= to choose, or prepare "
-                  "the set with --image-size.", file=sys.stderr)
+                  "the set with image_size=.", file=sys.stderr)
         if recorded is not None and size != recorded.image_size:
             print(f"note: the image set's {recorded.image_size[0]}x{recorded.image_size[1]} images are resized "
                   f"to {size[0]}x{size[1]} (image_size={list(self.image_size)})", file=sys.stderr)

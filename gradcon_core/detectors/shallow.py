@@ -14,13 +14,15 @@ scikit-learn costs seconds in each process that imports gradcon_core (every Ray 
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
 from gradcon_core.data.arrays import as_image_batch
 from gradcon_core.data.sizes import ImageSize, as_hw
 from gradcon_core.detectors.cae import CAEDetector
-from gradcon_core.detectors.contract import Detector, with_prefix
+from gradcon_core.detectors.contract import Detector, Settings, with_prefix
 from gradcon_core.detectors.registry import register_detector
 from gradcon_core.models.registry import create_model
 from gradcon_core.training.checkpoint import data_fingerprint
@@ -33,29 +35,40 @@ def squared_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.maximum((a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2 * a @ b.T, 0)
 
 
+@dataclass(kw_only=True)
+class ShallowSettings(Settings):
+    in_channels: int = 1
+    input_size: ImageSize | None = None  # None: 28x28; held as (height, width)
+    features: str = "pixels"  # or "cae": a CAE's encoder output, the CAE trained first
+    max_train: int = 2000  # training images fitted (a seeded subsample): both scale quadratically
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.features not in FEATURES:
+            raise ValueError(f"unknown features {self.features!r}; choose one of {FEATURES}")
+        if self.max_train < 2:
+            raise ValueError(f"need max_train >= 2, got {self.max_train}")
+        self.input_size = as_hw(28 if self.input_size is None else self.input_size)
+
+
 class ShallowDetector(Detector):
-    def __init__(self, in_channels: int = 1, input_size: ImageSize | None = None, features: str = "pixels",
-                 max_train: int = 2000, device: str = "cpu", threshold_percentile: float = 95.0):
-        super().__init__()
-        if features not in FEATURES:
-            raise ValueError(f"unknown features {features!r}; choose one of {FEATURES}")
-        if max_train < 2:
-            raise ValueError(f"need max_train >= 2, got {max_train}")
-        self.in_channels, self._input_size = in_channels, as_hw(28 if input_size is None else input_size)
-        self.features, self.max_train, self.device = features, max_train, device
-        self.threshold_percentile = threshold_percentile
+    Settings = ShallowSettings
+
+    def __init__(self, *, device: str = "cpu", **settings):
+        super().__init__(**settings)
+        self.device = device  # the CAE's, for features="cae"
         self.encoder_: CAEDetector | None = None
 
     @property
     def channels(self) -> int:
-        return self.in_channels
+        return self.settings.in_channels
 
     @property
     def input_size(self) -> tuple[int, int]:
-        return self._input_size
+        return self.settings.input_size
 
     def _features(self, x: torch.Tensor) -> np.ndarray:
-        if self.features == "pixels":
+        if self.settings.features == "pixels":
             return x.flatten(1).double().numpy()
         out = [self.encoder_.features(xb.to(self.encoder_.device)).cpu() for xb in x.split(256)]
         return torch.cat(out).double().numpy()
@@ -64,16 +77,15 @@ class ShallowDetector(Detector):
         """Fit on normal images x (epochs, batch_size: the CAE's, for features="cae"); x_val sets the threshold."""
         x = as_image_batch(x, self.channels, self.input_size)
         xv = as_image_batch(x_val, self.channels, self.input_size) if x_val is not None else None
-        if self.features == "cae":
+        if self.settings.features == "cae":
             torch.manual_seed(seed)
             self.encoder_ = self._new_encoder()
             self.encoder_.fit(x, epochs=epochs, batch_size=batch_size, seed=seed, x_val=xv)
-        rows = np.random.default_rng(seed).permutation(len(x))[: self.max_train]
+        rows = np.random.default_rng(seed).permutation(len(x))[: self.settings.max_train]
         self.fit_features(self._features(x[np.sort(rows)]))
         self.fit_info_ = {"epochs": epochs, "epoch": epochs - 1, "batch_size": batch_size, "seed": seed,
                           "data_fingerprint": data_fingerprint(x)}
-        self.set_threshold(scores=self.decision_function(xv if xv is not None else x),
-                           percentile=self.threshold_percentile)
+        self.set_normal_threshold(self.decision_function(xv if xv is not None else x))
         return self
 
     def decision_function(self, x) -> np.ndarray:
@@ -106,29 +118,34 @@ class ShallowDetector(Detector):
         return tensors
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        if self.features == "cae":
+        if self.settings.features == "cae":
             self.encoder_ = self._new_encoder()
             self.encoder_.model.load_state_dict(with_prefix(tensors, "encoder."))
         self.load_fitted(tensors)
+
+
+@dataclass(kw_only=True)
+class OCSVMSettings(ShallowSettings):
+    nu: float = 0.1
+    gamma: float | None = None  # the RBF kernel's; None: scikit-learn's "scale"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0 < self.nu <= 1:
+            raise ValueError(f"nu must lie in (0, 1], got {self.nu}")
 
 
 @register_detector("ocsvm")
 class OCSVMDetector(ShallowDetector):
     """One-class SVM, RBF kernel; score = -decision_function (gamma=None: scikit-learn's "scale")."""
 
-    def __init__(self, in_channels: int = 1, input_size: ImageSize | None = None, features: str = "pixels",
-                 max_train: int = 2000, nu: float = 0.1, gamma: float | None = None, device: str = "cpu",
-                 threshold_percentile: float = 95.0):
-        if not 0 < nu <= 1:
-            raise ValueError(f"nu must lie in (0, 1], got {nu}")
-        super().__init__(in_channels, input_size, features, max_train, device, threshold_percentile)
-        self.nu, self.gamma = nu, gamma
+    Settings = OCSVMSettings
 
     def fit_features(self, feats: np.ndarray) -> None:
         from sklearn.svm import OneClassSVM
 
-        gamma = self.gamma or 1.0 / (feats.shape[1] * feats.var())
-        svm = OneClassSVM(kernel="rbf", nu=self.nu, gamma=gamma).fit(feats)
+        gamma = self.settings.gamma or 1.0 / (feats.shape[1] * feats.var())
+        svm = OneClassSVM(kernel="rbf", nu=self.settings.nu, gamma=gamma).fit(feats)
         self.support_vectors_, self.dual_coef_ = svm.support_vectors_, svm.dual_coef_[0]
         self.intercept_, self.gamma_ = float(svm.intercept_[0]), float(gamma)
 
@@ -147,6 +164,16 @@ class OCSVMDetector(ShallowDetector):
         self.intercept_, self.gamma_ = float(tensors["intercept"]), float(tensors["gamma"])
 
 
+@dataclass(kw_only=True)
+class KDESettings(ShallowSettings):
+    bandwidth: float | None = None  # None: Scott's rule scaled by the features' mean standard deviation
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.bandwidth is not None and self.bandwidth <= 0:
+            raise ValueError(f"need bandwidth > 0, got {self.bandwidth}")
+
+
 @register_detector("kde")
 class KDEDetector(ShallowDetector):
     """Gaussian kernel density; score = -log density. bandwidth=None: Scott's rule scaled by the data's
@@ -156,19 +183,13 @@ class KDEDetector(ShallowDetector):
     underflows in hundreds of dimensions at such bandwidths (errors of thousands of nats on MNIST).
     """
 
-    def __init__(self, in_channels: int = 1, input_size: ImageSize | None = None, features: str = "pixels",
-                 max_train: int = 2000, bandwidth: float | None = None, device: str = "cpu",
-                 threshold_percentile: float = 95.0):
-        if bandwidth is not None and bandwidth <= 0:
-            raise ValueError(f"need bandwidth > 0, got {bandwidth}")
-        super().__init__(in_channels, input_size, features, max_train, device, threshold_percentile)
-        self.bandwidth = bandwidth
+    Settings = KDESettings
 
     def fit_features(self, feats: np.ndarray) -> None:
         from sklearn.neighbors import KernelDensity
 
         n, d = feats.shape
-        h = self.bandwidth or float(feats.std(0).mean()) * n ** (-1 / (d + 4))
+        h = self.settings.bandwidth or float(feats.std(0).mean()) * n ** (-1 / (d + 4))
         kde = KernelDensity(kernel="gaussian", bandwidth=h).fit(feats)
         self.points_, self.bandwidth_ = np.asarray(kde.tree_.data), float(kde.bandwidth_)
 

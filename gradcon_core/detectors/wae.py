@@ -11,11 +11,12 @@ unbiased one from fewer pairs). The reconstruction term is exact.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
-from gradcon_core.detectors.autoencoder import AutoencoderDetector
+from gradcon_core.detectors.autoencoder import AutoencoderDetector, AutoencoderSettings
 from gradcon_core.detectors.cae import recon_error
 from gradcon_core.detectors.registry import register_detector
 
@@ -37,23 +38,21 @@ def mmd_imq(z: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
     return total
 
 
+@dataclass(kw_only=True)
+class WAESettings(AutoencoderSettings):
+    mmd_weight: float = 10.0  # the paper's lambda
+
+
 @register_detector("wae")
 class WAEDetector(AutoencoderDetector):
     default_model = "latent_ae"
-
-    def __init__(self, model: nn.Module, mmd_weight: float = 10.0, lr: float = 1e-3,
-                 device: str | torch.device = "auto", score_batch_size: int | None = None,
-                 threshold_percentile: float = 95.0, epsilon: float = 0.0, gamma: float = 0.1, attack_steps: int = 40,
-                 attack_refresh: str = "batch"):
-        self.mmd_weight = mmd_weight
-        super().__init__(model, lr, device, score_batch_size, threshold_percentile, epsilon, gamma, attack_steps,
-                         attack_refresh)
+    Settings = WAESettings
 
     def losses(self, x_in: torch.Tensor, x: torch.Tensor) -> dict[str, torch.Tensor]:
         z = self.model.encode(x_in)
         recon = F.mse_loss(self.model.decoder(z), x)
         mmd = mmd_imq(z, torch.randn_like(z))
-        return {"loss": recon + self.mmd_weight * mmd / x[0].numel(), "recon": recon, "mmd": mmd}
+        return {"loss": recon + self.settings.mmd_weight * mmd / x[0].numel(), "recon": recon, "mmd": mmd}
 
     def score_batch(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         err = recon_error(self.model(x), x)

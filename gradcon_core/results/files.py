@@ -162,7 +162,7 @@ def is_complete(fs: pafs.FileSystem, path: str, rows: int, identity: dict) -> bo
     found = (metadata.metadata or {}).get(RESULT_KEY) if metadata is not None else None
     if found is None:
         raise ValueError(f"{path} is in the output but is not a gradcon result file: it is left as it is; "
-                         "move it away or choose another --output")
+                         "move it away or choose another output=")
     return json.loads(found) == json.loads(json.dumps(identity, sort_keys=True)) and metadata.num_rows == rows
 
 

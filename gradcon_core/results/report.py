@@ -265,7 +265,7 @@ def build_report(
     *,
     images: str | None = None,
     detector: Detector | None = None,
-    model: str | None = None,
+    checkpoint: str | None = None,
     top_k: int = 24,
     normal_sample: int = 12,
     seed: int = 0,
@@ -273,7 +273,7 @@ def build_report(
     images_filesystem: pafs.FileSystem | None = None,
     out_filesystem: pafs.FileSystem | None = None,
 ) -> ReportResult:
-    """Write the report for the result table at `results` into the folder `out`; model names the detector."""
+    """Write the report for the result table at `results` into the folder `out`; checkpoint names the detector."""
     if top_k < 0 or normal_sample < 0:
         raise ValueError(f"top_k and normal_sample must be >= 0, got {top_k} and {normal_sample}")
     scan = scan_results(results, top_k, normal_sample, seed, filesystem=results_filesystem)
@@ -302,7 +302,7 @@ def build_report(
     top = _gallery(scan.top, "top", shown, scale, write)
     normal = _gallery(scan.normal, "normal", shown, scale, write)
     page = _page(scan, metrics, plots, notes, top, normal, missing, scale,
-                 {"results": results, "images": images, "model": model}, images is not None)
+                 {"results": results, "images": images, "checkpoint": checkpoint}, images is not None)
     write("index.html", page.encode())
     return ReportResult(f"{root}/index.html", scan, metrics, top, normal, missing, written)
 

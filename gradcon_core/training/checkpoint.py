@@ -23,6 +23,7 @@ from gradcon_core.files import exists, read_bytes, resolve, write_bytes
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.yaml"
 TRAINING_STATE_FILE = "training_state.pt"
+BEST_POINTER = "best_checkpoint"  # in a run's folder: the URI of its best checkpoint (gradcon train writes it)
 
 
 class CheckpointError(ValueError):
@@ -58,6 +59,16 @@ def save_checkpoint(
         blobs[TRAINING_STATE_FILE] = buf.getvalue()
     for name, data in blobs.items():
         write_bytes(fs, f"{root}/{name}", data)
+
+
+def locate(path: str, filesystem: pafs.FileSystem | None = None) -> str:
+    """The checkpoint a user names, as they hold it: a run's folder, or the best_checkpoint file in it, stands for
+    the checkpoint that file points to; anything else is itself."""
+    fs, root = resolve(path, filesystem)
+    pointer = root if root.endswith(f"/{BEST_POINTER}") else f"{root}/{BEST_POINTER}"
+    if fs.get_file_info(pointer).type == pafs.FileType.File:
+        return read_bytes(fs, pointer).decode().strip()
+    return path
 
 
 def read_config(path: str, filesystem: pafs.FileSystem | None = None) -> dict[str, Any]:

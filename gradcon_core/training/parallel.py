@@ -161,6 +161,11 @@ class LocalBatch:
     global_size: int  # B
     offset: int  # where this worker's slice starts within the global batch
 
+    @classmethod
+    def alone(cls, n: int) -> LocalBatch:
+        """One process holding a whole global batch of n images."""
+        return cls(torch.arange(n), 1.0, n, n, 0)
+
 
 def local_batches(order: torch.Tensor, batch_size: int, rank: int = 0, world_size: int = 1) -> list[LocalBatch]:
     """Worker rank's parts of the global batches of batch_size cut from `order` (an epoch's permutation)."""
