@@ -38,8 +38,7 @@ def plan(gpu: bool, quick: bool) -> dict[str, list[str]]:
         "decode_speed": device + (["--images", "400", "--repeats", "2"] if quick else []),
         "resolution": device + (["--images", "256", "--steps", "3", "--train-batch", "16"] if quick else []),
         "model_sizes": [],
-        "score_pipeline": (["--rows", "4000", "--files", "4"] if quick else [])
-        + (["--gpus-per-actor", "1"] if gpu else []),
+        "score_pipeline": ["--rows", "40000"] if quick else [],
         "score_targets": ["--rows", "4000", "--fit-images", "256", "--ceiling-images", "256"] if quick else [],
         "train_scaling": ["--epochs", "1", "--steps", "10"] if quick else [],
         "stream_memory": ["--rows", "300,1200", "--image-size", "32"] if quick else [],

@@ -1,18 +1,22 @@
-"""Scoring pipeline: the Ray Data job vs a bare single-process loop over the same files, and memory.
+"""The score job against one plain process doing the same work, with a per-stage breakdown: the pipeline's ceiling.
 
-python benchmarks/score_pipeline.py [--rows 200000] [--files 8] [--concurrency 1,2,4] [--decode actor,tasks]
-                                    [--repeats 3]
+python benchmarks/score_pipeline.py [--rows 1000000] [--kinds raw28,png28] [--model free] [--concurrency 1,2]
+                                    [--repeats 1] [--write-docs]
 
-The image set is synthetic but realistic: real MNIST test digits, shifted and noised so no two
-rows are the same, PNG-encoded, split over several parquet files. Both paths read parquet,
-decode, compute vectorized GradCon scores and write a result table with the same code
-(gradcon_core.results.table). Peak memory is the largest sum of the resident memory of this
-process and all its children (Ray's workers), sampled every 0.2 s, at 1x and 10x the rows. The driver's
-CPU time (this process alone: what a funnel through the driver would load) is given per second of the job.
-With several --decode choices (the score job's decode=actor|tasks) or --concurrency values (scoring actors),
-each runs on the same sets, side by side. With --repeats N the bare loop and each job on the 10x set run N times,
-in turn, and the median is kept (a small shared machine's timings vary by tens of percent from run to run). A job's
-"first results" is its start-up: seconds until the first scored rows reached the driver.
+--model free scores with the `free` plug-in detector (benchmarks/plugins/free_detector, installed under --work
+and on the path of this process and of Ray's workers), whose score costs nothing: what is measured is the
+pipeline's own cost, read -> decode -> result rows -> write. --model gradcon scores with a GradCon CAE fitted one
+epoch (the model's cost included). The sets are the whole MNIST set, prepared as `gradcon prepare` writes it (28x28
+PNG, or `encoding=raw`), its rows repeated under new ids to --rows rows (benchmarks/score_targets.py, shared).
+
+For each set: one plain process (this one: read a row group, decode, score, build result rows, write, one after
+another, with gradcon_core.results.table's functions, each stage timed), then the score job through Ray Data at
+each --concurrency, on a warm Ray: started once, configured as ray_cluster.yaml configures a cluster (its workers
+import gradcon_core and Ray Data before they take work, cluster/ray_init.py PRELOAD), and given WARM_S before
+each job for the workers it starts to finish those imports, as on a long-lived cluster. The job's
+summary gives its stages' seconds (summed over row groups; they overlap) and its start-up: planning (footers,
+result files), to the first actor's __init__ (Ray Data's plan, the actor's process and imports), the actor's
+__init__ (the checkpoint) and its first call.
 """
 from __future__ import annotations
 
@@ -20,198 +24,168 @@ import argparse
 import os
 import shutil
 import statistics
+import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
-import numpy as np
-import psutil
-import pyarrow as pa
 import pyarrow.parquet as pq
+import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from gradcon_core import GradConDetector, create_model, load_detector  # noqa: E402
-from gradcon_core.data.idx import load_mnist  # noqa: E402
-from gradcon_core.data.images import encode_png  # noqa: E402
-from gradcon_core.data.imageset import IMAGE, ImageSetWriter, image_bytes, list_parquet_files  # noqa: E402
-from gradcon_core.results.table import SCHEMA, result_rows  # noqa: E402
-from gradcon_core.training.checkpoint import checkpoint_id  # noqa: E402
+from common import publish  # noqa: E402
+from score_targets import SHAPES, image_set, sample_images  # noqa: E402
+
+from gradcon_core.data.images import decode_images  # noqa: E402
+from gradcon_core.data.imageset import IMAGE, image_bytes, list_parquet_files  # noqa: E402
+from gradcon_core.results.row_groups import READ_COLUMNS  # noqa: E402
+from gradcon_core.results.table import PASSTHROUGH, SCHEMA, result_columns, score_pixels  # noqa: E402
+
+PLUGIN = Path(__file__).resolve().parent / "plugins" / "free_detector"
+WARM_S = 8.0  # before each job: the workers Ray starts after a job finish their imports
+NOTE = ("The job's rate counts its start-up; \"after its first results\" leaves it out. Start-up: the driver's "
+        "plan, then the first actor's way from the pool's start: a process (0 when Ray had one waiting), its imports "
+        "(torch's among them: under half a second when the worker had them preloaded, about 2 s on 2 busy cores when "
+        "Ray had to start one), the rest of the way to its __init__, the checkpoint, and its first call (one row "
+        "group). Stage seconds are summed over the row groups, each in its own thread, so they overlap.")
 
 
-def make_set(path: Path, rows: int, files: int, mnist_dir: str) -> None:
-    if path.exists() and sum(pq.ParquetFile(p).metadata.num_rows for p in path.glob("*.parquet")) == rows:
-        return
-    digits, labels = load_mnist(mnist_dir, "test")
-    rng = np.random.default_rng(0)
-    writer = ImageSetWriter(str(path), rows_per_file=-(-rows // files))
-    for start in range(0, rows, 4096):
-        n = min(4096, rows - start)
-        pick = rng.integers(0, len(digits), n)
-        shifted = np.stack([np.roll(digits[i], rng.integers(-2, 3, 2), axis=(0, 1)) for i in pick]).astype(np.int16)
-        noisy = np.clip(shifted + rng.integers(-12, 13, shifted.shape), 0, 255).astype(np.uint8)
-        writer.write(pa.table({"id": [f"img-{start + k:08d}" for k in range(n)],
-                               IMAGE: pa.array([encode_png(x) for x in noisy], pa.binary()),
-                               "label": pa.array(labels[pick], pa.int64())}))
-    writer.close()
+def install_free_detector(work: Path) -> None:
+    """The `free` plug-in, pip-installed under work/plugins and put on the path of this process and of every Ray
+    worker it starts (which inherit the environment)."""
+    target = work / "plugins"
+    if not (target / "free_detector.py").exists():
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                        "--target", str(target), str(PLUGIN)], check=True)
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(target), os.environ.get("PYTHONPATH")) if p)
+    sys.path.insert(0, str(target))
 
 
-class PeakMemory:
-    """Largest RSS of this process plus its children, sampled in a thread (whose own CPU time is `cpu`)."""
+def checkpoint(model: str, kind: str, data: Path, work: Path) -> str:
+    from gradcon_core import GradConDetector, create_detector, create_model
 
-    def __init__(self):
-        self.peak, self.cpu = 0, 0.0
-        self._stop = threading.Event()
-
-    def _sample(self) -> None:
-        me = psutil.Process()
-        while not self._stop.is_set():
-            total = 0
-            for p in [me, *me.children(recursive=True)]:
-                try:
-                    total += p.memory_info().rss
-                except psutil.Error:
-                    pass
-            self.peak = max(self.peak, total)
-            self.cpu = time.thread_time()
-            time.sleep(0.2)
-
-    def __enter__(self):
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
+    channels, side = SHAPES[kind]
+    path = work / f"model-{model}-{side}x{side}x{channels}"
+    if not path.exists():
+        if model == "free":
+            det = create_detector("free", in_channels=channels, image_size=[side, side]).fit(None)
+        else:
+            pixels, _ = decode_images(sample_images(data, 2048), channels, (side, side))
+            det = GradConDetector(create_model("gradcon_cae", in_channels=channels, image_size=side), device="cpu")
+            det.fit(pixels, epochs=1)
+        det.save(path)
+    return str(path)
 
 
-def bare_loop(model: str, data: Path, out: Path, batch_size: int) -> float:
+def one_process(model: str, data: Path, out: Path, batch_size: int) -> tuple[float, dict[str, float]]:
+    """Seconds, and seconds per stage, of one process scoring every row group in turn into its result file."""
+    from gradcon_core import load_detector
+    from gradcon_core.training.checkpoint import checkpoint_id
+
     start = time.perf_counter()
-    det = load_detector(model)
-    model_id = checkpoint_id(model)
-    out.mkdir(parents=True, exist_ok=True)
-    fs, files = list_parquet_files(str(data))
-    for path in files:
-        with pq.ParquetWriter(out / Path(path).name, SCHEMA, compression="zstd") as writer:
-            for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_size):
-                writer.write_table(result_rows(det, batch.column("id").to_pylist(), image_bytes(batch.column(IMAGE)),
-                                               det.threshold_, model_id, {"label": batch.column("label")}))
-    return time.perf_counter() - start
+    det, model_id = load_detector(model), checkpoint_id(model)
+    stages = dict.fromkeys(("read", "decode", "score", "rows", "write"), 0.0)
 
-
-def where_time_goes(model: str, data: Path, batch_size: int, device: str) -> None:
-    """Single process: seconds spent reading, decoding and scoring the same rows."""
-    import torch
-
-    from gradcon_core.data.images import decode_images
-
-    det = load_detector(model).to(device)
-    times = {"read": 0.0, "decode": 0.0, "score": 0.0}
-    rows = 0
-    _, files = list_parquet_files(str(data))
-    for path in files:
+    def timed(stage: str, fn, *args):
         t = time.perf_counter()
-        batches = list(pq.ParquetFile(path).iter_batches(batch_size=batch_size))
-        times["read"] += time.perf_counter() - t
-        for batch in batches:
-            t = time.perf_counter()
-            pixels, _ = decode_images(image_bytes(batch.column(IMAGE)), 1, (28, 28))
-            times["decode"] += time.perf_counter() - t
-            t = time.perf_counter()
-            det.decision_function(pixels)
-            if device != "cpu":
-                torch.cuda.synchronize()
-            times["score"] += time.perf_counter() - t
-            rows += len(pixels)
-    total = sum(times.values())
-    print(f"where the time goes ({device}, {rows} rows, batch {batch_size}): " + "  ".join(
-        f"{k} {v:.1f} s ({100 * v / total:.0f}%, {rows / v:,.0f} img/s)" for k, v in times.items()))
+        result = fn(*args)
+        stages[stage] += time.perf_counter() - t
+        return result
+
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    for path in list_parquet_files(str(data))[1]:
+        pf = pq.ParquetFile(path)
+        with pq.ParquetWriter(out / Path(path).name, SCHEMA, compression="zstd") as writer:
+            columns = [c for c in (IMAGE, *READ_COLUMNS) if c in pf.schema_arrow.names]  # what the job reads
+            for group in range(pf.metadata.num_row_groups):
+                table = timed("read", pf.read_row_group, group, columns)
+                for k in range(0, table.num_rows, batch_size):
+                    batch = table.slice(k, batch_size)
+                    pixels, errors = timed("decode", decode_images, image_bytes(batch.column(IMAGE)), det.channels,
+                                           tuple(det.input_size))
+                    scores = timed("score", score_pixels, det, pixels, errors)
+                    passthrough = {c: batch.column(c) for c in PASSTHROUGH if c in columns}
+                    rows = timed("rows", result_columns, batch.column("id"), scores, errors, det.threshold_, model_id,
+                                 passthrough)
+                    timed("write", writer.write_table, rows)
+    return time.perf_counter() - start, stages
+
+
+def job(model: str, data: Path, out: Path, concurrency: int, batch_size: int, gpus: float) -> dict:
+    from jobs.score import ScoreConfig, run
+
+    shutil.rmtree(out, ignore_errors=True)
+    time.sleep(WARM_S)
+    return run(ScoreConfig(checkpoint=model, input=str(data), output=str(out), concurrency=concurrency,
+                           batch_size=batch_size, gpus_per_actor=gpus, quiet=True))
+
+
+def stages_text(stages: dict[str, float]) -> str:
+    return " / ".join(f"{stages[s]:.1f}" for s in ("read", "decode", "score", "rows", "write"))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", type=int, default=200_000)
-    parser.add_argument("--files", type=int, default=8)
-    parser.add_argument("--concurrency", default="2", help="scoring actors, comma-separated (e.g. 1,2,4)")
-    parser.add_argument("--cpus-per-actor", type=float, default=1.0)
-    parser.add_argument("--ray-cpus", type=int, default=None,
-                        help="logical CPUs of the embedded Ray (default: cores + 1, room for the reads)")
-    parser.add_argument("--batch-size", type=int, default=512)
-    parser.add_argument("--gpus-per-actor", type=float, default=0.0)
-    parser.add_argument("--decode", default="auto", help="the score job's decode setting(s), comma-separated")
-    parser.add_argument("--repeats", type=int, default=1, help="runs of the bare loop and of each 10x job (median)")
+    parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--kinds", default="raw28,png28")
+    parser.add_argument("--model", choices=("free", "gradcon"), default="free")
+    parser.add_argument("--concurrency", default="1,2", help="scoring actors, comma-separated")
+    parser.add_argument("--batch-size", type=int, default=4096)
+    parser.add_argument("--gpus-per-actor", type=float, default=1.0 if torch.cuda.is_available() else 0.0)
+    parser.add_argument("--repeats", type=int, default=1, help="runs of the process and of each job (medians)")
     parser.add_argument("--mnist", default="data/mnist")
-    parser.add_argument("--work", default="runs/bench-score")
-    parser.add_argument("--split-only", default=None, metavar="DEVICE",
-                        help="only time read / decode / score in one process on DEVICE (cpu, cuda)")
+    parser.add_argument("--work", default="runs/bench-pipeline")
+    parser.add_argument("--write-docs", action="store_true", help="the table into docs/benchmarks.md")
     args = parser.parse_args()
     work = Path(args.work)
-    big, small = work / f"set-{args.rows}", work / f"set-{args.rows // 10}"
-    make_set(big, args.rows, args.files, args.mnist)
-    make_set(small, args.rows // 10, args.files, args.mnist)
-    model = work / "model"
-    if not model.exists():
-        det = GradConDetector(create_model("gradcon_cae"), device="cpu")
-        det.fit(load_mnist(args.mnist, "train")[0][:2048], epochs=1)
-        det.save(model)
-    print(f"machine: {os.cpu_count()} CPUs; {args.rows} rows in {args.files} files")
-    if args.split_only:
-        where_time_goes(str(model), big, args.batch_size, args.split_only)
-        return
-
-    import torch
-
-    torch.set_num_threads(os.cpu_count())
+    work.mkdir(parents=True, exist_ok=True)
+    install_free_detector(work)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    import ray
+    from cluster.ray_init import PRELOAD, init_ray
 
-    from cluster.ray_init import init_ray
-    from jobs.score import ScoreConfig, run
-
+    torch.set_num_threads(1)  # one plain process: one thread, as the job's actors score
     actors = [int(n) for n in args.concurrency.split(",")]
-    # Room for the largest pool and the reads (time-sliced on a small machine: the driver's load is the point).
-    init_ray("local", num_cpus=args.ray_cpus or max(os.cpu_count() + 1, int(max(actors) * args.cpus_per_actor) + 1),
-             log_to_driver=False)
-    driver = psutil.Process()
-
-    def job(decode: str, concurrency: int, data: Path, out: Path) -> tuple[dict, float, float]:
-        """The score job's summary, its peak memory (MiB) and the driver's CPU seconds."""
-        shutil.rmtree(out, ignore_errors=True)
-        cpu_before = sum(driver.cpu_times()[:2])
-        with PeakMemory() as mem:
-            summary = run(ScoreConfig(checkpoint=str(model), input=str(data), output=str(out), decode=decode,
-                                      batch_size=args.batch_size, concurrency=concurrency, quiet=True,
-                                      cpus_per_actor=args.cpus_per_actor, gpus_per_actor=args.gpus_per_actor))
-        return summary, mem.peak / 2**20, sum(driver.cpu_times()[:2]) - cpu_before - mem.cpu  # not the sampler's
-
-    setups = [(decode, concurrency) for decode in args.decode.split(",") for concurrency in actors]
-    small_runs = {setup: job(*setup, small, work / "out-ray-1x") for setup in setups}  # also warms Ray Data up
-    bare_s, big_runs = [], {setup: [] for setup in setups}
-    for _ in range(args.repeats):
-        bare_s.append(bare_loop(str(model), big, work / "out-bare", args.batch_size))
-        for setup in setups:
-            big_runs[setup].append(job(*setup, big, work / "out-ray-10x"))
-    bare = statistics.median(bare_s)
-    print(f"  bare loop (1 process)      {args.rows / bare:>9,.0f} images/s  ({bare:.1f} s; runs: "
-          f"{', '.join(f'{t:.1f}' for t in bare_s)} s)")
-    for setup in setups:
-        name = f"decode={setup[0]}, {setup[1]} actor(s)"
-        small_summary, small_peak, _ = small_runs[setup]
-        runs = big_runs[setup]
-        rates = [summary["images_per_s"] for summary, _, _ in runs]
-        rate = statistics.median(rates)
-        first = statistics.median(summary["first_results_s"] for summary, _, _ in runs)
-        peak = max(peak for _, peak, _ in runs)
-        driver_cpu = statistics.median(cpu / summary["seconds"] for summary, _, cpu in runs)
-        print(f"  Ray Data job, {name}, 1x  rows  {small_summary['images_per_s']:>9,.0f} images/s  "
-              f"peak memory {small_peak:,.0f} MiB")
-        print(f"  Ray Data job, {name}, 10x rows  {rate:>9,.0f} images/s  first results after {first:.1f} s  "
-              f"peak memory {peak:,.0f} MiB  driver CPU {100 * driver_cpu:.0f}% of one core  "
-              f"(runs: {', '.join(f'{r:,.0f}' for r in rates)} images/s)")
-        print(f"{name}: Ray job / bare loop (10x rows) = {rate / (args.rows / bare):.2f}   "
-              f"peak memory 10x / 1x = {peak / small_peak:.2f}")
-    ray.shutdown()
+    init_ray("local", num_cpus=max(os.cpu_count(), max(actors) + 1), log_to_driver=False,
+             _system_config={"preload_python_modules": PRELOAD})
+    rows = ["| set | one process | score job | ratio | after its first results | first results (plan / to process / "
+            "imports / to actor / actor init / first call) | stages s: read / decode / score / rows / write "
+            "| objects written per 1M rows |",
+            "|---|---:|---:|---:|---:|---|---|---:|"]
+    for kind in args.kinds.split(","):
+        data = image_set(kind, work, args.rows, args.mnist)
+        model = checkpoint(args.model, kind, data, work)
+        groups = sum(pq.ParquetFile(p).metadata.num_row_groups for p in list_parquet_files(str(data))[1])
+        job(model, data, work / "warm-up", 1, args.batch_size, args.gpus_per_actor)  # the first job's costs, once
+        process = [one_process(model, data, work / "out-process", args.batch_size) for _ in range(args.repeats)]
+        seconds = statistics.median(t for t, _ in process)
+        print(f"{kind}: one process {args.rows / seconds:,.0f} rows/s  stages s {stages_text(process[0][1])}",
+              flush=True)
+        rows.append(f"| {kind}, {args.rows:,} rows, {groups} row groups | {args.rows / seconds:,.0f} rows/s | | | | "
+                    f"| {stages_text(process[0][1])} (one process) | |")
+        for concurrency in actors:
+            runs = [job(model, data, work / "out-job", concurrency, args.batch_size, args.gpus_per_actor)
+                    for _ in range(args.repeats)]
+            s = sorted(runs, key=lambda r: r["images_per_s"])[len(runs) // 2]
+            up = s["startup_s"]
+            per_million = s["objects_written"] * 1_000_000 / args.rows
+            left = s["seconds"] - s["first_results_s"]
+            after = args.rows / left if left > 0 else float("nan")  # (nan: the first results were the last)
+            print(f"{kind}: job, {concurrency} actor(s) {s['images_per_s']:,.0f} rows/s "
+                  f"({s['images_per_s'] * seconds / args.rows:.2f}x)  first results {s['first_results_s']} s {up}  "
+                  f"stages s {stages_text(s['stages_s'])}  objects {s['objects_written']}", flush=True)
+            rows.append(f"| {kind}, job with {concurrency} actor(s) | | {s['images_per_s']:,.0f} rows/s | "
+                        f"{s['images_per_s'] * seconds / args.rows:.2f}x | {after:,.0f} rows/s | "
+                        f"{s['first_results_s']} s ("
+                        f"{' / '.join(str(v) for v in up.values())}) | {stages_text(s['stages_s'])} "
+                        f"| {per_million:,.0f} |")
+    table = "\n".join(rows)
+    print(table)
+    if args.write_docs:
+        device = "GPU" if torch.cuda.is_available() else "CPU"
+        publish(f"score-pipeline-{device.lower()}-{args.model}",
+                f"The score job's pipeline against one process ({device}, {args.model} scoring)", f"{NOTE}\n\n{table}")
 
 
 if __name__ == "__main__":

@@ -7,14 +7,14 @@ Three sets of --rows rows, written under --work: MNIST as 28x28 PNG and as raw p
 (quality 90). Generating 200k textures takes longer than scoring them, so each set is its prepared rows
 repeated under new ids until it has the rows: the same bytes decode at the same cost. A detector per
 image size is fitted for one epoch on the set's first rows (on the scorer's device), then for each set:
-- the score job (`jobs.score.run`, the CLI's defaults: `--decode auto`), its images/s over the whole run, its
-  first results (start-up: the Ray Data plan and the actors' start; Ray itself is started once, before) and
-  the rate after them
+- the score job (`jobs.score.run` with the CLI's defaults but batch_size), its images/s over the whole run,
+  its first results (start-up: planning and the actors' start, on a Ray started once before, its workers
+  preloading gradcon_core as ray_cluster.yaml's do) and the rate after them
   (rows / (seconds - first results): a rough steady state, too high where the first results hold much of
   the set, as in small runs);
 - the ceilings: the scorer alone on the device (`decision_function` on decoded pixels) and one process's
   `decode_images` rate times this machine's CPUs;
-- the target the project set for an H100 node (issue 16), and the job's ratio to it.
+- the target the project set for one H100/H200 node, and the job's ratio to it.
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import images_per_second, repeat_rows  # noqa: E402
+from common import images_per_second, publish, repeat_rows  # noqa: E402
 from decode_speed import jpeg  # noqa: E402
 
 from gradcon_core import GradConDetector, create_model  # noqa: E402
@@ -41,7 +41,7 @@ from gradcon_core.data.images import decode_image, decode_images  # noqa: E402
 from gradcon_core.data.imageset import IMAGE, ImageShape, image_bytes, list_parquet_files, write_image_set  # noqa: E402
 from jobs.prepare import prepare  # noqa: E402
 
-TARGETS = {"png28": 100_000, "raw28": 300_000, "jpeg128": 20_000}  # images/s end to end, one H100 node
+TARGETS = {"png28": 150_000, "raw28": 300_000, "jpeg128": 40_000}  # images/s end to end, one H100/H200 node
 SHAPES = {"png28": (1, 28), "raw28": (1, 28), "jpeg128": (3, 128)}  # channels, side
 UNIQUE_TEXTURES = DefectCounts(train=400, test_normal=25, test_defective=25)  # x 4 kinds: 1,800 rows
 
@@ -115,6 +115,7 @@ def main() -> None:
     parser.add_argument("--ceiling-images", type=int, default=4096, help="images decoded and scored alone")
     parser.add_argument("--mnist", default="data/mnist")
     parser.add_argument("--work", default="runs/bench-targets")
+    parser.add_argument("--write-docs", action="store_true", help="the table into docs/benchmarks.md")
     args = parser.parse_args()
     kinds = args.kinds.split(",")
     if unknown := set(kinds) - set(TARGETS):
@@ -122,13 +123,15 @@ def main() -> None:
     device = "cuda" if args.gpus_per_actor > 0 else "cpu"
     work = Path(args.work)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    from cluster.ray_init import init_ray
+    from cluster.ray_init import PRELOAD, init_ray
     from jobs.score import ScoreConfig, run
 
     gpu = f", {torch.cuda.get_device_name(0)}" if device == "cuda" else ""
     print(f"machine: {os.cpu_count()} CPUs{gpu}; torch {torch.__version__}; {args.rows:,} rows a set")
     models: dict[tuple[int, int], tuple[str, GradConDetector]] = {}  # one per image shape
-    init_ray("local", log_to_driver=False)
+    init_ray("local", log_to_driver=False, _system_config={"preload_python_modules": PRELOAD})
+    rows = ["| set | job | first results | after them | decode ceiling (1 process x CPUs) | scorer alone | target "
+            "| job / target |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for kind in kinds:
         data = image_set(kind, work, args.rows, args.mnist)
         if SHAPES[kind] not in models:
@@ -140,13 +143,21 @@ def main() -> None:
         batch_size = args.batch_size or (512 if kind == "jpeg128" else 2048)
         summary = run(ScoreConfig(checkpoint=model, input=str(data), output=str(out), batch_size=batch_size,
                                   gpus_per_actor=args.gpus_per_actor, concurrency=args.concurrency, quiet=True))
-        after = args.rows / (summary["seconds"] - summary["first_results_s"])
+        left = summary["seconds"] - summary["first_results_s"]
+        after = args.rows / left if left > 0 else float("nan")  # (nan: the first results were the last)
         target = TARGETS[kind]
         print(f"{kind}: {args.rows:,} rows  job {summary['images_per_s']:>9,.0f} images/s  "
               f"(first results after {summary['first_results_s']:.1f} s, then ~{after:,.0f} images/s)  "
               f"ceilings: decode {decode_ceiling:,.0f} images/s ({os.cpu_count()} CPUs), "
               f"scorer {scorer_ceiling:,.0f} images/s  target {target:,}: job / target = "
-              f"{summary['images_per_s'] / target:.2f}")
+              f"{summary['images_per_s'] / target:.2f}  stages s {summary['stages_s']}", flush=True)
+        rows.append(f"| {kind}, {args.rows:,} rows | {summary['images_per_s']:,.0f} | {summary['first_results_s']} s | "
+                    f"{after:,.0f} | {decode_ceiling:,.0f} | {scorer_ceiling:,.0f} | {target:,} | "
+                    f"{summary['images_per_s'] / target:.2f} |")
+    print("\n".join(rows))
+    if args.write_docs:
+        publish(f"score-targets-{device}", f"The score job against its targets and ceilings ({device.upper()})",
+                "\n".join(rows))
 
 
 if __name__ == "__main__":

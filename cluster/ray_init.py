@@ -98,6 +98,12 @@ def check_token_path() -> None:
 # so its DatasetManager printed a two-line RayDeprecationWarning in every train run. The embedded instance's
 # processes inherit this filter for that one message (a -W filter: the message's start, then the category).
 RAY_OWN_DEPRECATION = "ignore:`ExecutionOptions.exclude_resources` is deprecated:DeprecationWarning"
+# What a long-lived cluster's workers should import before they take work (Ray's preload_python_modules; the
+# `ray start --head --system-config` of ray_cluster.yaml): a worker Ray started ahead of time then holds torch and
+# gradcon_core already, and a scoring actor that takes one skips the second or two those imports cost on 2 cores
+# (docs/benchmarks.md). Each idle worker then holds them too (hundreds of MB of RSS, much of it shared
+# libraries), so a command's own embedded Ray, which lives for one job, does not preload.
+PRELOAD = ["gradcon_core"]
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None, min_cpus: float = 0, **kwargs: Any) -> None:
@@ -138,6 +144,17 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, min_cpus: 
     _embedded = _Embedded([p for p in me.children() if p.pid not in before], start_reaper())
     atexit.unregister(stop_ray)
     atexit.register(stop_ray)  # runs before Ray's own atexit shutdown (registered earlier)
+
+
+def size_torch_threads() -> None:
+    """torch's threads as Ray sized this worker: OMP_NUM_THREADS, which Ray sets to a task's or an actor's CPUs. A
+    worker that preloaded torch (PRELOAD) read the variable before Ray set it, and would run one thread per core:
+    two scoring actors on 2 cores then scored at a fifth of their speed."""
+    threads = os.environ.get("OMP_NUM_THREADS", "")
+    if threads.isdigit() and int(threads) > 0:
+        import torch
+
+        torch.set_num_threads(int(threads))
 
 
 def stop_ray(grace_s: float = 10.0) -> None:

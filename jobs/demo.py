@@ -194,10 +194,9 @@ def run(cfg: DemoConfig) -> dict:
         step(f"training {cfg.detector} on {normal} with {cfg.num_workers} Ray Train workers, "
              f"{cfg.sizes()['epochs']} epoch(s)")
         train_cfg, checkpoint = _train(cfg, data, root)
-        step("scoring the test split with Ray Data")
+        step("scoring the test split with a pool of Ray actors")
         scores_uri = f"{root}/scores/{train_cfg.name}"
-        score.run(score.ScoreConfig(checkpoint=checkpoint, input=test_set, output=scores_uri,
-                                    concurrency=max(1, cfg.num_workers - 1)))
+        score.run(score.ScoreConfig(checkpoint=checkpoint, input=test_set, output=scores_uri))
         step("evaluating the result table")
         _copy_out(scores_uri, out / "results")
         _copy_out(checkpoint, out / "checkpoint")

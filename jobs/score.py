@@ -1,27 +1,29 @@
-"""Batch-score a parquet image set with a trained detector into a result table (Ray Data).
+"""Batch-score a parquet image set with a trained detector into a result table (a pool of Ray actors).
 
-gradcon score checkpoint=CKPT input=PREFIX output=PREFIX [batch_size=256] [concurrency=1] [gpus_per_actor=0]
-              [decode=auto|actor|tasks] [threshold=T | contamination=C] [address=ADDRESS]
+gradcon score checkpoint=CKPT input=PREFIX output=PREFIX [concurrency=1] [gpus_per_actor=0] [batch_size=N]
+              [threshold=T | contamination=C] [address=ADDRESS]
 
-Pipeline: read the input files' row groups in CPU tasks (local or S3, many files; each row keeps its file and
-row number) -> [decode=tasks: decode and resize in CPU tasks] -> score (and decode, unless done) in an actor
-pool (the detector and its reference gradients load once per actor), each actor writing the result rows it
-scored as pieces of its input files -> one joining actor joins each input file's pieces, in row order, into
-one output file of the same name, as soon as its last row is scored (gradcon_core/results/files.py).
-Neither images nor result rows reach the driver, which only counts rows. A re-run of the same command skips
-inputs whose output is complete and scores the rest again, so a job killed halfway and started again ends
-complete, with no duplicate rows.
-A rewritten file has the same rows, ids, errors and flags as a clean run's; its scores can differ in the
-last bits (about 1e-8): the batched scorer's sums depend on which rows share a batch, and batches span files.
+Pipeline: a pool of scoring actors starts (the detector loads once per actor) while the driver reads the input
+files' footers (in parallel) and makes one task per row group whose result is missing or stale; the driver hands
+the tasks out a few row groups at a time, and each actor reads its row groups straight from storage (local or
+S3), decodes, scores and writes each row group's result file itself, the stages overlapped
+(gradcon_core/results/row_groups.py). Every result row is written once, by the actor that scored it: no image
+crosses Ray's object store, no result row reaches the driver, which only counts rows and stage timings. A
+re-run of the same command skips the row groups whose result is complete and scores the rest, so a job killed
+halfway and started again ends complete, with no duplicate rows (gradcon_core/results/files.py).
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+import psutil
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
@@ -31,43 +33,31 @@ from cluster.storage import S3Options, check_readable, filesystem_for
 from gradcon_core import load_detector
 from gradcon_core.config import bounded, local_path
 from gradcon_core.data.images import ImageError, shape_of
-from gradcon_core.data.imageset import IMAGE, RowGroup, check_image_set, image_bytes, list_parquet_files, row_groups
+from gradcon_core.data.imageset import IMAGE, check_image_set, image_bytes, list_parquet_files, row_groups
 from gradcon_core.detectors.contract import Detector
 from gradcon_core.files import write_bytes
 from gradcon_core.results.files import (
-    ROW,
+    RowGroupTask,
     apply_contamination,
-    clear_pieces,
     input_identity,
-    is_complete,
-    join_pieces,
-    remove_parts_folder,
+    recorded_identity,
     result_identity,
-    write_piece,
+    result_name,
 )
-from gradcon_core.results.table import (
-    DECODE_ERROR,
-    PASSTHROUGH,
-    PIXELS,
-    decoded_columns,
-    pixel_result_rows,
-    pixels_of,
-    result_rows,
-)
+from gradcon_core.results.row_groups import STAGES, RowGroupScorer
 from gradcon_core.training.checkpoint import checkpoint_id, locate
 from jobs.progress import Progress
 from jobs.tracking import JobSettings, config_params, start_run
 
-# Ray Data's file listing and parquet reads are tasks of one CPU each: leave room for them.
-READ_CPUS = 1.0
-# Where images are decoded and resized. "actor": in the scoring actor, before it scores (one process per
-# actor decodes; no pixels cross processes). "tasks": in a Ray Data CPU stage beside the reads, over every
-# free CPU of the cluster, the actors receiving uint8 pixels: a GPU actor scores far faster than one
-# process decodes. "auto": tasks when the actors have GPUs, else actor (measured on CPU: docs/benchmarks.md).
-DECODE_WHERE = ("auto", "actor", "tasks")
-
-
+IMPORTED_AT = time.time()  # when this module (and with it torch) finished importing in this process
 RENAMED = {"model": "checkpoint"}  # the flag of the release before -> its key
+FOOTER_THREADS = 16  # footers and result files' metadata read at once (on S3 each is a request or two)
+ROWS_PER_CALL = 4096  # an actor call takes row groups up to about this many rows (one, if it is larger)
+CALLS_IN_FLIGHT = 2  # per actor: the next call waits at the actor while it works on the current one
+ACTOR_RESTARTS = 3  # a scoring actor whose process dies is restarted, and its call retried, this many times
+# When a scoring actor's process started (a worker Ray had started before is older than the job), finished its
+# imports (torch's among them), entered and left __init__ (the checkpoint loaded).
+ACTOR_TIMES = ("actor_process", "actor_imported", "actor_init_start", "actor_ready")
 
 
 @dataclass
@@ -75,12 +65,11 @@ class ScoreConfig(JobSettings):
     checkpoint: str = local_path("")  # a checkpoint folder, or a run's folder (its best checkpoint); local or s3://
     input: str = local_path("")  # image set: a parquet file or a prefix of many
     output: str = local_path("")  # result table prefix (local or s3://)
-    batch_size: int = bounded(256, at_least=1)
-    concurrency: int = bounded(1, at_least=1)  # scoring actors
+    batch_size: int | None = bounded(None, at_least=1)  # rows scored at once; None: the detector's (memory-sized)
+    concurrency: int | None = bounded(None, at_least=1)  # scoring actors; None: as many as the cluster fits
     gpus_per_actor: float = bounded(0.0, at_least=0)
     cpus_per_actor: float = bounded(1.0, above=0)
-    block_mb: float = bounded(2.0, above=0)  # read block size: one block goes to one actor; small blocks spread work
-    decode: str = "auto"  # actor | tasks | auto (tasks when the actors have GPUs): see DECODE_WHERE
+    decode_threads: int | None = bounded(None, at_least=1)  # per actor; None: its CPUs, or the node's with a GPU
     threshold: float | None = None  # default: the checkpoint's threshold
     contamination: float | None = None  # instead: the (1 - c) quantile of this run's scores
     address: str | None = None  # Ray cluster; default RAY_ADDRESS, else an embedded local Ray
@@ -92,64 +81,256 @@ class ScoreConfig(JobSettings):
             raise ValueError("score needs checkpoint=, input= and output=")
         if self.threshold is not None and self.contamination is not None:
             raise ValueError("give threshold= or contamination=, not both")
-        if self.decode not in DECODE_WHERE:
-            raise ValueError(f"config decode: must be one of {', '.join(DECODE_WHERE)}, got {self.decode!r}")
 
 
 Config = ScoreConfig
 
 
-class Scorer:
-    """Ray Data callable class: scores batches with one detector per actor (decoding them first unless the decode
-    stage has: then the batch has PIXELS and DECODE_ERROR in place of the images) and writes the result rows
-    as pieces of their input files; returns only how many rows of which file it wrote."""
+@dataclass
+class ScorePlan:
+    """What a score run reads, writes and scores with: decided, and checked, before Ray starts."""
 
-    def __init__(self, checkpoint: str, options: S3Options, threshold: float | None, model_id: str, output: str):
-        fs, path = filesystem_for(checkpoint, options)
-        self.detector = load_detector(path, fs)
-        self.threshold, self.model_id = threshold, model_id
-        self.out_fs, self.out_root = filesystem_for(output, options)
+    checkpoint: str  # the checkpoint folder (where checkpoint= named a run: its best checkpoint)
+    detector: Detector
+    model_id: str  # content hash of the checkpoint
+    threshold: float | None  # None: contamination= sets it once every row is scored
+    tasks: list[RowGroupTask]  # every row group of the input, in order
+    todo: list[RowGroupTask]  # those whose result is missing or stale
+    out_fs: pafs.FileSystem
+    out_root: str
+    seconds: float  # the planning's
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        names = batch.schema.names
-        ids = batch.column("id").to_pylist()
-        passthrough = {c: batch.column(c) for c in PASSTHROUGH if c in names}
-        det = self.detector
-        if PIXELS in names:
-            pixels = pixels_of(batch.column(PIXELS), det.channels, tuple(det.input_size))
-            rows = pixel_result_rows(det, ids, pixels, batch.column(DECODE_ERROR).to_pylist(), self.threshold,
-                                     self.model_id, passthrough)
-        else:
-            rows = result_rows(det, ids, image_bytes(batch.column(IMAGE)), self.threshold, self.model_id, passthrough)
-        rows = rows.append_column(ROW, batch.column(ROW))
-        paths, counts = batch.column("path"), {}
-        for path in pc.unique(paths).to_pylist():
-            piece = rows.filter(pc.equal(paths, path))
-            write_piece(self.out_fs, self.out_root, os.path.basename(path), piece)
-            counts[path] = piece.num_rows
-        return pa.table({"path": list(counts), "rows": list(counts.values())})
+    @property
+    def outputs(self) -> list[str]:
+        return [t.output for t in self.tasks]
 
 
-def decode_stage(batch: pa.Table, channels: int, size: tuple[int, int]) -> pa.Table:
-    """decode=tasks: a Ray Data CPU task's work, the images of a batch decoded and resized to the model's size."""
-    decoded = decoded_columns(image_bytes(batch.column(IMAGE)), channels, size)
-    batch = batch.drop_columns([IMAGE])
-    for name, column in decoded.items():
-        batch = batch.append_column(name, column)
-    return batch
+def run(cfg: ScoreConfig) -> dict:
+    start = time.time()
+    options = S3Options.from_env(endpoint=cfg.s3_endpoint)
+    for uri in (cfg.checkpoint, cfg.input):
+        check_readable(uri, options)
+    in_fs, in_path = filesystem_for(cfg.input, options)
+    in_fs, files = list_parquet_files(in_path, in_fs)
+    with ScoringPool(cfg, options, most=len(files)) as pool:  # the actors start (on Ray) while the driver plans
+        plan = plan_score(cfg, options, in_fs, in_path, files)
+        todo_rows = sum(t.rows for t in plan.todo)
+        print(f"scoring {todo_rows} rows in {len(plan.todo)} row group(s) ({len(plan.tasks) - len(plan.todo)} "
+              f"already complete) with model {plan.model_id}", file=sys.stderr)
+        timings: dict = {}
+        if plan.todo:
+            with Progress(todo_rows, unit="rows", label="scoring", quiet=cfg.quiet) as progress:
+                timings = pool.score(plan, progress, start)
+    summary = summarize(cfg, plan, time.time() - start, timings)
+    write_bytes(plan.out_fs, f"{plan.out_root}/_summary.json", json.dumps(summary, indent=1).encode())
+    # Tracked once the table is complete (a re-run of the same output continues the same MLflow run).
+    with start_run(cfg.tracking, f"score-{os.path.basename(plan.out_root.rstrip('/'))}") as tracker:
+        tracker.log_params(config_params(cfg))
+        tracker.log_metrics({k: v for k, v in summary.items() if isinstance(v, int | float)})
+        tracker.log_text(json.dumps(summary, indent=1), "_summary.json")
+        tracker.set_checkpoint(plan.checkpoint)
+    print(f"rows {summary['rows']}  errors {summary['errors']}  anomalies {summary['anomalies']}  "
+          f"threshold {summary['threshold']:.6g}  wall {summary['seconds']:.1f} s  {summary['images_per_s']} images/s")
+    print(f"results: {cfg.output}")
+    return summary
+
+
+def plan_score(cfg: ScoreConfig, options: S3Options, in_fs: pafs.FileSystem, in_path: str,
+               files: list[str]) -> ScorePlan:
+    start = time.time()
+    checkpoint = locate(cfg.checkpoint, filesystem_for(cfg.checkpoint, options)[0])
+    model_fs, model_path = filesystem_for(checkpoint, options)
+    detector = load_detector(model_path, model_fs)
+    model_id = checkpoint_id(model_path, model_fs)
+    threshold = cfg.threshold if cfg.threshold is not None else detector.threshold_
+    if threshold is None and cfg.contamination is None:
+        raise ValueError(f"{cfg.checkpoint} stores no threshold: give threshold= or contamination=")
+    if cfg.contamination is not None:
+        threshold = None
+    check_image_set(in_path, in_fs)
+    out_fs, out_root = filesystem_for(cfg.output, options)
+    out_fs.create_dir(out_root, recursive=True)
+    _check_output_outside_input(cfg, in_fs, in_path, out_fs, out_root, files)
+    tasks = _tasks(in_fs, files, out_root, model_id, threshold, cfg.contamination)
+    with ThreadPoolExecutor(FOOTER_THREADS) as pool:  # on S3: a request or two per result file, at once
+        found = list(pool.map(lambda t: recorded_identity(out_fs, t.output), tasks))
+    todo = [t for t, f in zip(tasks, found) if f != (json.loads(t.identity), t.rows)]
+    _remove_stale(out_fs, out_root, tasks, {os.path.basename(f) for f in files})
+    _check_input_shape(detector, in_fs, sorted({t.input for t in todo}) or files)
+    return ScorePlan(checkpoint, detector, model_id, threshold, tasks, todo, out_fs, out_root, time.time() - start)
+
+
+def _tasks(in_fs: pafs.FileSystem, files: list[str], out_root: str, model_id: str, threshold: float | None,
+           contamination: float | None) -> list[RowGroupTask]:
+    """A task per row group of every file, from the footers (read once each, at once)."""
+    with ThreadPoolExecutor(FOOTER_THREADS) as pool:
+        groups = list(pool.map(lambda f: row_groups(in_fs, [f]), files))
+        sources = list(pool.map(lambda f: input_identity(in_fs, f), files))
+    names = [os.path.basename(f) for f in files]
+    if len(set(names)) != len(names):
+        raise ValueError("the input has files with the same name in different folders")
+    tasks = []
+    for path, file_groups, source in zip(files, groups, sources):
+        file_groups = file_groups or [(path, 0, 0, 0, 0)]  # a file of no row groups: an empty result file
+        for path, group, first_row, rows, _ in file_groups:
+            identity = result_identity(model_id, threshold, contamination, source, group)
+            tasks.append(RowGroupTask(path, group, first_row, rows,
+                                      f"{out_root}/{result_name(path, group, len(file_groups))}",
+                                      json.dumps(identity, sort_keys=True)))
+    return tasks
+
+
+def _remove_stale(fs: pafs.FileSystem, out_root: str, tasks: list[RowGroupTask], inputs: set[str]) -> None:
+    """Result files of this input that this run does not write (the input's row groups changed), what an older
+    release left (its `_parts` folder) and half-written local files: gone, so the table holds no stale row."""
+    expected = {t.output for t in tasks}
+    for info in fs.get_file_info(pafs.FileSelector(out_root)):
+        if info.base_name == "_parts" and info.type == pafs.FileType.Directory:
+            fs.delete_dir(info.path)
+        elif info.path.endswith(".parquet.partial"):
+            fs.delete_file(info.path)
+        elif info.path.endswith(".parquet") and info.path not in expected:
+            found = recorded_identity(fs, info.path)  # (a file that is not ours raises: it is never touched)
+            if found and found[0]["input"]["name"] in inputs:
+                fs.delete_file(info.path)
+
+
+class ScoringPool:
+    """ScoringActors on Ray (`concurrency`, else as many as the cluster fits, at most `most`: one per input file),
+    started when the pool is entered (so that they start while the driver plans), each kept busy with calls of a
+    few row groups until every task is done, and stopped on the way out.
+
+    Ray restarts an actor whose process died and retries its call there (max_restarts, max_task_retries); a
+    row group is written atomically, so a retried call leaves no duplicate. Plain Ray actors rather than Ray
+    Data's actor pool: on a warm Ray a Ray Data pool took 2.3-2.7 s to reach its first actor's __init__ where a
+    Ray actor takes a fraction of a second (docs/benchmarks.md), and the driver only hands out row groups."""
+
+    def __init__(self, cfg: ScoreConfig, options: S3Options, most: int):
+        self.cfg, self.options, self.most, self.actors = cfg, options, max(1, most), []
+
+    def __enter__(self) -> ScoringPool:
+        import ray
+
+        from cluster.ray_init import data_logs, init_ray
+
+        cfg = self.cfg
+        init_ray(cfg.address, min_cpus=(cfg.concurrency or 1) * cfg.cpus_per_actor)  # embedded: for _check_fits
+        concurrency = cfg.concurrency or min(capacity(ray.cluster_resources(), cfg), self.most)
+        _check_fits(ray.cluster_resources(), cfg, concurrency)
+        data_logs(cfg.verbose)
+        self.started = time.time()
+        actor = ray.remote(ScoringActor).options(**actor_resources(cfg), max_restarts=ACTOR_RESTARTS,
+                                                 max_task_retries=ACTOR_RESTARTS)
+        self.actors = [actor.remote(cfg.checkpoint, self.options, cfg.input, cfg.output, cfg.batch_size,
+                                    decode_threads(cfg)) for _ in range(concurrency)]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import ray
+
+        for actor in self.actors:
+            ray.kill(actor)
+
+    def score(self, plan: ScorePlan, progress: Progress, start: float) -> dict:
+        """Every task of the plan, on the actors; the stages' seconds and the start-up's parts (start: when the job
+        started, time.time(), as every time here: the actors' clocks are the same machines')."""
+        import ray
+
+        size = calls_of(plan.todo, len(self.actors))
+        calls = deque(plan.todo[k:k + size] for k in range(0, len(plan.todo), size))
+        running, done, first = {}, [], None
+        for actor in self.actors * CALLS_IN_FLIGHT:  # an actor's next call waits at it while it scores
+            if calls:
+                running[actor.score.remote(calls.popleft())] = actor
+        while running:
+            (ref,), _ = ray.wait(list(running), num_returns=1)
+            actor = running.pop(ref)
+            summaries = ray.get(ref)
+            first = first or time.time()
+            done.append(summaries)
+            progress.update(int(pc.sum(summaries.column("rows")).as_py()))
+            if calls:
+                running[actor.score.remote(calls.popleft())] = actor
+        table = pa.concat_tables(done)
+        if pc.sum(table.column("rows")).as_py() != sum(t.rows for t in plan.todo):
+            raise RuntimeError("not every row group was scored once: run the same command again")
+        return timing_summary(table, plan.seconds, self.started, first, start)
+
+
+def calls_of(tasks: list[RowGroupTask], actors: int) -> int:
+    """Row groups per call: small ones go a few at a time (a call costs milliseconds), but every actor gets
+    several calls, so that results reach the driver as they are written and the last call is short."""
+    return max(1, min(math.ceil(len(tasks) / (4 * actors)), ROWS_PER_CALL // max(1, min(t.rows for t in tasks))))
+
+
+def timing_summary(table: pa.Table, plan_s: float, started: float, first: float, start: float) -> dict:
+    """Where the time went: each stage's seconds summed over the row groups (overlapping stages: they add up to
+    more than the wall time), and the start-up: planning, and the first actor's way to its first results from
+    when the pool started it (its process, if Ray had none waiting; its imports; __init__; its first call)."""
+    first_actor = pc.index(table.column("actor_ready"), pc.min(table.column("actor_ready"))).as_py()
+    process, imported, init, ready = (table.column(c)[first_actor].as_py() for c in ACTOR_TIMES)
+    return {"stages_s": {s: round(pc.sum(table.column(f"{s}_s")).as_py(), 2) for s in STAGES},
+            "first_results_s": round(first - start, 2),
+            "startup_s": {"plan": round(plan_s, 2), "to_process": round(max(process, started) - started, 2),
+                          "imports": round(imported - max(process, started), 2),
+                          "to_actor": round(init - imported, 2), "actor_init": round(ready - init, 2),
+                          "first_call": round(first - ready, 2)}}
+
+
+class ScoringActor:
+    """One detector per actor (loaded once), scoring the row groups of each call into their result files; returns
+    each row group's counts and stage seconds, and the times of this actor's start (ACTOR_TIMES: its process,
+    its imports, its __init__ and the end of that)."""
+
+    def __init__(self, checkpoint: str, options: S3Options, input: str, output: str, batch_size: int | None,
+                 threads: int | None):
+        from cluster.ray_init import size_torch_threads
+
+        self.init_start = time.time()
+        size_torch_threads()
+        fs, _ = filesystem_for(checkpoint, options)
+        located = locate(checkpoint, fs)
+        detector = load_detector(filesystem_for(located, options)[1], filesystem_for(located, options)[0])
+        self.scorer = RowGroupScorer(detector, filesystem_for(input, options)[0], filesystem_for(output, options)[0],
+                                     batch_size, threads or os.cpu_count())
+        self.times = (psutil.Process().create_time(), IMPORTED_AT, self.init_start, time.time())
+
+    def score(self, tasks: list[RowGroupTask]) -> pa.Table:
+        summaries = pa.Table.from_pylist(self.scorer.score(tasks))
+        for name, value in zip(ACTOR_TIMES, self.times):
+            summaries = summaries.append_column(name, pa.array([value] * summaries.num_rows, pa.float64()))
+        return summaries
+
+
+def decode_threads(cfg: ScoreConfig) -> int | None:
+    """Each actor's decode threads: the setting, else its CPUs; None for a GPU actor, which takes its node's
+    CPUs (the JPEG and PNG decoders release the GIL, and a GPU scores faster than a few cores decode)."""
+    if cfg.decode_threads:
+        return cfg.decode_threads
+    return None if cfg.gpus_per_actor > 0 else max(1, int(cfg.cpus_per_actor))
 
 
 def actor_resources(cfg: ScoreConfig) -> dict[str, float]:
-    """A scoring actor's Ray resources. Ray Data gives a map worker that names no CPUs one CPU, with a GPU or
-    without, and warns that naming both CPUs and GPUs is "experimental" (Ray 2.60): so one CPU goes unnamed."""
-    resources = {"num_gpus": cfg.gpus_per_actor}
-    if cfg.cpus_per_actor != 1:
-        resources["num_cpus"] = cfg.cpus_per_actor
-    return resources
+    """A scoring actor's Ray resources."""
+    return {"num_cpus": cfg.cpus_per_actor, "num_gpus": cfg.gpus_per_actor}
 
 
-def decodes_in_tasks(cfg: ScoreConfig) -> bool:
-    return cfg.decode == "tasks" or (cfg.decode == "auto" and cfg.gpus_per_actor > 0)
+def summarize(cfg: ScoreConfig, plan: ScorePlan, wall: float, timings: dict) -> dict:
+    """The run's summary (_summary.json), from the complete result table; contamination= sets the threshold."""
+    threshold = plan.threshold
+    if cfg.contamination is not None:
+        threshold = apply_contamination(plan.out_fs, plan.outputs, cfg.contamination)
+    results = pq.read_table(plan.outputs, columns=["error", "is_anomaly"], filesystem=plan.out_fs)
+    scored = sum(t.rows for t in plan.todo)
+    return {"rows": results.num_rows, "errors": results.num_rows - results.column("error").null_count,
+            "anomalies": int(pc.sum(results.column("is_anomaly")).as_py() or 0), "threshold": threshold,
+            "scored_now": scored, "seconds": round(wall, 2), "images_per_s": round(scored / wall, 1),
+            # Start-up (planning; the first actor's process, imports and checkpoint; its first call), then each
+            # stage's seconds over every row group.
+            "first_results_s": timings.get("first_results_s"), "startup_s": timings.get("startup_s"),
+            "stages_s": timings.get("stages_s"), "row_groups": len(plan.tasks),
+            "objects_written": len(plan.todo) + 1,  # a result file per row group scored, and this summary
+            "model_id": plan.model_id, "output": cfg.output}
 
 
 def _check_input_shape(detector: Detector, fs: pafs.FileSystem, files: list[str]) -> None:
@@ -173,180 +354,32 @@ def _check_input_shape(detector: Detector, fs: pafs.FileSystem, files: list[str]
                 return
 
 
-def _check_fits(resources: dict, cfg: ScoreConfig) -> None:
-    """An actor pool that takes every CPU leaves none for the reads: Ray Data then waits forever."""
+def capacity(resources: dict, cfg: ScoreConfig) -> int:
+    """The actors this cluster fits: by its CPUs, and by its GPUs for GPU actors (at least one)."""
+    fits = resources.get("CPU", 0) / cfg.cpus_per_actor
+    if cfg.gpus_per_actor > 0:
+        fits = min(fits, resources.get("GPU", 0) / cfg.gpus_per_actor)
+    return max(1, math.floor(fits + 1e-9))
+
+
+def _check_fits(resources: dict, cfg: ScoreConfig, concurrency: int) -> None:
+    """An actor pool larger than the cluster would wait forever for the actors it cannot place."""
     cpus, gpus = resources.get("CPU", 0), resources.get("GPU", 0)
-    if cfg.concurrency * cfg.cpus_per_actor + READ_CPUS > cpus:
-        raise ValueError(f"{cfg.concurrency} scoring actor(s) x {cfg.cpus_per_actor} CPU leave no CPU for reading "
-                         f"on this cluster ({cpus:g} CPUs): lower concurrency= or cpus_per_actor=")
-    if cfg.concurrency * cfg.gpus_per_actor > gpus:
-        raise ValueError(f"{cfg.concurrency} actor(s) x {cfg.gpus_per_actor} GPU > the cluster's {gpus:g} GPU(s)")
+    if concurrency * cfg.cpus_per_actor > cpus:
+        raise ValueError(f"{concurrency} scoring actor(s) x {cfg.cpus_per_actor} CPU do not fit this cluster "
+                         f"({cpus:g} CPUs): lower concurrency= or cpus_per_actor=")
+    if concurrency * cfg.gpus_per_actor > gpus:
+        raise ValueError(f"{concurrency} actor(s) x {cfg.gpus_per_actor} GPU > the cluster's {gpus:g} GPU(s)")
 
 
 def _check_output_outside_input(cfg: ScoreConfig, in_fs: pafs.FileSystem, in_path: str, out_fs: pafs.FileSystem,
-                                out_root: str, files: list[str], outputs: dict[str, str]) -> None:
+                                out_root: str, files: list[str]) -> None:
     """Results written into the image set would become part of it (the next read takes them for images), or
     overwrite its files."""
     if type(in_fs) is not type(out_fs):
         return
     inside = os.path.normpath(out_root) + "/"
-    if inside.startswith(os.path.normpath(in_path) + "/") or set(outputs.values()) & set(files):
+    outputs = {f"{out_root}/{os.path.basename(f)}" for f in files}
+    if inside.startswith(os.path.normpath(in_path) + "/") or outputs & set(files):
         raise ValueError(f"output={cfg.output} is the input image set or inside it ({cfg.input}): "
                          "write the results somewhere else")
-
-
-class Joiner:
-    """Joins result files' pieces (join_pieces), one file after another, with one output filesystem."""
-
-    def __init__(self, output: str, options: S3Options, out_root: str):
-        self.fs, self.out_root = filesystem_for(output, options)[0], out_root
-
-    def join(self, output: str, identity: dict, rows: int) -> None:
-        join_pieces(self.fs, self.out_root, output, identity, rows)
-
-
-def _score_files(cfg: ScoreConfig, options: S3Options, plan: ScorePlan, progress: Progress) -> float | None:
-    """The Ray Data pipeline over the plan's files to do, its actors writing the result pieces; a Joiner joins
-    them. Returns when (time.perf_counter) the first scored rows were counted: the job's start-up ends there."""
-    import ray
-
-    from cluster.ray_init import data_logs, init_ray
-    from jobs.score_read import RowGroups
-
-    init_ray(cfg.address, min_cpus=cfg.concurrency * cfg.cpus_per_actor + READ_CPUS)  # embedded: sized for _check_fits
-    _check_fits(ray.cluster_resources(), cfg)
-    data_logs(cfg.verbose)
-    ray.data.DataContext.get_current().target_max_block_size = int(cfg.block_mb * 2**20)
-    # A file's pieces are joined as soon as all its rows are scored, so a job killed later keeps it. One actor
-    # joins them all, in turn: a result row is a few dozen bytes, and a task per file would start a process
-    # per file (importing pyarrow) while the pipeline holds the CPUs, so files appeared only near the end.
-    joiner = ray.remote(Joiner).options(num_cpus=0).remote(cfg.output, options, plan.out_root)
-    left = {path: plan.rows_in[path] for path in plan.todo}
-
-    def join(path: str) -> ray.ObjectRef:
-        return joiner.join.remote(plan.outputs[path], plan.identities[path], plan.rows_in[path])
-
-    joins = [join(path) for path in plan.todo if plan.rows_in[path] == 0]
-    first_results = None
-    source = RowGroups([g for g in plan.groups if g[0] in left], cfg.input, options, cfg.block_mb)
-    if source.groups:
-        # One block stream per row group: Ray Data would otherwise split each read's blocks to reach its own
-        # default count of blocks (a few hundred), into pieces far smaller than block_mb.
-        ds = ray.data.read_datasource(source, num_cpus=READ_CPUS, override_num_blocks=len(source.groups))
-        if decodes_in_tasks(cfg):
-            ds = ds.map_batches(decode_stage, batch_format="pyarrow", num_cpus=1,
-                                fn_kwargs={"channels": plan.detector.channels, "size": tuple(plan.detector.input_size)})
-        ds = ds.map_batches(
-            Scorer, batch_format="pyarrow", batch_size=cfg.batch_size, **actor_resources(cfg),
-            compute=ray.data.ActorPoolStrategy(size=cfg.concurrency),
-            fn_constructor_kwargs={"checkpoint": plan.checkpoint, "options": options, "threshold": plan.threshold,
-                                   "model_id": plan.model_id, "output": cfg.output},
-        )
-        for counts in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-            first_results = first_results or time.perf_counter()
-            for path, rows in zip(counts.column("path").to_pylist(), counts.column("rows").to_pylist()):
-                left[path] -= rows
-                if left[path] == 0:
-                    joins.append(join(path))
-            progress.update(int(pc.sum(counts.column("rows")).as_py()))
-    ray.get(joins)
-    unscored = [os.path.basename(p) for p, n in left.items() if n != 0]
-    if unscored:
-        raise RuntimeError(f"not every row of {', '.join(unscored)} was scored once: run the same command again")
-    return first_results
-
-
-@dataclass
-class ScorePlan:
-    """What a score run reads, writes and scores with: decided, and checked, before Ray starts."""
-
-    checkpoint: str  # the checkpoint folder (where checkpoint= named a run: its best checkpoint)
-    detector: Detector
-    model_id: str  # content hash of the checkpoint
-    threshold: float | None  # None: contamination= sets it once every row is scored
-    in_fs: pafs.FileSystem
-    files: list[str]  # the input's parquet files
-    groups: list[RowGroup]  # their row groups (the read tasks)
-    rows_in: dict[str, int]  # rows per input file
-    out_fs: pafs.FileSystem
-    out_root: str
-    outputs: dict[str, str]  # input file -> its result file
-    identities: dict[str, dict]  # input file -> what its result file must record to be complete (result_identity)
-    todo: list[str]  # the input files whose result is not complete
-
-
-def plan_score(cfg: ScoreConfig, options: S3Options) -> ScorePlan:
-    check_readable(cfg.checkpoint, options)
-    checkpoint = locate(cfg.checkpoint, filesystem_for(cfg.checkpoint, options)[0])
-    model_fs, model_path = filesystem_for(checkpoint, options)
-    detector = load_detector(model_path, model_fs)
-    model_id = checkpoint_id(model_path, model_fs)
-    threshold = cfg.threshold if cfg.threshold is not None else detector.threshold_
-    if threshold is None and cfg.contamination is None:
-        raise ValueError(f"{cfg.checkpoint} stores no threshold: give threshold= or contamination=")
-    if cfg.contamination is not None:
-        threshold = None
-    check_readable(cfg.input, options)
-    in_fs, in_path = filesystem_for(cfg.input, options)
-    in_fs, files = list_parquet_files(in_path, in_fs)
-    check_image_set(in_path, in_fs)
-    out_fs, out_root = filesystem_for(cfg.output, options)
-    out_fs.create_dir(out_root, recursive=True)
-    outputs = {f: f"{out_root}/{os.path.basename(f)}" for f in files}
-    if len(set(outputs.values())) != len(files):
-        raise ValueError(f"{cfg.input} has input files with the same name in different folders")
-    _check_output_outside_input(cfg, in_fs, in_path, out_fs, out_root, files, outputs)
-    groups = row_groups(in_fs, files)  # the footers, read once for the row counts and the read tasks
-    rows_in = dict.fromkeys(files, 0)
-    for path, _, _, rows, _ in groups:
-        rows_in[path] += rows
-    identities = {f: result_identity(model_id, threshold, cfg.contamination, input_identity(in_fs, f)) for f in files}
-    todo = [f for f in files if not is_complete(out_fs, outputs[f], rows_in[f], identities[f])]
-    for f in todo:
-        clear_pieces(out_fs, out_root, os.path.basename(f))  # what a killed run of this output left
-    _check_input_shape(detector, in_fs, todo or files)
-    return ScorePlan(checkpoint, detector, model_id, threshold, in_fs, files, groups, rows_in, out_fs, out_root,
-                     outputs, identities, todo)
-
-
-def run(cfg: ScoreConfig) -> dict:
-    start = time.perf_counter()
-    options = S3Options.from_env(endpoint=cfg.s3_endpoint)
-    plan = plan_score(cfg, options)
-    todo_rows = sum(plan.rows_in[f] for f in plan.todo)
-    print(f"scoring {todo_rows} rows in {len(plan.todo)} file(s) ({len(plan.files) - len(plan.todo)} already "
-          f"complete) with model {plan.model_id}", file=sys.stderr)
-    first_results = None
-    if plan.todo:
-        with Progress(todo_rows, unit="rows", label="scoring", quiet=cfg.quiet) as progress:
-            first_results = _score_files(cfg, options, plan, progress)
-        remove_parts_folder(plan.out_fs, plan.out_root)  # every input joined: the folder of pieces is empty
-    first_results_s = None if first_results is None else first_results - start
-    summary = summarize(cfg, plan, time.perf_counter() - start, first_results_s)
-    write_bytes(plan.out_fs, f"{plan.out_root}/_summary.json", json.dumps(summary, indent=1).encode())
-    # Tracked once the table is complete (a re-run of the same output continues the same MLflow run).
-    with start_run(cfg.tracking, f"score-{os.path.basename(plan.out_root.rstrip('/'))}") as tracker:
-        tracker.log_params(config_params(cfg))
-        tracker.log_metrics(summary)
-        tracker.log_text(json.dumps(summary, indent=1), "_summary.json")
-        tracker.set_checkpoint(plan.checkpoint)
-    print(f"rows {summary['rows']}  errors {summary['errors']}  anomalies {summary['anomalies']}  "
-          f"threshold {summary['threshold']:.6g}  wall {summary['seconds']:.1f} s  {summary['images_per_s']} images/s")
-    print(f"results: {cfg.output}")
-    return summary
-
-
-def summarize(cfg: ScoreConfig, plan: ScorePlan, wall: float, first_results_s: float | None) -> dict:
-    """The run's summary (_summary.json), from the complete result table; contamination= sets the threshold."""
-    threshold = plan.threshold
-    if cfg.contamination is not None:
-        threshold = apply_contamination(plan.out_fs, list(plan.outputs.values()), cfg.contamination)
-    results = pq.read_table([plan.outputs[f] for f in plan.files], columns=["error", "is_anomaly"],
-                            filesystem=plan.out_fs)
-    scored = sum(plan.rows_in[f] for f in plan.todo)
-    return {"rows": results.num_rows, "errors": results.num_rows - results.column("error").null_count,
-            "anomalies": int(pc.sum(results.column("is_anomaly")).as_py() or 0), "threshold": threshold,
-            "scored_now": scored, "seconds": round(wall, 2), "images_per_s": round(scored / wall, 1),
-            # Start-up (Ray Data's plan, the actors' processes and imports) and the first block's scoring.
-            "first_results_s": None if first_results_s is None else round(first_results_s, 2),
-            "model_id": plan.model_id, "output": cfg.output}

@@ -55,6 +55,9 @@ def train_loop_per_worker(config: dict) -> list[str]:
     """One worker's run; returns every worker's hash of its final state (they must agree)."""
     import ray.train
 
+    from cluster.ray_init import size_torch_threads
+
+    size_torch_threads()
     plan: TrainPlan = config["plan"]
     cfg = plan.cfg
     ctx = ray.train.get_context()

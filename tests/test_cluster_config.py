@@ -1,5 +1,6 @@
 """ray_cluster.yaml through Ray's own validator (offline) and our rules; the KubeRay manifests' required fields."""
 import copy
+import json
 import re
 import shlex
 import socket
@@ -10,6 +11,8 @@ import jsonschema
 import pytest
 import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
+
+from cluster.ray_init import PRELOAD
 
 REPO = Path(__file__).resolve().parents[1]
 K8S = REPO / "cluster" / "k8s"
@@ -98,6 +101,8 @@ def test_ray_cluster_yaml_is_secure_and_pinned(offline):
     assert _violations(prepared, text) == []
     head_start = " ".join(prepared["head_start_ray_commands"])
     assert "--object-spilling-directory" in head_start and "--object-store-memory" in head_start
+    system_config = json.loads(re.search(r"--system-config='([^']*)'", head_start).group(1))
+    assert system_config["preload_python_modules"] == PRELOAD
     assert prepared["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"  # the token file, never the token
     pins = [line for line in (REPO / "cluster" / "constraints.txt").read_text().splitlines()
             if line and not line.startswith("#")]

@@ -327,6 +327,25 @@ def test_raw_header_is_self_describing_and_encode_raw_refuses_what_it_cannot_sto
             encode_raw(bad)
 
 
+def test_a_batch_of_raw_rows_of_the_models_shape_decodes_in_one_step_to_what_each_row_decodes_to():
+    pictures = [smooth(28, 28, 1) for _ in range(5)]
+    blobs = [encode_raw(p) for p in pictures]
+    together, errors = decode_images(blobs, 1, (28, 28))
+    np.testing.assert_array_equal(together, np.stack([decode_image(b, 1, (28, 28)) for b in blobs]))
+    assert errors == [None] * 5 and together.flags.writeable
+    mixed, errors = decode_images([*blobs[:2], b"", encode_raw(smooth(20, 20, 1))], 1, (28, 28))  # one way per row
+    assert errors[2] == "empty image bytes" and errors[3] is None and not mixed[2].any()
+
+
+@pytest.mark.parametrize("height, width", [(0, 0), (0, 5), (5, 0)])
+def test_a_raw_header_of_no_pixels_is_an_error_for_that_row(height, width):
+    zero = b"GCRW" + struct.pack("<BBxxII", 1, 1, height, width)
+    pixels, errors = decode_images([zero, encode_raw(smooth(28, 28, 1))], 1, (28, 28))
+    assert errors[0] == f"undecodable image (its header says {width}x{height} pixels)" and errors[1] is None
+    with pytest.raises(ImageError, match="its header says"):
+        decode_image(zero, 1, (28, 28))
+
+
 # ---- JPEG rows decoded in batches (nvJPEG on a GPU; torchvision on the CPU here) ----
 
 def mixed_rows() -> list:

@@ -5,16 +5,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from gradcon_core.results.files import (
-    PARTS,
-    ROW,
     ResultFile,
-    clear_pieces,
     input_identity,
     is_complete,
-    join_pieces,
-    remove_parts_folder,
+    recorded_identity,
     result_identity,
-    write_piece,
+    result_name,
 )
 from gradcon_core.results.table import SCHEMA
 
@@ -45,37 +41,23 @@ def test_a_result_is_complete_only_for_its_model_threshold_and_input(tmp_path):
         input_identity(fs, str(tmp_path / "foreign.parquet"))
 
 
-def _rows(numbers: list[int]) -> pa.Table:
-    """Result rows (SCHEMA, nulls but the id) numbered `numbers`, ids left null for the join to fill."""
-    table = pa.table({name: pa.nulls(len(numbers), field.type) for name, field in zip(SCHEMA.names, SCHEMA)})
-    return table.append_column(ROW, pa.array(numbers, pa.int64()))
+def test_result_files_are_named_after_their_input_and_row_group_in_row_order():
+    assert result_name("/in/part-00003.parquet", 0, 1) == "part-00003.parquet"
+    names = [result_name("s3://b/in/part-00003.parquet", g, 12) for g in range(12)]
+    assert names[0] == "part-00003-rg00000.parquet" and names == sorted(names)
+    assert result_name("/in/x.parq", 2, 3) == "x.parq-rg00002.parquet"
 
 
-def test_pieces_written_in_any_order_join_into_one_file_in_row_order(tmp_path):
-    fs, out = pafs.LocalFileSystem(), str(tmp_path / "out")
-    identity = {"model_id": "m", "threshold": 0.5, "contamination": None, "input": {"name": "part-0.parquet"}}
-    # Two actors' batches: rows 5-7 and 0-1 in one (out of order, two runs), 2-4 in the other.
-    write_piece(fs, out, "part-0.parquet", _rows([6, 0, 5, 7, 1]))
-    write_piece(fs, out, "part-0.parquet", _rows([2, 3, 4]))
-    assert sorted(p.name for p in (tmp_path / "out" / PARTS / "part-0.parquet").iterdir()) == [
-        "000000000000.parquet", "000000000002.parquet", "000000000005.parquet"]
-    join_pieces(fs, out, f"{out}/part-0.parquet", identity, rows=8)
-    joined = pq.read_table(f"{out}/part-0.parquet")
-    assert joined.column("id").to_pylist() == [f"part-0.parquet:{i}" for i in range(8)]  # the ids of id-less rows
-    assert is_complete(fs, f"{out}/part-0.parquet", 8, identity)
-    remove_parts_folder(fs, out)
-    assert [p.name for p in (tmp_path / "out").iterdir()] == ["part-0.parquet"]
-
-
-def test_a_missing_piece_is_an_error_and_no_result_file(tmp_path):
-    fs, out = pafs.LocalFileSystem(), str(tmp_path / "out")
-    identity = {"model_id": "m", "threshold": 0.5, "contamination": None, "input": {"name": "a.parquet"}}
-    write_piece(fs, out, "a.parquet", _rows([0, 1, 4]))  # rows 2-3 never scored
-    with pytest.raises(RuntimeError, match=r"row 4 after 2 of 5\): run the same command again"):
-        join_pieces(fs, out, f"{out}/a.parquet", identity, rows=5)
-    write_piece(fs, out, "a.parquet", _rows([2, 3]))
-    with pytest.raises(RuntimeError, match="5 of 6 rows of a.parquet were scored"):
-        join_pieces(fs, out, f"{out}/a.parquet", identity, rows=6)
-    assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith("a.parquet")]  # nor a .partial
-    clear_pieces(fs, out, "a.parquet")  # a re-run starts the input again
-    assert not (tmp_path / "out" / PARTS / "a.parquet").exists()
+def test_a_result_file_records_its_row_group_and_numbers_id_less_rows_from_the_groups_first_row(tmp_path):
+    fs = pafs.LocalFileSystem()
+    source = tmp_path / "part-0.parquet"
+    pq.write_table(pa.table({"image": [b"1", b"2", b"3"]}), source)
+    identity = result_identity("m", 0.5, None, input_identity(fs, str(source)), group=4)
+    out = str(tmp_path / "out.parquet")
+    result = ResultFile(fs, out, identity, first_row=100)
+    result.write(pa.table({name: pa.nulls(3, field.type) for name, field in zip(SCHEMA.names, SCHEMA)}))
+    assert not (tmp_path / "out.parquet").exists()  # only once complete
+    result.close()
+    assert pq.read_table(out).column("id").to_pylist() == [f"part-0.parquet:{i}" for i in (100, 101, 102)]
+    assert recorded_identity(fs, out) == (identity, 3) and is_complete(fs, out, 3, identity)
+    assert not is_complete(fs, out, 3, {**identity, "row_group": 5})

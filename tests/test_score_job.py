@@ -1,13 +1,16 @@
 """The Ray Data score job: equals the detector, keeps every row, survives bad rows and re-runs, S3."""
 import glob
 import io
+import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
+import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -20,10 +23,10 @@ from cluster.storage import S3Options, StorageError, filesystem_for
 from gradcon_core import GradConDetector, create_model, load_detector
 from gradcon_core.data.images import encode_png
 from gradcon_core.data.imageset import read_columns, take_rows, write_image_set
+from gradcon_core.results.files import RowGroupTask, input_identity, is_complete, result_identity
 from gradcon_core.results.table import SCHEMA
 from jobs.prepare import prepare
-from jobs.score import ScoreConfig, Scorer, run
-from jobs.score_read import read_row_group
+from jobs.score import ScoreConfig, ScoringActor, run
 from jobs.tracking import CHECKPOINT_TAG
 from tests.test_images import bomb_png
 
@@ -89,9 +92,16 @@ def test_bad_rows_are_flagged_not_dropped(ray_local, model_dir, tmp_path, mnist_
         i for i, s in zip(table.column("id").to_pylist(), table.column("score").to_pylist()) if s is None}
     assert "undecodable" in errors["r3"] and "3 channel" in errors["r5"] and "empty" in errors["r9"]
     assert summary["errors"] == 3 and table.column("is_anomaly").null_count == 3
-    # Decoding in a Ray Data CPU stage (what a GPU actor pool gets by default) gives the same table.
-    run(ScoreConfig(checkpoint=model_dir, input=str(data), output=str(tmp_path / "tasks"), decode="tasks"))
-    assert _read(str(tmp_path / "tasks"))[0].equals(table)
+    # Decoding in more threads, in batches of 2 (what an actor with more CPUs does), gives the same table (the
+    # batched scorer's sums, and so the scores' last bits, depend on which rows share a batch).
+    run(ScoreConfig(checkpoint=model_dir, input=str(data), output=str(tmp_path / "threads"), decode_threads=3,
+                    batch_size=2))
+    threads = _read(str(tmp_path / "threads"))[0]
+    floats = ["score", "recon_error", "grad_score"]
+    assert threads.drop_columns(floats).equals(table.drop_columns(floats))
+    for column in floats:
+        np.testing.assert_allclose(threads.column(column).to_numpy(zero_copy_only=False),
+                                   table.column(column).to_numpy(zero_copy_only=False), rtol=1e-5, atol=1e-7)
 
 
 
@@ -107,35 +117,55 @@ def test_a_decompression_bomb_is_a_row_error_even_as_the_first_row(ray_local, mo
     assert "20000x20000" in errors["bomb"] and "GRADCON_MAX_IMAGE_PIXELS" in errors["bomb"]
     assert errors["a"] is errors["b"] is errors["c"] is None
 
-def test_the_actors_write_the_results_and_the_driver_gets_only_counts(model_dir, image_set, tmp_path):
-    """No funnel: the read stage numbers each row in its file, an actor writes what it scores as pieces of
-    its input files and returns how many rows of which file it wrote (all the driver receives)."""
-    first = sorted(glob.glob(f"{image_set}/*.parquet"))[0]
-    blocks = list(read_row_group(pa.fs.LocalFileSystem(), first, 0, 0, block_mb=0.01))  # 180 rows in blocks of ~30
-    assert len(blocks) > 2 and pa.concat_tables(blocks).column("row").to_pylist() == list(range(180))
-    scorer = Scorer(model_dir, S3Options(), threshold=0.5, model_id="m", output=str(tmp_path / "out"))
-    batch = pa.concat_tables(blocks[1:3])  # rows from the middle of the file
-    returned = scorer(batch)
-    assert returned.to_pydict() == {"path": [first], "rows": [batch.num_rows]}
-    (piece,) = (tmp_path / "out" / "_parts" / os.path.basename(first)).iterdir()
-    written = pq.read_table(piece)
-    assert piece.name == f"{blocks[1].column('row')[0].as_py():012d}.parquet"
-    assert written.column("id").to_pylist() == batch.column("id").to_pylist()
+def test_an_actor_reads_scores_and_writes_its_row_groups_and_the_driver_gets_only_counts(model_dir, image_set,
+                                                                                         tmp_path):
+    """No funnel and no second write: an actor call takes row-group tasks, reads each from storage, writes its
+    result file, and returns counts and timings (all the driver receives)."""
+    first = sorted(glob.glob(f"{image_set}/*.parquet"))[1]
+    identity = result_identity("m", 0.5, None, input_identity(pa.fs.LocalFileSystem(), first))
+    task = {"input": first, "group": 0, "first_row": 0, "rows": 180, "output": str(tmp_path / "out.parquet"),
+            "identity": json.dumps(identity, sort_keys=True)}
+    actor = ScoringActor(model_dir, S3Options(), image_set, str(tmp_path), batch_size=64, threads=2)
+    returned = actor.score([RowGroupTask(**task)])
+    assert returned.column("rows").to_pylist() == [180] and returned.column("errors").to_pylist() == [0]
+    assert {"image", "score", "id"}.isdisjoint(returned.column_names) and returned.column("score_s")[0].as_py() > 0
+    written = pq.read_table(tmp_path / "out.parquet")
+    source = pq.read_table(first)
+    assert written.column("id").equals(source.column("id"))
+    assert is_complete(pa.fs.LocalFileSystem(), str(tmp_path / "out.parquet"), 180, identity)
     expected = load_detector(model_dir).decision_function(
-        np.stack([np.asarray(Image.open(io.BytesIO(b))) for b in batch.column("image").to_pylist()]))
+        np.stack([np.asarray(Image.open(io.BytesIO(b))) for b in source.column("image").to_pylist()]))
     np.testing.assert_allclose(written.column("score").to_numpy(), expected, rtol=1e-5)
 
 
-def test_results_reach_the_driver_block_by_block(ray_local, model_dir, image_set, tmp_path, monkeypatch):
-    """The read blocks (about 30 rows here) go to whichever actor is free and each scored batch is counted when
-    it is done; when Ray Data fused the read into the actors' stage, one actor call took every row group (as many
-    as batch_size asked rows) and the driver heard of all 500 rows at once, at the end."""
+def test_results_reach_the_driver_row_group_by_row_group(ray_local, model_dir, image_set, tmp_path, monkeypatch):
+    """Row groups go to whichever actor is free and each is counted as soon as it is written."""
+    data = tmp_path / "set"
+    write_image_set(str(data), pq.read_table(sorted(glob.glob(f"{image_set}/*.parquet"))), rows_per_file=50)
     counted = []
     monkeypatch.setattr(jobs.score.Progress, "update", lambda self, n=1: counted.append(n))
-    summary = run(ScoreConfig(checkpoint=model_dir, input=image_set, output=str(tmp_path / "out"), batch_size=64,
-                              concurrency=2, block_mb=0.01))
+    summary = run(ScoreConfig(checkpoint=model_dir, input=str(data), output=str(tmp_path / "out"), batch_size=64,
+                              concurrency=2))
     assert sum(counted) == summary["rows"] == 500 and len(counted) >= 5
     assert 0 < summary["first_results_s"] < summary["seconds"]
+    assert summary["objects_written"] == summary["row_groups"] + 1 == 11  # a result file per row group, a summary
+    assert set(summary["stages_s"]) == {"read", "decode", "score", "rows", "write"}
+    assert set(summary["startup_s"]) == {"plan", "to_process", "imports", "to_actor", "actor_init", "first_call"}
+
+
+def test_an_input_of_several_row_groups_gets_a_result_file_per_group_in_order_and_none_stale(
+        ray_local, model_dir, image_set, tmp_path):
+    table = pq.read_table(sorted(glob.glob(f"{image_set}/*.parquet")))
+    data, out = tmp_path / "set", tmp_path / "out"
+    data.mkdir()
+    pq.write_table(table, data / "part-00000.parquet")
+    run(ScoreConfig(checkpoint=model_dir, input=str(data), output=str(out)))
+    assert sorted(p.name for p in out.glob("*.parquet")) == ["part-00000.parquet"]
+    pq.write_table(table, data / "part-00000.parquet", row_group_size=200)  # the same rows, three row groups now
+    summary = run(ScoreConfig(checkpoint=model_dir, input=str(data), output=str(out)))
+    assert sorted(p.name for p in out.glob("*.parquet")) == [f"part-00000-rg0000{g}.parquet" for g in range(3)]
+    result, _ = _read(str(out))
+    assert summary["rows"] == result.num_rows == 500 and result.column("id").equals(table.column("id"))
 
 
 def test_rerun_completes_a_killed_job_without_duplicates(ray_local, model_dir, image_set, tmp_path):
@@ -221,20 +251,38 @@ def test_clear_errors_before_any_work(ray_local, model_dir, image_set, tmp_path,
     assert "not-the-secret-77" not in str(err.value) and "AWS_SECRET_ACCESS_KEY" in str(err.value)
 
 
-def test_an_actor_pool_that_leaves_no_cpu_for_reading_is_refused(ray_local, model_dir, image_set, tmp_path):
-    with pytest.raises(ValueError, match="no CPU for reading"):
-        run(ScoreConfig(checkpoint=model_dir, input=image_set, output=str(tmp_path / "o"), concurrency=4))
+def test_an_actor_pool_larger_than_the_cluster_is_refused(ray_local, model_dir, image_set, tmp_path):
+    with pytest.raises(ValueError, match=r"5 scoring actor\(s\) x 1.0 CPU do not fit this cluster \(4 CPUs\)"):
+        run(ScoreConfig(checkpoint=model_dir, input=image_set, output=str(tmp_path / "o"), concurrency=5))
 
 
-@pytest.mark.parametrize("gpus, cpus", [(1.0, 1.0), (0.25, 1.0), (0.0, 1.0), (0.0, 2.0)])
-def test_scoring_actors_get_their_resources_without_ray_data_s_experimental_warning(gpus, cpus, caplog):
-    """What Ray Data makes of the actors' resources (its own canonicalization, no Ray started): the CPUs and GPUs
-    asked for, and none of its "experimental" warnings at the default settings on a GPU."""
-    from ray.data._internal.execution.operators.map_operator import _canonicalize_ray_remote_args
+def test_a_scoring_actor_killed_mid_job_is_restarted_and_nothing_is_lost(ray_local, model_dir, image_set, tmp_path):
+    """SIGKILL a scoring actor's process while it works: Ray restarts the actor and retries its call; every row
+    group is written once, complete."""
+    data, out = tmp_path / "set", tmp_path / "out"
+    rows = take_rows(image_set, np.arange(500))
+    write_image_set(str(data), pa.table({"id": [f"k{i:05d}" for i in range(6000)],
+                                         "image": pa.array([rows.images[i % 500] for i in range(6000)])}),
+                    rows_per_file=200)  # 30 files
 
-    cfg = ScoreConfig(checkpoint="c", input="i", output="o", gpus_per_actor=gpus, cpus_per_actor=cpus)
-    args = _canonicalize_ray_remote_args(jobs.score.actor_resources(cfg))
-    assert args == {"num_cpus": cpus, "num_gpus": gpus} and "experimental" not in caplog.text
+    def kill_an_actor() -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not list(out.glob("*.parquet")):
+            time.sleep(0.05)
+        for p in psutil.process_iter(["cmdline"]):
+            if any("ScoringActor" in part for part in p.info["cmdline"] or ()):
+                p.kill()
+                killed.append(p.pid)
+                return
+
+    killed: list = []
+    killer = threading.Thread(target=kill_an_actor)
+    killer.start()
+    summary = run(ScoreConfig(checkpoint=model_dir, input=str(data), output=str(out), batch_size=64))
+    killer.join()
+    assert killed and summary["rows"] == 6000 and summary["errors"] == 0
+    table, files = _read(str(out))
+    assert len(files) == 30 and table.column("id").to_pylist() == [f"k{i:05d}" for i in range(6000)]
 
 
 def test_a_really_killed_job_completes_on_rerun(ray_local, model_dir, image_set, tmp_path):
@@ -244,7 +292,7 @@ def test_a_really_killed_job_completes_on_rerun(ray_local, model_dir, image_set,
     table = pa.table({"id": [f"k{i:05d}" for i in range(4000)],
                       "image": pa.array([rows.images[i % 500] for i in range(4000)], pa.binary())})
     write_image_set(str(data), table, rows_per_file=200)  # 20 files
-    args = [f"checkpoint={model_dir}", f"input={data}", f"output={out}", "batch_size=64", "block_mb=0.1",
+    args = [f"checkpoint={model_dir}", f"input={data}", f"output={out}", "batch_size=64",
             f"address={ray_local.get_runtime_context().gcs_address}"]
     proc = subprocess.Popen([sys.executable, "-m", "jobs", "score", *args], start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -253,12 +301,12 @@ def test_a_really_killed_job_completes_on_rerun(ray_local, model_dir, image_set,
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    # The killed driver's actors live on until Ray notices it is gone; its joiner can finish a file meanwhile.
+    # The killed driver's actors live on until Ray notices it is gone; they can finish a row group meanwhile.
     from ray.util.state import list_actors
 
     deadline = time.monotonic() + 60
-    while list_actors(filters=[("class_name", "=", "Joiner"), ("state", "!=", "DEAD")]):
-        assert time.monotonic() < deadline, "the killed job's joiner is still alive"
+    while list_actors(filters=[("class_name", "=", "ScoringActor"), ("state", "!=", "DEAD")]):
+        assert time.monotonic() < deadline, "the killed job's scoring actors are still alive"
         time.sleep(0.2)
     done_before = {p.name: p.stat().st_mtime_ns for p in out.glob("*.parquet")}
     assert 0 < len(done_before) < 20, "the kill should land mid-run"

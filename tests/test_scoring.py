@@ -1,7 +1,9 @@
 """The vectorized scorers against the official batch-size-1 loop, written out plainly; their batch size."""
+import copy
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -232,3 +234,16 @@ def test_a_detectors_default_scoring_batch_comes_from_the_memory_estimate(name):
     assert det.score_batch_size * per_image <= scoring.CPU_WORKING_SET < det.cpu_score_batch_size * per_image
     x = torch.rand(det.score_batch_size + 1, 3, 256, 256)  # two batches, the last of one image
     assert det.decision_function(x).shape == (len(x),)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_uint8_images_cross_to_the_gpu_as_uint8_and_score_as_their_floats_do(trained):
+    """On a GPU, uint8 images go to the device as uint8 (pinned, asynchronous) and become floats there."""
+    from gradcon_core.detectors.gradcon import GradConDetector
+
+    model, reference = trained
+    det = GradConDetector(copy.deepcopy(model), device="cuda", score_batch_size=7)
+    det.reference.load_state_dict(reference.state_dict())
+    images = (torch.rand(20, 28, 28).numpy() * 255).round().astype(np.uint8)
+    np.testing.assert_allclose(det.decision_function(images), det.decision_function(images.astype(np.float32)[:, None]
+                                                                                     / 255), rtol=1e-5, atol=1e-7)

@@ -62,7 +62,7 @@ def test_every_detector_saves_the_settings_it_was_built_with(name, tmp_path):
     ("jobs.train:TrainConfig", "name=../../x", "plain name"),
     ("jobs.train:TrainConfig", "resume=a/b", "plain name"),
     ("jobs.score:ScoreConfig", "threshold=nan", "finite"),
-    ("jobs.score:ScoreConfig", "block_mb=0", "greater than 0"),
+    ("jobs.score:ScoreConfig", "decode_threads=0", "at least 1"),
     ("jobs.score:ScoreConfig", "gpus_per_actor=-1", "at least 0"),
     ("jobs.score:ScoreConfig", "concurrency=0", "at least 1"),
     ("jobs.eval:EvalConfig", "epochs=0", "at least 1"),
@@ -81,8 +81,8 @@ def test_sane_settings_pass_the_checks():
     cfg = load_config(TrainConfig, overrides=["alpha=0.03", "name=run-1", "max_failures=-1", "params.beta=0.1"])
     assert (cfg.alpha, cfg.name, cfg.max_failures) == (0.03, "run-1", -1)
     score = load_config(ScoreConfig, overrides=["checkpoint=c", "input=i", "output=o", "gpus_per_actor=0.25",
-                                                "block_mb=0.5"])
-    assert score.block_mb == 0.5
+                                                "decode_threads=2"])
+    assert score.decode_threads == 2
 
 
 def test_local_paths_are_made_absolute_and_urls_kept(tmp_path, monkeypatch):

@@ -18,13 +18,7 @@ def as_image_batch(x, channels: int, size: tuple[int, int]) -> torch.Tensor:
     if x.size == 0 or x.shape[0] == 0:
         raise ValueError(f"images are empty (shape {x.shape})")
     if x.dtype == np.uint8:
-        if x.ndim == 3:
-            x = x[:, None]
-        elif x.ndim == 4:
-            x = x.transpose(0, 3, 1, 2)
-        else:
-            raise ValueError(f"uint8 images must have shape [N,H,W] or [N,H,W,C], got {x.shape}")
-        batch = torch.from_numpy(np.ascontiguousarray(x)).float().div_(255)
+        batch = uint8_images(x).float().div_(255)
     elif x.dtype in (np.float32, np.float64, np.float16):
         if x.ndim != 4:
             raise ValueError(f"float images must have shape [N,C,H,W], got {x.shape}")
@@ -45,3 +39,14 @@ def as_image_batch(x, channels: int, size: tuple[int, int]) -> torch.Tensor:
             "(decode_images resizes encoded images for you)"
         )
     return batch
+
+
+def uint8_images(x: np.ndarray) -> torch.Tensor:
+    """uint8 [N,H,W] or [N,H,W,C] -> uint8 tensor [N,C,H,W] (what crosses to a GPU before it becomes floats)."""
+    if x.ndim == 3:
+        x = x[:, None]
+    elif x.ndim == 4:
+        x = x.transpose(0, 3, 1, 2)
+    else:
+        raise ValueError(f"uint8 images must have shape [N,H,W] or [N,H,W,C], got {x.shape}")
+    return torch.from_numpy(np.ascontiguousarray(x))

@@ -27,7 +27,7 @@ Policy (also in docs/commands.md; one test each in tests/test_images.py):
 7. Pixel limit: an image of more than `MAX_IMAGE_PIXELS` pixels (width x height, read from the file's header
    before anything is decoded) is an error, so a decompression bomb (a 20000x20000 PNG is 389 KB) costs
    nothing. The default, 2**26 (8192 x 8192), is far above any 64-512 px image set and still admits photos
-   from 60-megapixel cameras. Change it by assigning `gradcon_core.images.MAX_IMAGE_PIXELS` or by setting the
+   from 60-megapixel cameras. Change it by assigning `gradcon_core.data.images.MAX_IMAGE_PIXELS` or by setting the
    environment variable GRADCON_MAX_IMAGE_PIXELS (read at import, so set it where the workers run too, e.g.
    in the job's runtime environment). Pillow's own DecompressionBombWarning/Error never escape; a limit above
    2 x PIL.Image.MAX_IMAGE_PIXELS (179 Mpixel) also needs Pillow's raised for the formats Pillow decodes.
@@ -159,6 +159,9 @@ def decode_images(
     """
     if device is not None and torch.device(device).type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"JPEG decoding on {device} asked for, but CUDA is not available")
+    raw = _raw_batch(blobs, channels, size)
+    if raw is not None:
+        return raw, [None] * len(blobs)
     out = np.zeros((len(blobs), *size, channels), dtype=np.uint8)
     errors: list[str | None] = [None] * len(blobs)
     batched: list[tuple[int, _JpegHeader]] = []
@@ -174,6 +177,17 @@ def decode_images(
     if batched:
         _decode_jpeg_batches(blobs, batched, torch.device(device), channels, size, out, errors)
     return out, errors
+
+
+def _raw_batch(blobs: list[bytes | None], channels: int, size: tuple[int, int]) -> np.ndarray | None:
+    """The pixels of a batch whose rows are all raw images of exactly this size and channel count, in one copy
+    (what decoding each row would give, without a Python step per row), else None."""
+    header = _RAW_HEADER.pack(RAW_MAGIC, _RAW_VERSION, channels, *size)
+    length = len(header) + size[0] * size[1] * channels
+    if not blobs or not all(b is not None and len(b) == length and b.startswith(header) for b in blobs):
+        return None
+    rows = np.frombuffer(b"".join(blobs), dtype=np.uint8).reshape(len(blobs), length)
+    return np.ascontiguousarray(rows[:, len(header):]).reshape(len(blobs), *size, channels)  # (one copy)
 
 
 def shape_of(data: bytes | None) -> tuple[int, int, int]:
@@ -213,6 +227,8 @@ def _decode(data: bytes | None) -> _Decoded:
 
 
 def _check_pixels(width: int, height: int) -> None:
+    if width < 1 or height < 1:
+        raise ImageError(f"undecodable image (its header says {width}x{height} pixels)")
     if width * height > MAX_IMAGE_PIXELS:
         raise ImageError(f"image of {width}x{height} pixels is over the limit of {MAX_IMAGE_PIXELS} pixels "
                          f"(a decompression bomb?); raise it with {ENV_MAX_IMAGE_PIXELS}")

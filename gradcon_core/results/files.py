@@ -1,20 +1,17 @@
-"""Result tables on storage (what `gradcon score` writes): one file per input file, complete or absent.
+"""Result tables on storage (what `gradcon score` writes): one file per input row group, complete or absent.
 
-A file appears under its final name only once complete (local files are written as .partial and
-renamed; S3 objects appear when their upload completes), so a killed job leaves no half file behind
-and a re-run rewrites exactly the inputs whose output is missing or incomplete.
+The result of an input file with one row group is one file of the same name; an input with several row groups
+gets one file per group, `<stem>-rg<group>.parquet`, so the files sorted by name are the input's rows in order.
+Each is written once, by whoever scored that row group, and appears under its final name only once complete
+(local files are written as .partial and renamed; S3 objects appear when their upload completes), so a killed
+job leaves no half file behind and a re-run rewrites exactly the row groups whose result is missing or stale.
 
-The scoring workers write what they score themselves, as pieces: the rows of one input file from row
-`start` on, under <output>/_parts/<input name>/ (write_piece); once every row is scored, join_pieces puts
-an input's pieces together in row order into its result file and removes them. Nothing funnels through
-one process, and a piece is as atomic as a result file. Readers skip _parts (pyarrow ignores names
-starting with "_").
-
-Each file says what it is the result of, in its parquet key-value metadata under "gradcon_result" (JSON):
-the model id (checkpoint content hash), the threshold setting (a value, or a contamination), and the input
-file's identity (name, size in bytes, SHA-256 of its parquet footer, which holds every row group's offsets
-and statistics). A re-run keeps a file only if all of these match and it holds one row per input row;
-any other file of ours is rescored. A parquet file without that key is not ours and is never overwritten.
+Each file says what it is the result of, in its parquet key-value metadata under "gradcon_result" (JSON): the
+model id (checkpoint content hash), the threshold setting (a value, or a contamination), the input file's
+identity (name, size in bytes, SHA-256 of its parquet footer, which holds every row group's offsets and
+statistics) and the row group. A re-run keeps a file only if all of these match and it holds one row per input
+row of its group; any other file of ours is rescored. A parquet file without that key is not ours and is never
+overwritten.
 """
 from __future__ import annotations
 
@@ -22,8 +19,8 @@ import hashlib
 import json
 import os
 import struct
+from dataclasses import dataclass
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
@@ -33,70 +30,27 @@ from gradcon_core.metrics import threshold_from_scores
 from gradcon_core.results.table import SCHEMA
 
 RESULT_KEY = b"gradcon_result"
-PARTS = "_parts"
-ROW = "row"  # a piece's rows: their row numbers in the input file
 
 
-def parts_dir(out_root: str, input_name: str) -> str:
-    return f"{out_root}/{PARTS}/{input_name}"
+@dataclass(frozen=True)
+class RowGroupTask:
+    """One input row group to score and the result file it becomes."""
+
+    input: str  # the input file (a path in the input's filesystem)
+    group: int  # its row group
+    first_row: int  # the file's row number of the group's first row (ids of rows without one count from it)
+    rows: int
+    output: str  # the result file (a path in the output's filesystem)
+    identity: str  # what the result file records (result_identity, as JSON)
 
 
-def _write_atomically(fs: pafs.FileSystem, path: str, table: pa.Table) -> None:
-    tmp = f"{path}.partial" if isinstance(fs, pafs.LocalFileSystem) else path
-    pq.write_table(table, tmp, filesystem=fs, compression="zstd")
-    if tmp != path:
-        fs.move(tmp, path)
-
-
-def write_piece(fs: pafs.FileSystem, out_root: str, input_name: str, rows: pa.Table) -> None:
-    """Result rows of one input file (with their ROW numbers, in any order) as pieces of consecutive rows."""
-    rows = rows.sort_by(ROW)
-    numbers = rows.column(ROW).to_numpy()
-    breaks = [0, *(np.flatnonzero(np.diff(numbers) != 1) + 1), len(numbers)]
-    folder = parts_dir(out_root, input_name)
-    fs.create_dir(folder, recursive=True)
-    for lo, hi in zip(breaks, breaks[1:]):
-        _write_atomically(fs, f"{folder}/{int(numbers[lo]):012d}.parquet", rows.slice(lo, hi - lo))
-
-
-def clear_pieces(fs: pafs.FileSystem, out_root: str, input_name: str) -> None:
-    """Pieces a killed run left: its input is scored again from the start."""
-    if fs.get_file_info(parts_dir(out_root, input_name)).type == pafs.FileType.Directory:
-        fs.delete_dir(parts_dir(out_root, input_name))
-
-
-def join_pieces(fs: pafs.FileSystem, out_root: str, output: str, identity: dict, rows: int) -> None:
-    """The input's result file from its pieces, which must cover rows 0 .. rows-1 exactly once; then the pieces
-    go. An input of no rows gets an empty result file."""
-    folder = parts_dir(out_root, identity["input"]["name"])
-    found = fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
-    pieces = sorted(i.path for i in found if i.path.endswith(".parquet"))
-    result = ResultFile(fs, output, identity)
-    covered = 0
-    for path in pieces:
-        piece = pq.read_table(path, filesystem=fs)
-        first = piece.column(ROW)[0].as_py()
-        if first != covered:
-            result.abandon()
-            raise RuntimeError(f"the scored rows of {identity['input']['name']} do not follow each other (row "
-                               f"{first} after {covered} of {rows}): run the same command again")
-        covered += piece.num_rows
-        result.write(piece.drop_columns([ROW]))
-    if covered != rows:
-        result.abandon()
-        raise RuntimeError(f"{covered} of {rows} rows of {identity['input']['name']} were scored: run the same "
-                           "command again")
-    result.close()
-    if pieces:
-        fs.delete_dir(folder)
-
-
-def remove_parts_folder(fs: pafs.FileSystem, out_root: str) -> None:
-    """The (now empty) folder of pieces, once every input is joined."""
-    folder = f"{out_root}/{PARTS}"
-    info = fs.get_file_info(folder)
-    if info.type == pafs.FileType.Directory and not fs.get_file_info(pafs.FileSelector(folder)):
-        fs.delete_dir(folder)
+def result_name(input_path: str, group: int, groups: int) -> str:
+    """The result file's name: the input's for a one-group file, else `<stem>-rg<group>.parquet`."""
+    name = os.path.basename(input_path)
+    if groups == 1:
+        return name
+    stem = name[: -len(".parquet")] if name.endswith(".parquet") else name
+    return f"{stem}-rg{group:05d}.parquet"
 
 
 def input_identity(fs: pafs.FileSystem, path: str) -> dict:
@@ -114,26 +68,50 @@ def input_identity(fs: pafs.FileSystem, path: str) -> dict:
     return {"name": os.path.basename(path), "bytes": size, "footer_sha256": hashlib.sha256(footer).hexdigest()}
 
 
-def result_identity(model_id: str, threshold: float | None, contamination: float | None, source: dict) -> dict:
-    """What a result file is the result of: model, threshold setting, input (input_identity)."""
-    return {"model_id": model_id, "threshold": threshold, "contamination": contamination, "input": source}
+def result_identity(model_id: str, threshold: float | None, contamination: float | None, source: dict,
+                    group: int = 0) -> dict:
+    """What a result file is the result of: model, threshold setting, input (input_identity) and row group."""
+    return {"model_id": model_id, "threshold": threshold, "contamination": contamination, "input": source,
+            "row_group": group}
+
+
+def recorded_identity(fs: pafs.FileSystem, path: str) -> tuple[dict, int] | None:
+    """(the identity a result file records, its rows); None if there is no file. A file there that is not one of
+    ours (not parquet, or no gradcon_result metadata) raises ValueError: it is never overwritten."""
+    if fs.get_file_info(path).type != pafs.FileType.File:
+        return None
+    try:
+        metadata = pq.ParquetFile(path, filesystem=fs).metadata
+    except (pa.ArrowInvalid, OSError):
+        metadata = None
+    found = (metadata.metadata or {}).get(RESULT_KEY) if metadata is not None else None
+    if found is None:
+        raise ValueError(f"{path} is in the output but is not a gradcon result file: it is left as it is; "
+                         "move it away or choose another output=")
+    return json.loads(found), metadata.num_rows
+
+
+def is_complete(fs: pafs.FileSystem, path: str, rows: int, identity: dict) -> bool:
+    """The result file exists, is the result of `identity` and holds `rows` rows."""
+    found = recorded_identity(fs, path)
+    return found is not None and found == (json.loads(json.dumps(identity, sort_keys=True)), rows)
 
 
 class ResultFile:
     """One output file, visible under its final name only once complete; `identity` (result_identity) goes
-    into its metadata."""
+    into its metadata. Rows without an id get the stable default "<input file>:<row>", counted from first_row."""
 
-    def __init__(self, fs: pafs.FileSystem, path: str, identity: dict):
+    def __init__(self, fs: pafs.FileSystem, path: str, identity: dict, first_row: int = 0):
         self.fs, self.path, self.input_name = fs, path, identity["input"]["name"]
         # S3 objects appear only when their upload completes; local files are renamed into place.
         self.tmp = f"{path}.partial" if isinstance(fs, pafs.LocalFileSystem) else path
         schema = SCHEMA.with_metadata({RESULT_KEY: json.dumps(identity, sort_keys=True).encode()})
         self.writer = pq.ParquetWriter(self.tmp, schema, filesystem=fs, compression="zstd")
-        self.rows = 0
+        self.rows = first_row
 
     def write(self, table: pa.Table) -> None:
         ids = table.column("id")
-        if ids.null_count:  # inputs without an id column get the stable default "<file>:<row>"
+        if ids.null_count:
             filled = [f"{self.input_name}:{self.rows + k}" if v is None else v for k, v in enumerate(ids.to_pylist())]
             table = table.set_column(0, "id", pa.array(filled, pa.string()))
         self.writer.write_table(table)
@@ -148,22 +126,6 @@ class ResultFile:
         """Stop without a result file (an S3 upload closed here does appear: it is removed)."""
         self.writer.close()
         self.fs.delete_file(self.tmp)
-
-
-def is_complete(fs: pafs.FileSystem, path: str, rows: int, identity: dict) -> bool:
-    """The result file exists, is the result of `identity` and holds one row per input row. A file there that
-    is not one of ours (not parquet, or no gradcon_result metadata) raises ValueError: it is never overwritten."""
-    if fs.get_file_info(path).type != pafs.FileType.File:
-        return False
-    try:
-        metadata = pq.ParquetFile(path, filesystem=fs).metadata
-    except (pa.ArrowInvalid, OSError):
-        metadata = None
-    found = (metadata.metadata or {}).get(RESULT_KEY) if metadata is not None else None
-    if found is None:
-        raise ValueError(f"{path} is in the output but is not a gradcon result file: it is left as it is; "
-                         "move it away or choose another output=")
-    return json.loads(found) == json.loads(json.dumps(identity, sort_keys=True)) and metadata.num_rows == rows
 
 
 def apply_contamination(fs: pafs.FileSystem, outputs: list[str], contamination: float) -> float:

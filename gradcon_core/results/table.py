@@ -25,18 +25,15 @@ SCHEMA = pa.schema([
     ("is_anomaly_true", pa.bool_()),
 ])
 PASSTHROUGH = {"label": "label", "is_anomaly": "is_anomaly_true"}  # input column -> result column
-# The score job's decode stage (jobs/score.py, decode=tasks) hands the scoring actors these columns in place of
-# the encoded images: each row's uint8 pixels [H, W, C] as one fixed-size binary value, and its decode error.
-PIXELS, DECODE_ERROR = "pixels", "decode_error"
 
 
 def score_pixels(detector: Detector, pixels: np.ndarray, errors: list[str | None]) -> dict[str, np.ndarray]:
     """Scores of the rows without an error; NaN elsewhere. Marks rows whose score is not finite."""
     n = len(errors)
     out = {k: np.full(n, np.nan, np.float32) for k in ("score", "recon_error", "grad_score")}
-    ok = np.array([e is None for e in errors], dtype=bool)
+    ok = ~failed_rows(errors)
     if ok.any():
-        parts = detector.score_components(pixels[ok])
+        parts = detector.score_components(pixels if ok.all() else pixels[ok])
         for k in out.keys() & parts.keys():  # detectors may report more parts than the table has columns for
             out[k][ok] = parts[k]
     for i in np.flatnonzero(ok & ~np.isfinite(out["score"])):
@@ -44,28 +41,14 @@ def score_pixels(detector: Detector, pixels: np.ndarray, errors: list[str | None
     return out
 
 
-def decoded_columns(images: list[bytes | None], channels: int, size: tuple[int, int]) -> dict[str, pa.Array]:
-    """Encoded images -> {PIXELS, DECODE_ERROR}: decoded and resized, as the scoring actor would (a failed row
-    keeps black pixels and its error)."""
-    pixels, errors = decode_images(images, channels, size)
-    width = size[0] * size[1] * channels
-    column = pa.FixedSizeBinaryArray.from_buffers(pa.binary(width), len(pixels),
-                                                  [None, pa.py_buffer(np.ascontiguousarray(pixels))])
-    return {PIXELS: column, DECODE_ERROR: pa.array(errors, pa.string())}
-
-
-def pixels_of(column: pa.Array | pa.ChunkedArray, channels: int, size: tuple[int, int]) -> np.ndarray:
-    """The PIXELS column back as uint8 [N, H, W, C] (no copy for a single chunk)."""
-    if isinstance(column, pa.ChunkedArray):
-        column = column.combine_chunks()
-    width = size[0] * size[1] * channels
-    flat = np.frombuffer(column.buffers()[1], np.uint8, count=len(column) * width, offset=column.offset * width)
-    return flat.reshape(len(column), *size, channels)
+def failed_rows(errors: list[str | None]) -> np.ndarray:
+    """Which rows have an error (a vectorized look at a list that is mostly None)."""
+    return np.asarray(errors, dtype=object) != None  # noqa: E711 (element-wise, not identity)
 
 
 def result_rows(
     detector: Detector,
-    ids: list,
+    ids: list | pa.Array,
     images: list[bytes | None],
     threshold: float | None,
     model_id: str,
@@ -78,7 +61,7 @@ def result_rows(
 
 def pixel_result_rows(
     detector: Detector,
-    ids: list,
+    ids: list | pa.Array,
     pixels: np.ndarray,
     errors: list[str | None],
     threshold: float | None,
@@ -89,22 +72,28 @@ def pixel_result_rows(
     decode errors (None where the row decoded)."""
     errors = list(errors)
     scores = score_pixels(detector, pixels, errors)
-    failed = np.array([e is not None for e in errors], dtype=bool)
+    return result_columns(ids, scores, errors, threshold, model_id, passthrough)
+
+
+def result_columns(ids: list | pa.Array, scores: dict[str, np.ndarray], errors: list[str | None],
+                   threshold: float | None, model_id: str, passthrough: dict[str, pa.Array] | None = None) -> pa.Table:
+    """The result table of a batch from its scores (score_pixels) and errors, built from whole arrays."""
+    n = len(errors)
+    failed = failed_rows(errors)
 
     def column(values: np.ndarray) -> pa.Array:
         return pa.array(values, pa.float32(), mask=failed | ~np.isfinite(values))
 
     has_grad = not np.isnan(scores["grad_score"][~failed]).all() if (~failed).any() else True
-    anomaly = None if threshold is None else pa.array(scores["score"] > threshold, mask=failed)
-    n = len(ids)
     columns = {
-        "id": pa.array([None if i is None else str(i) for i in ids], pa.string()),
+        "id": (ids if isinstance(ids, (pa.Array, pa.ChunkedArray)) else pa.array(ids)).cast(pa.string()),
         "score": column(scores["score"]),
         "recon_error": column(scores["recon_error"]),
         "grad_score": column(scores["grad_score"]) if has_grad else pa.nulls(n, pa.float32()),
-        "is_anomaly": anomaly if anomaly is not None else pa.nulls(n, pa.bool_()),
-        "threshold": pa.array([threshold] * n, pa.float64()),
-        "model_id": pa.array([model_id] * n, pa.string()),
+        "is_anomaly": (pa.nulls(n, pa.bool_()) if threshold is None
+                       else pa.array(scores["score"] > threshold, mask=failed)),
+        "threshold": pa.nulls(n, pa.float64()) if threshold is None else pa.array(np.full(n, threshold, np.float64)),
+        "model_id": pa.repeat(pa.scalar(model_id, pa.string()), n),
         "error": pa.array(errors, pa.string()),
     }
     for source, target in PASSTHROUGH.items():
